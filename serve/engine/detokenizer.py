@@ -1,0 +1,77 @@
+"""Incremental detokenization, correct across multi-byte characters and BPE merges.
+
+Decoding token by token breaks a character that spans several byte-level
+tokens (it shows up as U+FFFD) and can drop the spaces that depend on the
+neighbouring token. We decode a small window that starts a few tokens back
+(`prefix_offset`) and emit only the text past what the window already produced
+(`read_offset`), holding back while the tail is an incomplete character.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IncrementalDetokenizer:
+    tokenizer: object
+    prompt_token_ids: list[int]
+    skip_special_tokens: bool = True
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        # Start the window inside the prompt so the first generated token gets its leading space right.
+        tail = self.prompt_token_ids[-5:]
+        self.tokens = list(tail)
+        self.prefix_offset = 0
+        self.read_offset = len(tail)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the newly completed text (possibly empty)."""
+        self.tokens.append(token_id)
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            self.text += new
+            return new
+        return ""
+
+    def flush(self) -> str:
+        """At the end: emit whatever is held back (even an incomplete character)."""
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset:])
+        new = full[len(prefix):] if len(full) > len(prefix) else ""
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        self.text += new
+        return new
+
+
+def find_stop(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Earliest stop string occurrence that ends at or after `start` (new text may complete one)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        idx = text.find(s, max(0, start - len(s) + 1))
+        if idx >= 0 and (best is None or idx < best[0]):
+            best = (idx, s)
+    return best
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could still become the start of a stop string (not safe to stream)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold

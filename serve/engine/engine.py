@@ -1,0 +1,254 @@
+"""The engine: schedule -> run -> update, plus tokenization, detokenization and stop strings."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from packserve.engine.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from packserve.engine.kv_cache import BlockAllocator, KVCache
+from packserve.engine.request import (CompletionOutput, FinishReason, ParameterError, Request, RequestOutput,
+                                      SamplingParams, validate_prompt)
+from packserve.engine.runner import ModelRunner, StepStats
+from packserve.engine.scheduler import Scheduler
+from packserve.layers.attention import select_backend
+from packserve.models.loader import load_model, read_config, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Plain counters and gauges; the Prometheus layer maps them to metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    padding_avoided: int = 0
+    steps: int = 0
+    last_step: StepStats = field(default_factory=StepStats)
+
+
+@dataclass
+class _Track:
+    """Engine-side per-request state: detokenizer, text and logprobs."""
+
+    request: Request
+    prompt: str | None
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    finished_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        mc = config.model
+        torch.manual_seed(mc.seed)
+        dev_name = mc.device if mc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev_name)
+        hf_cfg = read_config(mc.model)
+        self.dtype = resolve_dtype(mc.dtype, hf_cfg, self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(mc.model)
+
+        from packserve.models.registry import resolve
+
+        cls = resolve(hf_cfg)
+        # Build once to learn the usable context, then load at that length.
+        ctx_limit = _context_limit(hf_cfg)
+        self.max_model_len = min(mc.max_model_len or ctx_limit, ctx_limit)
+        self.model = load_model(mc.model, self.device, self.dtype, self.max_model_len, mc.norm_mode)
+        self.info = self.model.info
+        del cls
+
+        cc = config.cache
+        num_blocks = self._num_blocks(cc, config.scheduler)
+        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.kv_cache = KVCache(self.info.num_layers, num_blocks, cc.block_size, self.info.num_kv_heads,
+                                self.info.head_dim, self.dtype, self.device)
+        sc = config.scheduler
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
+            max_model_len=self.max_model_len, packing=sc.packing, pack_length=sc.pack_length,
+            max_waiting=sc.max_waiting)
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        self.backend = select_backend(mc.backend, self.device)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length)
+        eos = self.info.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos_ids))
+        self._tracks: dict[str, _Track] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+        log.info("engine ready: %s on %s/%s, backend %s, %d KV blocks of %d tokens, max_model_len %d",
+                 self.info.architecture, self.device, self.dtype, self.backend.name, num_blocks, cc.block_size,
+                 self.max_model_len)
+
+    def _num_blocks(self, cc: CacheConfig, sc: SchedulerConfig) -> int:
+        per_block = KVCache.bytes_per_block(self.info.num_layers, cc.block_size, self.info.num_kv_heads,
+                                            self.info.head_dim, torch.tensor([], dtype=self.dtype).element_size())
+        # Never more than every running request at full context could use.
+        useful = sc.max_num_seqs * -(-self.max_model_len // cc.block_size)
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        if cc.memory_gib is not None:
+            budget = cc.memory_gib * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.85 * free - 2 * 2**30  # leave room for activations
+        else:
+            budget = 2 * 2**30
+        n = int(budget // per_block)
+        if n < 1:
+            raise RuntimeError("no memory left for the KV cache; lower max_model_len or raise the cache budget")
+        return max(1, min(n, useful))
+
+    # -- requests -----------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    prompt_token_ids: list[int] | None = None) -> str:
+        """Validate and queue a request. Raises ParameterError (bad input) or QueueFull."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ParameterError("params must be a SamplingParams", "params")
+        ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize(prompt)
+        validate_prompt(ids, self.info.vocab_size, self.max_model_len, params.max_tokens)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, list(ids), params, arrival_time=arrival_time or time.monotonic(),
+                      eos_token_ids=self.eos_token_ids)
+        self.scheduler.add_request(req)
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids) if self.tokenizer is not None else None
+        self._tracks[rid] = _Track(req, prompt if isinstance(prompt, str) else None, detok)
+        return rid
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.finish(request_id, FinishReason.ABORT)
+        track = self._tracks.pop(request_id, None)
+        self.runner.sampler.forget(request_id)
+        if req is None or track is None:
+            return None
+        track.finished_time = time.monotonic()
+        return self._output(track)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            self._refresh_stats(StepStats())
+            return []
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
+                self.stats.prompt_tokens += s.request.num_prompt_tokens
+        tokens, logprobs, step_stats = self.runner.execute(sched)
+        changed = self.scheduler.update(sched, tokens)
+        outputs = [self._on_token(req, logprobs.get(req.request_id)) for req in changed]
+        self.stats.generation_tokens += len(changed)
+        self.stats.padding_avoided += step_stats.padding_avoided
+        self._refresh_stats(step_stats)
+        return outputs
+
+    def _refresh_stats(self, step_stats: StepStats) -> None:
+        s = self.stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_cache_usage = self.allocator.usage
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.last_step = step_stats
+        if step_stats.num_prefill_tokens or step_stats.num_context_tokens:
+            s.steps += 1
+
+    def _on_token(self, req: Request, logprob) -> RequestOutput:
+        track = self._tracks[req.request_id]
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if logprob is not None:
+            track.logprobs.append(logprob)
+        stops = req.params.stop
+        if track.detok is not None:
+            before = len(track.detok.text)
+            track.detok.add(req.output_token_ids[-1])
+            if req.is_finished:
+                track.detok.flush()
+            full = track.detok.text
+            hit = find_stop(full, before, stops) if stops else None
+            if hit is not None:
+                idx, s = hit
+                full = full[: idx + (len(s) if req.params.include_stop_str_in_output else 0)]
+                self.scheduler.finish(req.request_id, FinishReason.STOP, s)
+                track.text = full
+            elif req.is_finished or not stops:
+                track.text = full
+            else:
+                # Hold back a tail that may still turn into a stop string.
+                track.text = full[: len(full) - stop_holdback(full, stops)]
+        if req.is_finished:
+            track.finished_time = now
+            self._tracks.pop(req.request_id, None)
+            self.runner.sampler.forget(req.request_id)
+        return self._output(track)
+
+    def _output(self, track: _Track) -> RequestOutput:
+        req = track.request
+        reason = req.finish_reason.value if req.finish_reason is not None else None
+        comp = CompletionOutput(0, track.text, list(req.output_token_ids), reason, req.stop_reason,
+                                list(track.logprobs) if req.params.logprobs is not None else None)
+        return RequestOutput(req.request_id, track.prompt, req.prompt_token_ids, [comp], req.is_finished,
+                             arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+                             first_token_time=req.first_token_time, finished_time=track.finished_time,
+                             num_preemptions=req.num_preemptions)
+
+
+def _context_limit(cfg: dict) -> int:
+    from packserve.models.llama import max_positions
+
+    if "n_positions" in cfg:
+        return int(cfg["n_positions"])
+    return max_positions(cfg)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # a checkpoint without tokenizer files still serves token ids
+        log.warning("no tokenizer loaded from %s (%s); token-id prompts only", path, type(exc).__name__)
+        return None
+
+
+def engine_config(model: str, **kw) -> EngineConfig:
+    """Build an EngineConfig from flat keyword options (the offline API and the CLI share this)."""
+    mc = ModelConfig(model=model, dtype=kw.pop("dtype", "auto"), device=kw.pop("device", "auto"),
+                     backend=kw.pop("backend", "auto"), max_model_len=kw.pop("max_model_len", None),
+                     norm_mode=kw.pop("norm_mode", "native"), seed=kw.pop("seed", 0))
+    cc = CacheConfig(block_size=kw.pop("block_size", 16), num_blocks=kw.pop("num_kv_blocks", None),
+                     memory_gib=kw.pop("kv_cache_memory_gib", None))
+    sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 128),
+                         max_num_batched_tokens=kw.pop("max_num_batched_tokens", 8192),
+                         max_model_len=max(2, mc.max_model_len or 2), packing=kw.pop("packing", "ffd"),
+                         pack_length=kw.pop("pack_length", None), max_waiting=kw.pop("max_waiting", None))
+    if kw:
+        raise TypeError(f"unknown engine options: {sorted(kw)}")
+    return EngineConfig(mc, cc, sc)

@@ -1,0 +1,195 @@
+"""Request state, sampling parameters and outputs (plain data, no tensors)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+
+class ParameterError(ValueError):
+    """Invalid request input; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (OpenAI / vLLM semantics). temperature == 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives to return per sampled token
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience but store tuples (frozen + hashable).
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ParameterError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        _finite("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ParameterError(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        _finite("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ParameterError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ParameterError(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}", "top_k")
+        _finite("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ParameterError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _finite(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ParameterError(f"{name} must be in [-2, 2], got {value}", name)
+        _finite("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ParameterError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "repetition_penalty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ParameterError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
+        if any((not isinstance(s, str)) or s == "" for s in self.stop):
+            raise ParameterError("stop strings must be non-empty strings", "stop")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ParameterError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ParameterError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ParameterError(f"min_tokens must be >= 0, got {self.min_tokens!r}", "min_tokens")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ParameterError(f"{name} must be a finite number, got {value!r}", name)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, KV freed, will recompute
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class Request:
+    """The mutable state of one sequence as the scheduler sees it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    # Tokens whose K/V are in the cache (for this admission; reset on preemption).
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # Per generated token: (sampled token logprob, top-n alternatives).
+    logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    # Timestamps (time.monotonic) for metrics.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+
+def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
+    """Checks shared by the offline API and the server (raise ParameterError)."""
+    if len(token_ids) == 0:
+        raise ParameterError("prompt is empty", "prompt")
+    if len(token_ids) >= max_model_len:
+        raise ParameterError(
+            f"prompt has {len(token_ids)} tokens, but the model's context length is {max_model_len} "
+            "(the prompt must leave room for at least one generated token)",
+            "prompt",
+        )
+    if len(token_ids) + max_tokens > max_model_len:
+        raise ParameterError(
+            f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) = {len(token_ids) + max_tokens} "
+            f"exceeds the model's context length {max_model_len}",
+            "max_tokens",
+        )
+    for t in token_ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise ParameterError(f"token id {t!r} is outside the vocabulary [0, {vocab_size})", "prompt")

@@ -1,0 +1,166 @@
+"""Turns a SchedulerOutput into model inputs, runs the model, samples.
+
+Flat token layout of a step: fresh prompts first (bin-packed row by row), then
+requests with cached context (chunk continuations and decodes). The model's
+matmuls see only real tokens; logits are computed for the sampled positions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from packserve.engine.kv_cache import KVCache, slots_for
+from packserve.engine.packing import build_packed_batch
+from packserve.engine.sampler import SampleResult, Sampler
+from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
+from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, PagedMeta)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_prefill_tokens: int = 0  # fresh prompt tokens (packed)
+    num_context_tokens: int = 0  # chunk continuations + decodes
+    num_decode_tokens: int = 0
+    num_prompts_packed: int = 0
+    num_rows: int = 0
+    packing_efficiency: float = 1.0  # real tokens / slots computed by the attention backend
+    padding_avoided: int = 0  # vs one padded batch of the same prompts
+
+
+class ModelRunner:
+    def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
+                 packing: str = "ffd", pack_length: int | None = None):
+        self.model = model
+        self.backend = backend
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+        self.packing = packing
+        self.pack_length = pack_length
+        self.sampler = Sampler()
+
+    def _packed_meta(self, fresh: list[ScheduledRequest]):
+        batch = build_packed_batch([s.token_ids for s in fresh], [s.slot_mapping(self.block_size) for s in fresh],
+                                   capacity=self.pack_length, algorithm=self.packing)
+        layout = batch.layout
+        seq_lens = [layout.lengths[i] for i in layout.order]
+        meta = PackedMeta(
+            num_tokens=len(batch.token_ids),
+            cu_seqlens=torch.tensor(batch.cu_seqlens, dtype=torch.int32).to(self.device, non_blocking=True),
+            max_seqlen=max(seq_lens), seq_lens=seq_lens)
+        if self.backend.uses_rows:
+            C, R = layout.capacity, layout.num_rows
+            row_index, seg = [], torch.empty(R, C, dtype=torch.long)
+            for r, row in enumerate(layout.rows):
+                col = 0
+                for s, i in enumerate(row):
+                    n = layout.lengths[i]
+                    row_index.extend(range(r * C + col, r * C + col + n))
+                    seg[r, col:col + n] = s
+                    col += n
+                seg[r, col:] = -1 - torch.arange(C - col)  # each pad slot its own segment: never all-masked
+            pos = torch.arange(C)
+            mask = (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+            meta.num_rows, meta.capacity = R, C
+            meta.row_index = torch.tensor(row_index, dtype=torch.long).to(self.device, non_blocking=True)
+            meta.mask = mask.unsqueeze(1).to(self.device, non_blocking=True)
+        self.backend.prepare(meta, self.device)
+        efficiency = layout.efficiency if self.backend.uses_rows else 1.0
+        return batch, meta, efficiency
+
+    def _paged_meta(self, cont: list[ScheduledRequest]) -> PagedMeta:
+        B = len(cont)
+        q_lens = [s.num_new_tokens for s in cont]
+        kv_lens = [s.context_len + s.num_new_tokens for s in cont]
+        Q, L = max(q_lens), max(kv_lens)
+        slots = torch.zeros(B, L, dtype=torch.long)
+        q_index = []
+        for b, s in enumerate(cont):
+            slots[b, :kv_lens[b]] = torch.tensor(slots_for(s.request.block_ids, self.block_size, 0, kv_lens[b]))
+            q_index.extend(range(b * Q, b * Q + q_lens[b]))
+        ctx = torch.tensor([s.context_len for s in cont]).view(B, 1, 1)
+        qi = torch.arange(Q).view(1, Q, 1)
+        kj = torch.arange(L).view(1, 1, L)
+        valid_q = qi < torch.tensor(q_lens).view(B, 1, 1)
+        mask = (kj <= ctx + qi) & valid_q
+        mask |= (~valid_q) & (kj == 0)  # pad query rows look at slot 0 instead of nothing (no NaN)
+        return PagedMeta(
+            num_tokens=sum(q_lens),
+            q_index=torch.tensor(q_index, dtype=torch.long).to(self.device, non_blocking=True),
+            kv_slots=slots.to(self.device, non_blocking=True), mask=mask.unsqueeze(1).to(self.device, non_blocking=True),
+            batch=B, max_q=Q)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
+        fresh = [s for s in out.scheduled if s.context_len == 0]
+        cont = [s for s in out.scheduled if s.context_len > 0]
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        last_index: dict[int, int] = {}  # position in out.scheduled -> flat index of its last token
+        packed_meta, stats = None, StepStats()
+        if fresh:
+            batch, packed_meta, eff = self._packed_meta(fresh)
+            ids += batch.token_ids
+            positions += batch.position_ids
+            slot_mapping += batch.slot_mapping
+            pos_of = {id(s): k for k, s in enumerate(out.scheduled)}
+            for i, s in enumerate(fresh):
+                last_index[pos_of[id(s)]] = batch.last_token_index[i]
+            lens = [s.num_new_tokens for s in fresh]
+            stats = StepStats(num_prefill_tokens=len(batch.token_ids), num_prompts_packed=len(fresh),
+                              num_rows=batch.layout.num_rows, packing_efficiency=eff,
+                              padding_avoided=max(lens) * len(lens) - sum(lens))
+        paged_meta = None
+        if cont:
+            pos_of = {id(s): k for k, s in enumerate(out.scheduled)}
+            for s in cont:
+                ids += s.token_ids
+                positions += range(s.context_len, s.context_len + s.num_new_tokens)
+                slot_mapping += s.slot_mapping(self.block_size)
+                last_index[pos_of[id(s)]] = len(ids) - 1
+            paged_meta = self._paged_meta(cont)
+            stats = StepStats(**{**stats.__dict__, "num_context_tokens": paged_meta.num_tokens,
+                                 "num_decode_tokens": sum(1 for s in cont if s.num_new_tokens == 1)})
+
+        dev = self.device
+        attn = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
+                                 packed_meta, paged_meta)
+        ctx = ForwardContext(attn, self.kv_cache, self.backend)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+                            torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True), ctx)
+        to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
+        if not to_sample:
+            return {}, {}, stats
+        idx = torch.tensor([last_index[k] for k in to_sample], dtype=torch.long, device=dev)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        reqs = [out.scheduled[k].request for k in to_sample]
+        result: SampleResult = self.sampler(logits, reqs)
+        tokens = {r.request_id: t for r, t in zip(reqs, result.token_ids)}
+        logprobs = {r.request_id: lp for r, lp in zip(reqs, result.logprobs) if lp is not None}
+        return tokens, logprobs, stats
+
+    @torch.inference_mode()
+    def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Last-token logits of fresh prompts in one packed step (benchmarks and tests).
+        Uses throwaway slots 0..T-1 of the cache, so call it only on an idle engine."""
+        from packserve.engine.request import Request, SamplingParams
+
+        sched, start = SchedulerOutput(), 0
+        for i, p in enumerate(prompts):
+            req = Request(f"_p{i}", list(p), SamplingParams(max_tokens=1))
+            nblocks = -(-len(p) // self.block_size)
+            req.block_ids = list(range(start, start + nblocks))
+            start += nblocks
+            sched.scheduled.append(ScheduledRequest(req, len(p), 0, True))
+        if start > self.kv_cache.num_blocks:
+            raise ValueError("prompts do not fit the KV cache")
+        batch, meta, _ = self._packed_meta(sched.scheduled)
+        ctx = ForwardContext(AttentionMetadata(torch.tensor(batch.slot_mapping, device=self.device), meta, None),
+                             self.kv_cache, self.backend)
+        hidden = self.model(torch.tensor(batch.token_ids, device=self.device),
+                            torch.tensor(batch.position_ids, device=self.device), ctx)
+        idx = torch.tensor(batch.last_token_index, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, idx))

@@ -1,0 +1,125 @@
+"""Sampling from last-token logits: penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
+
+Order (as vLLM/transformers): penalties on raw logits -> temperature -> top-k -> top-p
+-> min-p -> sample. Greedy (temperature 0) takes the argmax of the penalized logits.
+Logprobs are reported from the raw model distribution (log_softmax of the logits).
+Per-request seeds use a private torch.Generator, so a seeded request gives the same
+tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from packserve.engine.request import Logprob, Request
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # Per row: (sampled token logprob, top-n) or None.
+    logprobs: list[tuple[Logprob, list[Logprob]] | None]
+
+
+class Sampler:
+    def __init__(self):
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, req: Request, device: torch.device) -> torch.Generator | None:
+        if req.params.seed is None:
+            return None
+        g = self._generators.get(req.request_id)
+        if g is None:
+            g = torch.Generator(device=device)
+            g.manual_seed(req.params.seed)
+            self._generators[req.request_id] = g
+        return g
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        logits = logits.float()
+        raw = logits
+        logits = logits.clone()
+        device = logits.device
+        for i, req in enumerate(requests):
+            p = req.params
+            if p.needs_penalties:
+                _apply_penalties(logits[i], req, device)
+            if len(req.output_token_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids)
+                if not p.ignore_eos:
+                    banned.extend(req.eos_token_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+        tokens: list[int] = [0] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+        if greedy:
+            ids = logits[greedy].argmax(dim=-1).tolist()
+            for i, t in zip(greedy, ids):
+                tokens[i] = t
+        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if sampled:
+            probs = _filtered_probs(logits[sampled], [requests[i] for i in sampled])
+            for row, i in enumerate(sampled):
+                g = self._generator(requests[i], device)
+                # Exponential race == categorical sampling, and it takes a generator per row.
+                q = torch.empty_like(probs[row]).exponential_(1.0, generator=g)
+                tokens[i] = int((probs[row] / q).argmax())
+
+        logprobs: list = [None] * len(requests)
+        want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(raw[want], dim=-1)
+            for row, i in enumerate(want):
+                n = requests[i].params.logprobs
+                chosen = Logprob(tokens[i], float(lp[row, tokens[i]]))
+                top = []
+                if n:
+                    vals, idx = lp[row].topk(n)
+                    top = [Logprob(int(t), float(v)) for v, t in zip(vals.tolist(), idx.tolist())]
+                logprobs[i] = (chosen, top)
+        return SampleResult(tokens, logprobs)
+
+
+def _apply_penalties(row: torch.Tensor, req: Request, device: torch.device) -> None:
+    p = req.params
+    if p.repetition_penalty != 1.0:
+        # transformers/vLLM: over prompt and output tokens; shrink positive logits, grow negative ones.
+        seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long, device=device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+        # OpenAI: over generated tokens only.
+        out = torch.tensor(req.output_token_ids, dtype=torch.long, device=device)
+        counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    temps = torch.tensor([r.params.temperature for r in requests], device=logits.device).unsqueeze(1)
+    logits = logits / temps
+    V = logits.shape[-1]
+    for i, r in enumerate(requests):
+        k = r.params.top_k
+        if 0 < k < V:
+            kth = logits[i].topk(k).values[-1]
+            logits[i] = logits[i].masked_fill(logits[i] < kth, float("-inf"))
+    top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
+    if bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    min_p = torch.tensor([r.params.min_p for r in requests], device=logits.device).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs

@@ -1,0 +1,206 @@
+"""Continuous-batching scheduler: a pure state machine (no tensors, no model).
+
+Contract
+- `add_request(req)` queues a request (FIFO); raises QueueFull when the bounded
+  waiting queue is full and ParameterError when it could never fit the cache.
+- `schedule()` picks the work of one step under a token budget
+  (`max_num_batched_tokens`) and `max_num_seqs`:
+    1. every running request gets its next tokens: 1 for a decoding request, the
+       next chunk for a request whose prompt is still being prefilled;
+       if its KV blocks cannot be allocated, the newest running request is
+       preempted (blocks freed, back to the head of the waiting queue, recomputed
+       later from prompt + generated tokens);
+    2. if nothing was preempted, waiting requests are admitted in order while the
+       budget, `max_num_seqs` and free blocks allow; a prompt longer than the
+       remaining budget is prefilled in chunks over several steps.
+  Requests with no computed tokens form the packed prefill of the step.
+- `update(out, sampled)` applies the step's sampled token ids
+  (request_id -> token id, only for entries with `sample=True`), advances
+  computed-token counts, and finishes requests on EOS / stop token / max_tokens.
+- `finish(request_id, reason)` ends a request early (stop string, abort):
+  its blocks go back to the allocator at once.
+Invariant: a block is owned by exactly one unfinished request; when no request
+is unfinished every block is free.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from packserve.config import SchedulerConfig
+from packserve.engine.kv_cache import BlockAllocator, slots_for
+from packserve.engine.request import FinishReason, ParameterError, Request, RequestStatus
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    context_len: int  # tokens already in the KV cache before this step
+    sample: bool  # this step completes the known tokens: sample the next one
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.context_len:self.context_len + self.num_new_tokens]
+
+    def slot_mapping(self, block_size: int) -> list[int]:
+        return slots_for(self.request.block_ids, block_size, self.context_len, self.context_len + self.num_new_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ParameterError(f"duplicate request id {req.request_id!r}", "request_id")
+        if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        worst = self.allocator.blocks_for(min(req.num_prompt_tokens + req.params.max_tokens, self.config.max_model_len))
+        if worst > self.allocator.num_blocks:
+            raise ParameterError(
+                f"request needs up to {worst} KV blocks but the cache has {self.allocator.num_blocks}", "max_tokens")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, req.num_computed_tokens + num_new):
+                # Free blocks by preempting the newest request (possibly this one).
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+                continue
+            out.scheduled.append(self._entry(req, num_new))
+            budget -= num_new
+            i += 1
+
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self._grow(req, req.num_computed_tokens + num_new):
+                    break
+                self.waiting.popleft()
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.scheduled.append(self._entry(req, num_new))
+                budget -= num_new
+        return out
+
+    def _entry(self, req: Request, num_new: int) -> ScheduledRequest:
+        ctx = req.num_computed_tokens
+        return ScheduledRequest(req, num_new, ctx, sample=ctx + num_new == req.num_tokens)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = self.allocator.blocks_for(num_tokens) - len(req.block_ids)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        req.block_ids.extend(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.allocator.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- results ----------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Apply one step's results; returns the requests that got a new token or finished."""
+        changed: list[Request] = []
+        for entry in out.scheduled:
+            req = entry.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += entry.num_new_tokens
+            if not entry.sample:
+                continue
+            token = sampled[req.request_id]
+            req.output_token_ids.append(token)
+            changed.append(req)
+            reason, stop = self._check_stop(req, token)
+            if reason is not None:
+                self._finish(req, reason, stop)
+        return changed
+
+    def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | None]:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP, None
+            if token in p.stop_token_ids:
+                return FinishReason.STOP, token
+        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def finish(self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        self._finish(req, reason, stop_reason)
+        return req
+
+    def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.allocator.free(req.block_ids)
+        req.block_ids = []
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        del self.requests[req.request_id]

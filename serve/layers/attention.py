@@ -1,0 +1,268 @@
+"""Attention over one step's flat tokens: packed prefill + paged continuation/decode.
+
+A step's flat tokens are laid out as
+  [0, P)   fresh prompts (no cached context), packed row by row (see engine/packing.py)
+  [P, T)   requests with cached context: chunked-prefill continuations and decodes
+Every token's K/V is written into its KV-cache slot first. Fresh prompts attend
+within their own prompt only (block-diagonal causal) through the selected
+backend; the rest attend over their cached K/V (paged path).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackedMeta:
+    num_tokens: int
+    cu_seqlens: torch.Tensor  # int32 [N + 1] on device
+    max_seqlen: int
+    seq_lens: list[int]  # host copy, flat order
+    # Row layout (sdpa rows): token -> row * capacity + column.
+    num_rows: int = 0
+    capacity: int = 0
+    row_index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # bool [R, 1, C, C]
+    extra: Any = None  # backend-specific (flex BlockMask, xformers bias)
+
+
+@dataclass
+class PagedMeta:
+    num_tokens: int
+    q_index: torch.Tensor  # long [Tq]: token -> b * max_q + i
+    kv_slots: torch.Tensor  # long [B, max_kv]
+    mask: torch.Tensor  # bool [B, 1, max_q, max_kv]
+    batch: int
+    max_q: int
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # long [T]
+    packed: PackedMeta | None
+    paged: PagedMeta | None
+
+
+def block_diagonal_causal_mask(seq_lens: list[int], capacity: int | None = None, device=None) -> torch.Tensor:
+    """bool [C, C]: token q may attend token k iff same prompt and k <= q.
+    Columns past sum(seq_lens) are padding that attends only to itself (never all-masked, so no NaN)."""
+    n = sum(seq_lens)
+    cap = n if capacity is None else capacity
+    seg = torch.empty(cap, dtype=torch.long)
+    off = 0
+    for i, length in enumerate(seq_lens):
+        seg[off:off + length] = i
+        off += length
+    seg[n:] = -1 - torch.arange(cap - n)  # unique id per pad slot
+    pos = torch.arange(cap)
+    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
+    return mask.to(device) if device is not None else mask
+
+
+class AttentionBackend:
+    name = "base"
+    uses_rows = False
+
+    def prepare(self, meta: PackedMeta, device: torch.device) -> None:
+        """Build per-step structures shared by all layers."""
+
+    def packed(self, q, k, v, meta: PackedMeta, scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SdpaBackend(AttentionBackend):
+    """Dense block-diagonal causal mask per packed row (the Prepacking paper's method)."""
+
+    name = "sdpa"
+    uses_rows = True
+
+    def packed(self, q, k, v, meta, scale):
+        R, C = meta.num_rows, meta.capacity
+        H = q.shape[1]
+
+        def rows(x):
+            buf = x.new_zeros(R * C, x.shape[1], x.shape[2])
+            buf.index_copy_(0, meta.row_index, x)
+            return buf.view(R, C, x.shape[1], x.shape[2]).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=meta.mask, scale=scale,
+                                             enable_gqa=k.shape[1] != H)
+        out = out.transpose(1, 2).reshape(R * C, H, v.shape[2])
+        return out.index_select(0, meta.row_index)
+
+
+class FlexBackend(AttentionBackend):
+    """FlexAttention with a document mask over the flat tokens (block-sparse: skips cross-prompt blocks)."""
+
+    name = "flex"
+
+    def prepare(self, meta, device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = torch.repeat_interleave(torch.arange(len(meta.seq_lens), device=device),
+                                      torch.tensor(meta.seq_lens, device=device))
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+        meta.extra = create_block_mask(document_causal, None, None, meta.num_tokens, meta.num_tokens, device=device)
+
+    def packed(self, q, k, v, meta, scale):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                             block_mask=meta.extra, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return out[0].transpose(0, 1)
+
+
+class VarlenBackend(AttentionBackend):
+    """Flash attention over flat tokens with cu_seqlens: no rows, no mask (CUDA)."""
+
+    name = "varlen"
+
+    def __init__(self):
+        from torch.nn.attention.varlen import varlen_attn
+
+        self.fn = varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+        # The causal flag changed across torch versions (DESIGN.md §9).
+        if "is_causal" in params:
+            self.causal = {"is_causal": True}
+        elif "window_size" in params:
+            self.causal = {"window_size": (-1, 0)}
+        else:
+            raise RuntimeError("varlen_attn has neither is_causal nor window_size")
+        self.has_gqa = "enable_gqa" in params
+        self.has_scale = "scale" in params
+
+    def packed(self, q, k, v, meta, scale):
+        kw = dict(self.causal)
+        if k.shape[1] != q.shape[1]:
+            if self.has_gqa:
+                kw["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.has_scale:
+            kw["scale"] = scale
+        else:
+            q = q * (scale * q.shape[-1] ** 0.5)
+        cu = meta.cu_seqlens
+        return self.fn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
+
+
+class XformersBackend(AttentionBackend):
+    """xformers memory_efficient_attention with BlockDiagonalCausalMask (CUDA, matching torch build)."""
+
+    name = "xformers"
+
+    def __init__(self):
+        import xformers.ops as xops
+        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+
+        self.xops, self.mask_cls = xops, BlockDiagonalCausalMask
+
+    def prepare(self, meta, device):
+        meta.extra = self.mask_cls.from_seqlens(meta.seq_lens)
+
+    def packed(self, q, k, v, meta, scale):
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = self.xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=meta.extra, scale=scale)
+        return out[0]
+
+
+def _xformers_usable(device: torch.device) -> str | None:
+    """None if xformers' kernels run here, else the reason."""
+    if device.type != "cuda":
+        return "xformers kernels need CUDA"
+    try:
+        import xformers.ops as xops
+
+        q = torch.randn(1, 8, 1, 16, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+        return None
+    except Exception as exc:  # ImportError, or kernels built for another torch
+        return f"xformers unusable with torch {torch.__version__}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """Pick an attention backend; 'auto' prefers varlen on CUDA and sdpa on CPU."""
+    if name == "auto":
+        name = "varlen" if device.type == "cuda" else "sdpa"
+        if name == "varlen":
+            try:
+                return VarlenBackend()
+            except Exception as exc:  # older torch without varlen_attn
+                log.warning("varlen attention unavailable (%s); using sdpa", exc)
+                return SdpaBackend()
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "flex":
+        return FlexBackend()
+    if name == "varlen":
+        if device.type != "cuda":
+            raise ValueError("backend 'varlen' needs a CUDA device (torch varlen_attn is flash attention)")
+        return VarlenBackend()
+    if name == "xformers":
+        reason = _xformers_usable(device)
+        if reason is not None:
+            log.warning("backend 'xformers' requested but %s; falling back to sdpa", reason)
+            return SdpaBackend()
+        return XformersBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose from auto, sdpa, flex, varlen, xformers")
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
+                    scale: float) -> torch.Tensor:
+    """Queries with cached context: gather each request's K/V by slot, then masked SDPA."""
+    B, Q = meta.batch, meta.max_q
+    H, D = q.shape[1], q.shape[2]
+    qb = q.new_zeros(B * Q, H, D)
+    qb.index_copy_(0, meta.q_index, q)
+    qb = qb.view(B, Q, H, D).transpose(1, 2)
+    kb = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
+    vb = v_cache[meta.kv_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, scale=scale,
+                                         enable_gqa=kb.shape[1] != H)
+    out = out.transpose(1, 2).reshape(B * Q, H, vb.shape[-1])
+    return out.index_select(0, meta.q_index)
+
+
+class Attention(torch.nn.Module):
+    """Writes K/V into the cache and attends; q/k/v: [T, heads, head_dim] for the step's flat tokens."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.layer_idx = scale, layer_idx
+
+    def forward(self, q, k, v, ctx: "ForwardContext") -> torch.Tensor:
+        meta = ctx.attn
+        k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        parts = []
+        P = meta.packed.num_tokens if meta.packed is not None else 0
+        if meta.packed is not None:
+            parts.append(ctx.backend.packed(q[:P], k[:P], v[:P], meta.packed, self.scale))
+        if meta.paged is not None:
+            parts.append(paged_attention(q[P:], k_cache, v_cache, meta.paged, self.scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata
+    kv_cache: Any
+    backend: AttentionBackend

@@ -1,0 +1,82 @@
+"""Linear layers written for a later tensor-parallel split.
+
+Column layers split their output features across ranks, row layers their input
+features (followed by an all-reduce). With tp_size == 1 they are plain linears;
+the weight loaders already take each rank's shard so adding TP later only means
+setting tp_rank/tp_size and inserting the all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ColumnLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        if out_features % tp_size:
+            raise ValueError(f"out_features {out_features} not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features, self.out_features = in_features, out_features // tp_size
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        size = full.shape[dim] // self.tp_size
+        return full.narrow(dim, self.tp_rank * size, size)
+
+    def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
+        """name: 'weight' or 'bias'; tensor in nn.Linear layout [out, in]."""
+        param = getattr(self, name)
+        param.data.copy_(self._shard(tensor, 0))
+
+
+class MergedColumnLinear(ColumnLinear):
+    """Several column linears with the same input, fused into one matmul (e.g. gate+up, q+k+v)."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(in_features, sum(shard_sizes.values()), bias, tp_rank, tp_size)
+        self.shard_sizes = {k: v // tp_size for k, v in shard_sizes.items()}
+        offsets, off = {}, 0
+        for k, v in self.shard_sizes.items():
+            offsets[k] = off
+            off += v
+        self.shard_offsets = offsets
+
+    def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
+        param = getattr(self, name)
+        if shard is None:  # already fused in the checkpoint
+            param.data.copy_(tensor)
+            return
+        size = self.shard_sizes[shard]
+        part = tensor.narrow(0, self.tp_rank * size, size)
+        param.data.narrow(0, self.shard_offsets[shard], size).copy_(part)
+
+
+class RowLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        if in_features % tp_size:
+            raise ValueError(f"in_features {in_features} not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features, self.out_features = in_features // tp_size, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features), requires_grad=False)
+        # Only rank 0 adds the bias so the all-reduce sums it once.
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return out  # + all_reduce when tp_size > 1
+
+    def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
+        param = getattr(self, name)
+        if name == "weight":
+            size = self.in_features
+            tensor = tensor.narrow(1, self.tp_rank * size, size)
+        param.data.copy_(tensor)

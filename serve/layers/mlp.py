@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedColumnLinear(hidden, {"gate": intermediate, "up": intermediate}, bias=bias)
+        self.down_proj = RowLinear(intermediate, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class PlainMLP(nn.Module):
+    """proj(act(fc(x))) (GPT-2)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, out_features: int | None = None):
+        super().__init__()
+        self.c_fc = ColumnLinear(hidden, intermediate, bias=True)
+        self.c_proj = RowLinear(intermediate, out_features or hidden, bias=True)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))

@@ -1,0 +1,153 @@
+"""Llama-family decoders: Llama (GQA, llama3 rope), Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from packserve.layers.attention import Attention, ForwardContext
+from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
+from packserve.layers.mlp import GatedMLP
+from packserve.layers.norm import RMSNorm
+from packserve.layers.rotary import RotaryEmbedding
+from packserve.models.base import CausalLM, ModelInfo, load_into, rope_config
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, max_positions: int):
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        self.num_heads = cfg["num_attention_heads"]
+        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
+        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = q, kv
+        self.qkv_proj = MergedColumnLinear(hidden, {"q": q, "k": kv, "v": kv}, bias=qkv_bias)
+        # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v biases only.
+        o_bias = bool(cfg.get("attention_bias", False)) and cfg.get("model_type") != "qwen2"
+        self.o_proj = RowLinear(q, hidden, bias=o_bias)
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.rotary = RotaryEmbedding(self.head_dim, max_positions, rope_config(cfg))
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, ctx)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, max_positions: int):
+        super().__init__()
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx, qkv_bias, qk_norm, max_positions)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("hidden_act", "silu"),
+                            bias=bool(cfg.get("mlp_bias", False)))
+
+    def forward(self, x, residual, positions, ctx):
+        # Residual adds are fused into the next norm (one pass over the hidden state).
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: dict, qkv_bias: bool, qk_norm: bool, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm, max_positions)
+                                    for i in range(cfg["num_hidden_layers"]))
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+
+    def forward(self, input_ids, positions, ctx):
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(CausalLM):
+    stacked_params = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, cfg: dict, max_model_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg, self.qkv_bias or bool(cfg.get("attention_bias", False)), self.qk_norm,
+                                max_model_len)
+        self.tie = bool(cfg.get("tie_word_embeddings", False))
+        self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"])
+        attn = self.model.layers[0].self_attn
+        self.info = ModelInfo(
+            architecture=type(self).__name__, num_layers=cfg["num_hidden_layers"], num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim, vocab_size=cfg["vocab_size"],
+            max_position_embeddings=max_positions(cfg), hidden_size=cfg["hidden_size"],
+            eos_token_id=cfg.get("eos_token_id"))
+
+    def forward(self, input_ids, positions, ctx):
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden):
+        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def rename(name: str) -> str | None:
+            if "rotary_emb.inv_freq" in name:
+                return None
+            if name == "lm_head.weight" and self.tie:
+                return None
+            return name
+
+        loaded = load_into(self, weights, rename, self.stacked_params)
+        missing = {n for n, _ in self.named_parameters()} - loaded
+        # Fused params are loaded shard by shard under their fused name.
+        if missing:
+            raise KeyError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
+
+
+def max_positions(cfg: dict) -> int:
+    """Usable context: position table, capped by a sliding window we do not implement."""
+    n = int(cfg.get("max_position_embeddings", 2048))
+    window = cfg.get("sliding_window")
+    uses_window = cfg.get("use_sliding_window", cfg.get("model_type") == "mistral")
+    if window and uses_window:
+        n = min(n, int(window))
+    return n

@@ -1,0 +1,75 @@
+"""Load a local Hugging Face checkpoint folder: config.json + *.safetensors (+ tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from packserve.models import registry
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"model path {str(path)!r} is not a directory")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"no config.json in {str(path)!r}")
+    cfg = json.loads(cfg_file.read_text())
+    # Multimodal/nested configs keep the LM settings under text_config.
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = {**cfg, **cfg["text_config"]}
+    return cfg
+
+
+def iter_safetensors(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors.torch import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {str(path)!r}")
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                yield name, (t.to(dtype) if t.is_floating_point() else t)
+
+
+def checkpoint_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
+
+
+def resolve_dtype(requested: str, cfg: dict, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        # No fast half precision on these CPUs: weights stored in half are upcast (DESIGN.md §9).
+        if requested not in ("auto", "float32"):
+            log.warning("dtype %s requested on CPU; running in float32", requested)
+        return torch.float32
+    if requested == "auto":
+        dt = checkpoint_dtype(cfg)
+        return torch.bfloat16 if dt == torch.float32 else dt
+    return getattr(torch, requested)
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, max_model_len: int,
+               norm_mode: str = "native"):
+    cfg = read_config(path)
+    cls = registry.resolve(cfg)
+    kwargs = {"norm_mode": norm_mode} if norm_mode != "native" else {}
+    if norm_mode != "native" and "norm_mode" not in cls.__init__.__code__.co_varnames:
+        raise CheckpointError(f"norm_mode {norm_mode!r} applies to Pre-LN models (GPT-2), not {cls.__name__}")
+    with torch.device("cpu"):
+        model = cls(cfg, max_model_len, **kwargs)
+    model.load_weights(iter_safetensors(path, torch.float64 if norm_mode != "native" else dtype))
+    return model.to(device=device, dtype=dtype).eval()
