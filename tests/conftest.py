@@ -1,0 +1,29 @@
+"""Shared fixtures: real checkpoint folders built offline with seeded random weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run on CPU in fp32 with a small, fixed thread count (CI has 2 cores).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """checkpoint_factory(arch, **config_overrides) -> path of a saved HF checkpoint (cached per session)."""
+    from packserve.checkpoints import build_tiny_checkpoint
+
+    cache: dict = {}
+
+    def make(arch: str, seed: int = 0, **overrides) -> str:
+        key = (arch, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            cache[key] = str(build_tiny_checkpoint(arch, path, seed=seed, **overrides))
+        return cache[key]
+
+    return make

@@ -1,0 +1,137 @@
+"""The scheduler as a pure state machine: hand-built requests and sampled tokens, no model."""
+
+import pytest
+
+from packserve.config import SchedulerConfig
+from packserve.engine.kv_cache import BlockAllocator
+from packserve.engine.request import FinishReason, ParameterError, Request, RequestStatus, SamplingParams
+from packserve.engine.scheduler import QueueFull, Scheduler
+
+
+def make(num_blocks=64, block_size=4, **kw):
+    cfg = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, **kw})
+    return Scheduler(cfg, BlockAllocator(num_blocks, block_size))
+
+
+def req(rid, n, max_tokens=4, **kw):
+    return Request(rid, list(range(10, 10 + n)), SamplingParams(max_tokens=max_tokens, temperature=0, **kw),
+                   eos_token_ids=(0,))
+
+
+def run_step(s, token=7):
+    out = s.schedule()
+    s.update(out, {e.request.request_id: token for e in out.scheduled if e.sample})
+    return out
+
+
+def test_packs_several_prompts_in_one_prefill_then_decodes():
+    s = make()
+    for i, n in enumerate([5, 9, 3]):
+        s.add_request(req(f"r{i}", n))
+    out = s.schedule()
+    assert [(e.request.request_id, e.num_new_tokens, e.context_len, e.sample) for e in out.scheduled] == [
+        ("r0", 5, 0, True), ("r1", 9, 0, True), ("r2", 3, 0, True)]
+    assert out.scheduled[1].slot_mapping(4) == [s.requests["r1"].block_ids[j // 4] * 4 + j % 4 for j in range(9)]
+    s.update(out, {"r0": 1, "r1": 2, "r2": 3})
+    out = s.schedule()
+    assert [(e.num_new_tokens, e.context_len) for e in out.scheduled] == [(1, 5), (1, 9), (1, 3)]
+    assert [e.token_ids for e in out.scheduled] == [[1], [2], [3]]
+
+
+def test_finish_on_max_tokens_eos_and_stop_token_frees_blocks():
+    s = make()
+    s.add_request(req("len", 3, max_tokens=2))
+    s.add_request(req("eos", 3))
+    s.add_request(req("stop", 3, stop_token_ids=[42]))
+    s.add_request(req("ignore", 3, max_tokens=2, ignore_eos=True))
+    out = s.schedule()
+    s.update(out, {"len": 5, "eos": 0, "stop": 42, "ignore": 0})
+    assert s.requests.keys() == {"len", "ignore"}
+    out = s.schedule()
+    changed = s.update(out, {"len": 5, "ignore": 0})
+    assert {r.request_id: r.finish_reason.value for r in changed} == {"len": "length", "ignore": "length"}
+    assert not s.has_unfinished() and s.allocator.num_free == s.allocator.num_blocks
+
+
+def test_token_budget_and_chunked_prefill():
+    s = make(max_num_batched_tokens=16)
+    s.add_request(req("long", 40))
+    s.add_request(req("short", 4))
+    chunks = []
+    while True:
+        out = s.schedule()
+        assert out.num_tokens <= 16
+        chunks.append([(e.request.request_id, e.num_new_tokens, e.context_len, e.sample) for e in out.scheduled])
+        s.update(out, {e.request.request_id: 7 for e in out.scheduled if e.sample})
+        if s.requests["long"].output_token_ids:
+            break
+    assert chunks[0] == [("long", 16, 0, False)]
+    assert chunks[1] == [("long", 16, 16, False)]
+    assert chunks[2] == [("long", 8, 32, True), ("short", 4, 0, True)]
+
+
+def test_max_num_seqs_bounds_running():
+    s = make(max_num_seqs=2)
+    for i in range(4):
+        s.add_request(req(f"r{i}", 3))
+    out = s.schedule()
+    assert len(out.scheduled) == 2 and len(s.waiting) == 2
+
+
+def test_preempts_newest_when_blocks_run_out_and_recomputes():
+    s = make(num_blocks=4, block_size=4, max_num_batched_tokens=64)
+    s.add_request(req("old", 8, max_tokens=6))  # 2 blocks
+    s.add_request(req("new", 7, max_tokens=6))  # 2 blocks
+    run_step(s)  # both prefilled: old has 9 tokens (needs 3rd block next), new has 8
+    out = s.schedule()
+    assert out.preempted == ["new"]
+    assert [e.request.request_id for e in out.scheduled] == ["old"]
+    new = s.requests["new"]
+    assert new.status == RequestStatus.PREEMPTED and new.block_ids == [] and new.num_computed_tokens == 0
+    assert new.output_token_ids == [7]  # kept: recomputed from prompt + generated tokens
+    s.update(out, {"old": 7})
+    # old finishes eventually, then new is re-admitted with its prompt + output as one prefill.
+    while "old" in s.requests:
+        run_step(s)
+    out = s.schedule()
+    assert [(e.request.request_id, e.num_new_tokens, e.context_len) for e in out.scheduled] == [("new", 8, 0)]
+    s.update(out, {"new": 7})
+    while s.has_unfinished():
+        run_step(s)
+    assert s.allocator.num_free == 4 and s.num_preemptions >= 1
+
+
+def test_queue_limit_duplicate_ids_and_oversized_requests():
+    s = make(max_waiting=2, num_blocks=8, block_size=4)
+    s.add_request(req("a", 3))
+    with pytest.raises(ParameterError):
+        s.add_request(req("a", 3))
+    s.add_request(req("b", 3))
+    with pytest.raises(QueueFull):
+        s.add_request(req("c", 3))
+    with pytest.raises(ParameterError, match="KV blocks"):
+        make(num_blocks=2, block_size=4).add_request(req("big", 10, max_tokens=4))
+
+
+def test_abort_waiting_and_running():
+    s = make()
+    s.add_request(req("run", 5))
+    s.add_request(req("wait", 5))
+    s.config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=256)
+    run_step(s)
+    assert s.finish("wait", FinishReason.ABORT)
+    assert s.finish("run", FinishReason.ABORT)
+    assert not s.has_unfinished() and s.allocator.num_free == s.allocator.num_blocks
+
+
+def test_block_allocator_refcounts():
+    a = BlockAllocator(4, 2)
+    b = a.allocate(3)
+    a.share(b[0])
+    a.free(b)
+    assert a.num_free == 3
+    a.free([b[0]])
+    assert a.num_free == 4
+    with pytest.raises(ValueError):
+        a.free([b[0]])
+    assert a.blocks_for(5) == 3
