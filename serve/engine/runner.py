@@ -65,7 +65,9 @@ class ModelRunner:
             mask = (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
             meta.num_rows, meta.capacity = R, C
             meta.row_index = torch.tensor(row_index, dtype=torch.long).to(self.device, non_blocking=True)
-            meta.mask = mask.unsqueeze(1).to(self.device, non_blocking=True)
+            # Additive float mask built once per step: SDPA would convert a bool mask in every layer.
+            additive = torch.zeros(mask.shape, dtype=self.kv_cache.data.dtype).masked_fill_(~mask, float("-inf"))
+            meta.mask = additive.unsqueeze(1).to(self.device, non_blocking=True)
         self.backend.prepare(meta, self.device)
         efficiency = layout.efficiency if self.backend.uses_rows else 1.0
         return batch, meta, efficiency

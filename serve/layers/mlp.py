@@ -32,7 +32,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        # The activation in place on a contiguous copy: on CPU a strided elementwise op is ~2x slower.
+        h = self.act(gate.contiguous())
+        return self.down_proj(h.mul_(up))
 
 
 class PlainMLP(nn.Module):

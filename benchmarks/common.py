@@ -1,0 +1,69 @@
+"""Shared workload definitions for the benchmarks (DESIGN.md §4 and §9)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_prompts: int
+    median_len: int
+    max_len: int
+    min_len: int = 8
+    sigma: float = 0.9
+
+
+CPU_LOGNORMAL = Workload("cpu-lognormal", 64, 128, 1024)
+GPU_LOGNORMAL = Workload("gpu-lognormal", 64, 256, 2048)
+
+
+def lognormal_prompts(w: Workload, vocab: int, num_prompts: int | None = None) -> list[list[int]]:
+    """length = clip(exp(ln median + sigma z), min, max); z and token ids from one seeded generator."""
+    g = torch.Generator().manual_seed(0)
+    prompts = []
+    for _ in range(num_prompts or w.num_prompts):
+        z = torch.randn(1, generator=g).item()
+        n = int(min(max(math.exp(math.log(w.median_len) + w.sigma * z), w.min_len), w.max_len))
+        prompts.append(torch.randint(10, vocab, (n,), generator=g).tolist())
+    return prompts
+
+
+def cpu_llama_config(vocab: int = 32000):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=2048,
+                       tie_word_embeddings=True, initializer_range=0.1, bos_token_id=1, eos_token_id=0)
+
+
+def gpu_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                       tie_word_embeddings=True, initializer_range=0.02, bos_token_id=1, eos_token_id=0,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192})
+
+
+def timeit(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time in seconds (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
