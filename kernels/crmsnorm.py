@@ -1,0 +1,145 @@
+"""Compressed RMSNorm (CRMSNorm, Jiang et al. 2023): Triton kernel, host wrappers, pure-torch reference.
+
+x holds the first d-1 coordinates of a zero-mean vector z of width d (the dropped one is
+z_d = -sum(x)), so with n = d - 1 = x.shape[-1]:
+    mean(z^2) = (sum(x^2) + sum(x)^2) / d
+    y = x * rsqrt(mean(z^2) + eps)            (the d-1 kept coordinates of RMSNorm(z))
+Statistics in fp32; with a weight, Llama semantics (cast to the input dtype, then multiply).
+The readers of y carry the dropped coordinate folded into their weights
+(packserve.models.norm_conversion).
+
+`crms_norm` / `fused_add_crms_norm` dispatch: Triton on CUDA tensors, the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, launch_config,
+                                          load_row_input, store_scaled, use_triton)
+
+
+@triton.jit
+def _crms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, stride_ro, eps,
+                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    row_ok = rows < n_rows
+    x_row, r_row, y_row, ro_row = X + rows * stride_x, R + rows * stride_r, Y + rows * stride_y, RO + rows * stride_ro
+    full_width = n_cols + 1
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)[None, :]
+        col_ok = cols < n_cols
+        mask = row_ok & col_ok
+        x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
+        s = tl.sum(x, axis=1)
+        rstd = tl.rsqrt((tl.sum(x * x, axis=1) + s * s) / full_width + eps)[:, None]
+        store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, 0.0, HAS_WEIGHT, False)
+    else:
+        acc_sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)[None, :]
+            mask = row_ok & (cols < n_cols)
+            x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
+            acc += x
+            acc_sq += x * x
+        s = tl.sum(acc, axis=1)
+        rstd = tl.rsqrt((tl.sum(acc_sq, axis=1) + s * s) / full_width + eps)[:, None]
+        if HAS_RESIDUAL:
+            # Pass 2 re-reads the rounded sums (the inputs may be overwritten when in place).
+            tl.debug_barrier()
+            x_row = ro_row
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)[None, :]
+            col_ok = cols < n_cols
+            mask = row_ok & col_ok
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, 0.0, HAS_WEIGHT, False)
+
+
+def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | None, y2: torch.Tensor,
+            ro2: torch.Tensor | None, eps: float, block_n: int | None) -> None:
+    rows, width = x2.shape
+    if rows == 0:
+        return
+    block_m, block_n, num_warps, single = launch_config(rows, width, block_n)
+    has_residual = r2 is not None
+    # Unused pointer slots get a valid tensor; the constexpr flags keep them untouched.
+    r2 = x2 if r2 is None else r2
+    ro2 = y2 if ro2 is None else ro2
+    grid = (triton.cdiv(rows, block_m),)
+    _crms_norm_kernel[grid](
+        x2, r2, x2 if weight is None else weight, y2, ro2, rows, width,
+        x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps,
+        HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps)
+
+
+def crms_norm_triton(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+    x2 = as_rows("x", x)
+    check_param("weight", weight, x.shape[-1], x.device)
+    check_out("out", out, x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    _launch(x2, None, weight, as_rows("out", out), None, float(eps), block_n)
+    return out
+
+
+def fused_add_crms_norm_triton(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
+                               weight: torch.Tensor | None = None, inplace: bool = False,
+                               out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                               block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(crms_norm(x + residual), x + residual). inplace: the output goes to x, the new residual to residual."""
+    x2 = as_rows("x", x)
+    check_same("residual", residual, x)
+    check_param("weight", weight, x.shape[-1], x.device)
+    if inplace:
+        if out is not None or residual_out is not None:
+            raise ValueError("inplace=True writes into x and residual; do not pass out/residual_out")
+        out, residual_out = x, residual
+    check_out("out", out, x)
+    check_out("residual_out", residual_out, x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual_out is None else residual_out
+    if residual_out.data_ptr() == out.data_ptr() and x.numel():
+        raise ValueError("out and residual_out must be different tensors")
+    _launch(x2, as_rows("residual", residual), weight, as_rows("out", out), as_rows("residual_out", residual_out),
+            float(eps), block_n)
+    return out, residual_out
+
+
+def crms_norm_ref(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    mean_sq = (h.pow(2).sum(-1, keepdim=True) + h.sum(-1, keepdim=True).pow(2)) / (x.shape[-1] + 1)
+    h = (h * torch.rsqrt(mean_sq + eps)).to(dtype)
+    return h if weight is None else (weight * h).to(dtype)
+
+
+def fused_add_crms_norm_ref(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
+                            weight: torch.Tensor | None = None,
+                            inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = x + residual
+    out = crms_norm_ref(new_residual, eps, weight)
+    if inplace:
+        residual.copy_(new_residual)
+        x.copy_(out)
+        return x, residual
+    return out, new_residual
+
+
+def crms_norm(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
+    if use_triton(x):
+        return crms_norm_triton(x, eps, weight)
+    return crms_norm_ref(x, eps, weight)
+
+
+def fused_add_crms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
+                        weight: torch.Tensor | None = None,
+                        inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return fused_add_crms_norm_triton(x, residual, eps, weight, inplace)
+    return fused_add_crms_norm_ref(x, residual, eps, weight, inplace)

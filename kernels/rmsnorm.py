@@ -1,0 +1,150 @@
+"""RMSNorm and residual-add + RMSNorm: Triton kernels, host wrappers, pure-torch references.
+
+Semantics (transformers' LlamaRMSNorm): statistics and normalization in fp32, the
+normalized value is cast to the input dtype, then multiplied by the weight:
+    y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
+With offset != 0 the gain is (offset + weight) and, as in Gemma, the multiply happens in
+fp32 before the single cast. weight=None means no affine (Pre-RMSNorm after folding).
+
+The fused variant returns (rms_norm(x + residual), x + residual); the sum is rounded to
+the input dtype before the norm reads it, i.e. exactly an eager add followed by rms_norm.
+
+`rms_norm` / `fused_add_rms_norm` dispatch: Triton on CUDA tensors, the reference
+elsewhere. `*_triton` and `*_ref` are the explicit paths (the Triton ones run on CPU
+tensors under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, launch_config,
+                                          load_row_input, store_scaled, use_triton)
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, stride_ro, eps, offset,
+                     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, SCALE_IN_FP32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    # int64 row offsets: rows x stride passes 2^31 elements for large batches.
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    row_ok = rows < n_rows
+    x_row, r_row, y_row, ro_row = X + rows * stride_x, R + rows * stride_r, Y + rows * stride_y, RO + rows * stride_ro
+    if SINGLE:
+        # The whole row fits one block: read once, keep it in registers.
+        cols = tl.arange(0, BLOCK_N)[None, :]
+        col_ok = cols < n_cols
+        mask = row_ok & col_ok
+        x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)[:, None]
+        store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, offset, HAS_WEIGHT, SCALE_IN_FP32)
+    else:
+        # Wide rows: accumulate the sum of squares over column blocks, then normalize in a second pass.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)[None, :]
+            mask = row_ok & (cols < n_cols)
+            x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
+            acc += x * x
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)[:, None]
+        if HAS_RESIDUAL:
+            # Pass 2 re-reads the rounded sums (the inputs may be overwritten when in place).
+            tl.debug_barrier()
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)[None, :]
+            col_ok = cols < n_cols
+            mask = row_ok & col_ok
+            if HAS_RESIDUAL:
+                x = tl.load(ro_row + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, offset, HAS_WEIGHT, SCALE_IN_FP32)
+
+
+def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | None, y2: torch.Tensor,
+            ro2: torch.Tensor | None, eps: float, offset: float, block_n: int | None) -> None:
+    rows, width = x2.shape
+    if rows == 0:
+        return
+    block_m, block_n, num_warps, single = launch_config(rows, width, block_n)
+    has_residual = r2 is not None
+    # Unused pointer slots get a valid tensor; the constexpr flags keep them untouched.
+    r2 = x2 if r2 is None else r2
+    ro2 = y2 if ro2 is None else ro2
+    w = x2 if weight is None else weight
+    grid = (triton.cdiv(rows, block_m),)
+    _rms_norm_kernel[grid](
+        x2, r2, w, y2, ro2, rows, width, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps, offset,
+        HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None, SCALE_IN_FP32=offset != 0.0,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0,
+                    out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+    x2 = as_rows("x", x)
+    check_param("weight", weight, x.shape[-1], x.device)
+    check_out("out", out, x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    _launch(x2, None, weight, as_rows("out", out), None, float(eps), float(offset), block_n)
+    return out
+
+
+def fused_add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                              eps: float = 1e-6, inplace: bool = False, offset: float = 0.0,
+                              out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                              block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual). inplace: the output goes to x, the new residual to residual."""
+    x2 = as_rows("x", x)
+    check_same("residual", residual, x)
+    check_param("weight", weight, x.shape[-1], x.device)
+    if inplace:
+        if out is not None or residual_out is not None:
+            raise ValueError("inplace=True writes into x and residual; do not pass out/residual_out")
+        out, residual_out = x, residual
+    check_out("out", out, x)
+    check_out("residual_out", residual_out, x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual_out is None else residual_out
+    if residual_out.data_ptr() == out.data_ptr() and x.numel():
+        raise ValueError("out and residual_out must be different tensors")
+    _launch(x2, as_rows("residual", residual), weight, as_rows("out", out), as_rows("residual_out", residual_out),
+            float(eps), float(offset), block_n)
+    return out, residual_out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return h.to(dtype)
+    if offset:
+        return (h * (offset + weight.float())).to(dtype)
+    return (weight * h.to(dtype)).to(dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                           eps: float = 1e-6, inplace: bool = False,
+                           offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = x + residual
+    out = rms_norm_ref(new_residual, weight, eps, offset)
+    if inplace:
+        residual.copy_(new_residual)
+        x.copy_(out)
+        return x, residual
+    return out, new_residual
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps, offset)
+    return rms_norm_ref(x, weight, eps, offset)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
+                       inplace: bool = False, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return fused_add_rms_norm_triton(x, residual, weight, eps, inplace, offset)
+    return fused_add_rms_norm_ref(x, residual, weight, eps, inplace, offset)
