@@ -77,11 +77,18 @@ class ModelRunner:
         q_lens = [s.num_new_tokens for s in cont]
         kv_lens = [s.context_len + s.num_new_tokens for s in cont]
         Q, L = max(q_lens), max(kv_lens)
-        slots = torch.zeros(B, L, dtype=torch.long)
+        bs = self.block_size
+        nb = -(-L // bs)
+        table = torch.zeros(B, nb, dtype=torch.long)
         q_index = []
         for b, s in enumerate(cont):
-            slots[b, :kv_lens[b]] = torch.tensor(slots_for(s.request.block_ids, self.block_size, 0, kv_lens[b]))
+            blocks = s.request.block_ids[:nb]
+            table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
             q_index.extend(range(b * Q, b * Q + q_lens[b]))
+        # Slot of token j = block_table[j // bs] * bs + j % bs; positions past a request's length are masked
+        # below and point at slots of block 0 (valid memory).
+        j = torch.arange(L)
+        slots = table[:, j // bs] * bs + (j % bs)
         ctx = torch.tensor([s.context_len for s in cont]).view(B, 1, 1)
         qi = torch.arange(Q).view(1, Q, 1)
         kj = torch.arange(L).view(1, 1, L)

@@ -231,8 +231,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qb = q.new_zeros(B * Q, H, D)
     qb.index_copy_(0, meta.q_index, q)
     qb = qb.view(B, Q, H, D).transpose(1, 2)
-    kb = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
-    vb = v_cache[meta.kv_slots].transpose(1, 2)
+    # index_select on the flat slot list: much faster than advanced indexing with a 2-D index on CPU.
+    flat = meta.kv_slots.view(-1)
+    kb = k_cache.index_select(0, flat).view(B, -1, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
+    vb = v_cache.index_select(0, flat).view(B, -1, *v_cache.shape[1:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, scale=scale,
                                          enable_gqa=kb.shape[1] != H)
     out = out.transpose(1, 2).reshape(B * Q, H, vb.shape[-1])
