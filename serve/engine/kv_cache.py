@@ -62,6 +62,35 @@ class BlockAllocator:
                 self._free.append(b)
 
 
+class StateSlotAllocator:
+    """Fixed-size per-sequence state slots (linear-attention layers keep a constant-size state,
+    not a growing KV cache). One slot per running request."""
+
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        self.num_slots = num_slots
+        self._free: deque[int] = deque(range(num_slots))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise OutOfBlocks("no free state slot")
+        slot = self._free.popleft()
+        self._used.add(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot not in self._used:
+            raise ValueError(f"state slot {slot} is not allocated")
+        self._used.remove(slot)
+        self._free.append(slot)
+
+
 def slots_for(block_ids: Sequence[int], block_size: int, start: int, stop: int) -> list[int]:
     """KV slots of token positions [start, stop) of a request."""
     return [block_ids[j // block_size] * block_size + j % block_size for j in range(start, stop)]

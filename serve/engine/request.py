@@ -119,6 +119,7 @@ class Request:
     # Tokens whose K/V are in the cache (for this admission; reset on preemption).
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    state_slot: int | None = None  # linear-attention state slot while running
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0

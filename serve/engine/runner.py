@@ -31,8 +31,9 @@ class StepStats:
 
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
-                 packing: str = "ffd", pack_length: int | None = None):
+                 packing: str = "ffd", pack_length: int | None = None, state_cache=None):
         self.model = model
+        self.state_cache = state_cache  # linear-attention states (None for pure softmax models)
         self.backend = backend
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -101,8 +102,36 @@ class ModelRunner:
             kv_slots=slots.to(self.device, non_blocking=True), mask=mask.unsqueeze(1).to(self.device, non_blocking=True),
             batch=B, max_q=Q)
 
+    def _linear_meta(self, seqs: list[ScheduledRequest]):
+        from packserve.layers.linear_attention import LinearAttnMeta
+
+        lens = [s.num_new_tokens for s in seqs]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        dev = self.device
+        return LinearAttnMeta(
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True), cu_seqlens_host=cu,
+            state_slots=torch.tensor([s.request.state_slot for s in seqs], dtype=torch.long).to(dev, non_blocking=True),
+            has_initial=torch.tensor([s.context_len > 0 for s in seqs]).to(dev, non_blocking=True),
+            all_decode=all(n == 1 and s.context_len > 0 for n, s in zip(lens, seqs)))
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
+        hidden, last_index, stats = self._forward(out)
+        dev = self.device
+        to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
+        if not to_sample:
+            return {}, {}, stats
+        idx = torch.tensor([last_index[k] for k in to_sample], dtype=torch.long, device=dev)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        reqs = [out.scheduled[k].request for k in to_sample]
+        result: SampleResult = self.sampler(logits, reqs)
+        tokens = {r.request_id: t for r, t in zip(reqs, result.token_ids)}
+        logprobs = {r.request_id: lp for r, lp in zip(reqs, result.logprobs) if lp is not None}
+        return tokens, logprobs, stats
+
+    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         fresh = [s for s in out.scheduled if s.context_len == 0]
         cont = [s for s in out.scheduled if s.context_len > 0]
         ids: list[int] = []
@@ -110,8 +139,10 @@ class ModelRunner:
         slot_mapping: list[int] = []
         last_index: dict[int, int] = {}  # position in out.scheduled -> flat index of its last token
         packed_meta, stats = None, StepStats()
+        flat_seqs: list[ScheduledRequest] = []  # sequences in flat token order
         if fresh:
             batch, packed_meta, eff = self._packed_meta(fresh)
+            flat_seqs += [fresh[i] for i in batch.seq_order]
             ids += batch.token_ids
             positions += batch.position_ids
             slot_mapping += batch.slot_mapping
@@ -131,6 +162,7 @@ class ModelRunner:
                 slot_mapping += s.slot_mapping(self.block_size)
                 last_index[pos_of[id(s)]] = len(ids) - 1
             paged_meta = self._paged_meta(cont)
+            flat_seqs += cont
             stats = StepStats(**{**stats.__dict__, "num_context_tokens": paged_meta.num_tokens,
                                  "num_decode_tokens": sum(1 for s in cont if s.num_new_tokens == 1)})
 
@@ -138,18 +170,12 @@ class ModelRunner:
         attn = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
                                  packed_meta, paged_meta)
         ctx = ForwardContext(attn, self.kv_cache, self.backend)
+        if self.state_cache is not None:
+            ctx.linear = self._linear_meta(flat_seqs)
+            ctx.state_cache = self.state_cache
         hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
                             torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True), ctx)
-        to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
-        if not to_sample:
-            return {}, {}, stats
-        idx = torch.tensor([last_index[k] for k in to_sample], dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, idx))
-        reqs = [out.scheduled[k].request for k in to_sample]
-        result: SampleResult = self.sampler(logits, reqs)
-        tokens = {r.request_id: t for r, t in zip(reqs, result.token_ids)}
-        logprobs = {r.request_id: lp for r, lp in zip(reqs, result.logprobs) if lp is not None}
-        return tokens, logprobs, stats
+        return hidden, last_index, stats
 
     @torch.inference_mode()
     def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -166,10 +192,11 @@ class ModelRunner:
             sched.scheduled.append(ScheduledRequest(req, len(p), 0, True))
         if start > self.kv_cache.num_blocks:
             raise ValueError("prompts do not fit the KV cache")
-        batch, meta, _ = self._packed_meta(sched.scheduled)
-        ctx = ForwardContext(AttentionMetadata(torch.tensor(batch.slot_mapping, device=self.device), meta, None),
-                             self.kv_cache, self.backend)
-        hidden = self.model(torch.tensor(batch.token_ids, device=self.device),
-                            torch.tensor(batch.position_ids, device=self.device), ctx)
-        idx = torch.tensor(batch.last_token_index, device=self.device)
+        if self.state_cache is not None:
+            if len(prompts) > self.state_cache.num_slots:
+                raise ValueError("more prompts than linear-attention state slots")
+            for i, e in enumerate(sched.scheduled):
+                e.request.state_slot = i
+        hidden, last_index, _ = self._forward(sched)
+        idx = torch.tensor([last_index[k] for k in range(len(prompts))], device=self.device)
         return self.model.compute_logits(hidden.index_select(0, idx))

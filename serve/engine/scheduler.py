@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from packserve.config import SchedulerConfig
-from packserve.engine.kv_cache import BlockAllocator, slots_for
+from packserve.engine.kv_cache import BlockAllocator, StateSlotAllocator, slots_for
 from packserve.engine.request import FinishReason, ParameterError, Request, RequestStatus
 
 
@@ -67,9 +67,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator,
+                 state_slots: StateSlotAllocator | None = None):
         self.config = config
         self.allocator = allocator
+        # Models with linear-attention layers also need one fixed-size state slot per running request.
+        self.state_slots = state_slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -120,8 +123,12 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                if self.state_slots is not None and self.state_slots.num_free == 0:
+                    break
                 if not self._grow(req, req.num_computed_tokens + num_new):
                     break
+                if self.state_slots is not None:
+                    req.state_slot = self.state_slots.allocate()
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
@@ -142,10 +149,16 @@ class Scheduler:
         req.block_ids.extend(self.allocator.allocate(need))
         return True
 
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
+    def _release(self, req: Request) -> None:
         self.allocator.free(req.block_ids)
         req.block_ids = []
+        if req.state_slot is not None:
+            self.state_slots.free(req.state_slot)
+            req.state_slot = None
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -198,8 +211,7 @@ class Scheduler:
                 self.waiting.remove(req)
             except ValueError:
                 pass
-        self.allocator.free(req.block_ids)
-        req.block_ids = []
+        self._release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason

@@ -268,3 +268,5 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_cache: Any
     backend: AttentionBackend
+    linear: Any = None  # LinearAttnMeta for models with linear-attention layers
+    state_cache: Any = None
