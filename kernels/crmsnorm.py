@@ -8,7 +8,8 @@ Statistics in fp32; with a weight, Llama semantics (cast to the input dtype, the
 The readers of y carry the dropped coordinate folded into their weights
 (packserve.models.norm_conversion).
 
-`crms_norm` / `fused_add_crms_norm` dispatch: Triton on CUDA tensors, the reference elsewhere.
+`crms_norm` / `fused_add_crms_norm` dispatch: Triton on CUDA tensors, the reference elsewhere
+(the references compute in fp32; fp64 inputs stay fp64).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, launch_config,
-                                          load_row_input, store_scaled, use_triton)
+                                          load_row_input, stat_dtype, store_scaled, use_triton)
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def fused_add_crms_norm_triton(x: torch.Tensor, residual: torch.Tensor, eps: flo
 
 def crms_norm_ref(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
     dtype = x.dtype
-    h = x.float()
+    h = x.to(stat_dtype(x))
     mean_sq = (h.pow(2).sum(-1, keepdim=True) + h.sum(-1, keepdim=True).pow(2)) / (x.shape[-1] + 1)
     h = (h * torch.rsqrt(mean_sq + eps)).to(dtype)
     return h if weight is None else (weight * h).to(dtype)

@@ -7,7 +7,8 @@ one cast to the input dtype at the end. weight/bias may be None.
 The fused variant returns (layer_norm(x + residual), x + residual), with the sum rounded to
 the input dtype first (an eager add followed by layer_norm).
 
-`layer_norm` / `fused_add_layer_norm` dispatch: Triton on CUDA tensors, the reference elsewhere.
+`layer_norm` / `fused_add_layer_norm` dispatch: Triton on CUDA tensors, the reference elsewhere
+(the references compute in fp32; fp64 inputs stay fp64).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, launch_config,
-                                          load_row_input, use_triton)
+                                          load_row_input, stat_dtype, use_triton)
 
 
 @triton.jit
@@ -129,9 +130,10 @@ def fused_add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight:
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float = 1e-5) -> torch.Tensor:
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
-    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+    ct = stat_dtype(x)
+    w = None if weight is None else weight.to(ct)
+    b = None if bias is None else bias.to(ct)
+    return F.layer_norm(x.to(ct), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
 def fused_add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,

@@ -28,8 +28,9 @@ def interpreting() -> bool:
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """The dispatchers' rule: Triton on CUDA tensors, the torch reference elsewhere."""
-    return x.is_cuda
+    """The dispatchers' rule: Triton on CUDA tensors of a kernel dtype, the torch reference otherwise
+    (CPU, and fp64, which the exactness checks of the norm conversion use)."""
+    return x.is_cuda and x.dtype in SUPPORTED_DTYPES
 
 
 def next_power_of_2(n: int) -> int:
@@ -128,3 +129,8 @@ def store_scaled(y_ptrs, w_ptrs, xn, mask, col_mask, offset,
         else:
             y = xn.to(out_ty).to(tl.float32) * w
     tl.store(y_ptrs, y.to(out_ty), mask=mask)
+
+
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The references' compute dtype: fp32 for half inputs, fp64 stays fp64 (exactness checks)."""
+    return torch.promote_types(x.dtype, torch.float32)

@@ -11,7 +11,7 @@ the input dtype before the norm reads it, i.e. exactly an eager add followed by 
 
 `rms_norm` / `fused_add_rms_norm` dispatch: Triton on CUDA tensors, the reference
 elsewhere. `*_triton` and `*_ref` are the explicit paths (the Triton ones run on CPU
-tensors under TRITON_INTERPRET=1).
+tensors under TRITON_INTERPRET=1; the references compute in fp32, fp64 inputs in fp64).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, launch_config,
-                                          load_row_input, store_scaled, use_triton)
+                                          load_row_input, stat_dtype, store_scaled, use_triton)
 
 
 @triton.jit
@@ -116,12 +116,12 @@ def fused_add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: t
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
     dtype = x.dtype
-    h = x.float()
+    h = x.to(stat_dtype(x))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
         return h.to(dtype)
     if offset:
-        return (h * (offset + weight.float())).to(dtype)
+        return (h * (offset + weight.to(h.dtype))).to(dtype)
     return (weight * h.to(dtype)).to(dtype)
 
 
