@@ -96,9 +96,12 @@ class GPT2LMHeadModel(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.norm_mode != "native":
-            from packserve.models.norm_conversion import convert_gpt2_state_dict
+            from packserve.models.norm_conversion import convert_gpt2
 
-            weights = convert_gpt2_state_dict(dict(weights), self.norm_mode)
+            converted = convert_gpt2(dict(weights), self.norm_mode)
+            if converted.residual_width != self.width:
+                raise ValueError(f"converted residual width {converted.residual_width} != model width {self.width}")
+            weights = converted
 
         def rename(name: str) -> str | None:
             if name.endswith((".attn.bias", ".attn.masked_bias")):
