@@ -204,6 +204,26 @@ def test_column_loop(width, block_n, dtype):
                 assert torch.equal(res_out, s)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_rows_wider_than_the_largest_block_loop_by_default(dtype):
+    from packserve.kernels.norm_utils import MAX_BLOCK_N, launch_config
+
+    width = MAX_BLOCK_N + 3617  # also odd, and the last block is mostly masked
+    assert not launch_config(3, width)[3]
+    x, r, w, b = inputs(3, width, dtype, seed=3)
+    buf, out = poisoned(3, width, dtype)
+    rbuf, res_out = poisoned(3, width, dtype)
+    rmsnorm.fused_add_rms_norm_triton(x, r, w, EPS, out=out, residual_out=res_out)
+    check(out, buf, ref_rms(x + r, w), dtype)
+    assert torch.equal(res_out, x + r)
+    buf, out = poisoned(3, width, dtype)
+    layernorm.layer_norm_triton(x, w, b, EPS, out=out)
+    check(out, buf, ref_ln(x, w, b), dtype)
+    buf, out = poisoned(3, width, dtype)
+    crmsnorm.crms_norm_triton(x, EPS, out=out)
+    check(out, buf, ref_crms(x, None), dtype)
+
+
 # ---- in place ----------------------------------------------------------------------------
 
 FUSED = {
