@@ -6,7 +6,8 @@ z_d = -sum(x)), so with n = d - 1 = x.shape[-1]:
     y = x * rsqrt(mean(z^2) + eps)            (the d-1 kept coordinates of RMSNorm(z))
 Statistics in fp32; with a weight, Llama semantics (cast to the input dtype, then multiply).
 The readers of y carry the dropped coordinate folded into their weights
-(packserve.models.norm_conversion).
+(packserve.models.norm_conversion). `full_width` (default n + 1) lets the d-1 coordinates
+be stored zero-padded to an aligned width: zeros add nothing to either sum.
 
 `crms_norm` / `fused_add_crms_norm` dispatch: Triton on CUDA tensors, the reference elsewhere
 (the references compute in fp32; fp64 inputs stay fp64).
@@ -23,13 +24,12 @@ from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check
 
 
 @triton.jit
-def _crms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, stride_ro, eps,
+def _crms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, full_width, stride_x, stride_r, stride_y, stride_ro, eps,
                       HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     row_ok = rows < n_rows
     x_row, r_row, y_row, ro_row = X + rows * stride_x, R + rows * stride_r, Y + rows * stride_y, RO + rows * stride_ro
-    full_width = n_cols + 1
     if SINGLE:
         cols = tl.arange(0, BLOCK_N)[None, :]
         col_ok = cols < n_cols
@@ -61,11 +61,21 @@ def _crms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride
             store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, 0.0, HAS_WEIGHT, False)
 
 
+def _full_width(width: int, full_width: int | None) -> int:
+    """d: x.shape[-1] + 1 unless the d-1 coordinates are stored zero-padded to a wider, aligned width."""
+    if full_width is None:
+        return width + 1
+    if full_width < 2:
+        raise ValueError(f"full_width must be >= 2, got {full_width}")
+    return int(full_width)
+
+
 def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | None, y2: torch.Tensor,
-            ro2: torch.Tensor | None, eps: float, block_n: int | None) -> None:
+            ro2: torch.Tensor | None, eps: float, full_width: int | None, block_n: int | None) -> None:
     rows, width = x2.shape
     if rows == 0:
         return
+    full_width = _full_width(width, full_width)
     block_m, block_n, num_warps, single = launch_config(rows, width, block_n)
     has_residual = r2 is not None
     # Unused pointer slots get a valid tensor; the constexpr flags keep them untouched.
@@ -73,24 +83,26 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | No
     ro2 = y2 if ro2 is None else ro2
     grid = (triton.cdiv(rows, block_m),)
     _crms_norm_kernel[grid](
-        x2, r2, x2 if weight is None else weight, y2, ro2, rows, width,
+        x2, r2, x2 if weight is None else weight, y2, ro2, rows, width, full_width,
         x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps,
         HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps)
 
 
 def crms_norm_triton(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                     full_width: int | None = None, out: torch.Tensor | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
     x2 = as_rows("x", x)
     check_param("weight", weight, x.shape[-1], x.device)
     check_out("out", out, x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    _launch(x2, None, weight, as_rows("out", out), None, float(eps), block_n)
+    _launch(x2, None, weight, as_rows("out", out), None, float(eps), full_width, block_n)
     return out
 
 
 def fused_add_crms_norm_triton(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
                                weight: torch.Tensor | None = None, inplace: bool = False,
+                               full_width: int | None = None,
                                out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
                                block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(crms_norm(x + residual), x + residual). inplace: the output goes to x, the new residual to residual."""
@@ -108,23 +120,25 @@ def fused_add_crms_norm_triton(x: torch.Tensor, residual: torch.Tensor, eps: flo
     if residual_out.data_ptr() == out.data_ptr() and x.numel():
         raise ValueError("out and residual_out must be different tensors")
     _launch(x2, as_rows("residual", residual), weight, as_rows("out", out), as_rows("residual_out", residual_out),
-            float(eps), block_n)
+            float(eps), full_width, block_n)
     return out, residual_out
 
 
-def crms_norm_ref(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
+def crms_norm_ref(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,
+                  full_width: int | None = None) -> torch.Tensor:
     dtype = x.dtype
     h = x.to(stat_dtype(x))
-    mean_sq = (h.pow(2).sum(-1, keepdim=True) + h.sum(-1, keepdim=True).pow(2)) / (x.shape[-1] + 1)
+    d = _full_width(x.shape[-1], full_width)
+    mean_sq = (h.pow(2).sum(-1, keepdim=True) + h.sum(-1, keepdim=True).pow(2)) / d
     h = (h * torch.rsqrt(mean_sq + eps)).to(dtype)
     return h if weight is None else (weight * h).to(dtype)
 
 
 def fused_add_crms_norm_ref(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
-                            weight: torch.Tensor | None = None,
-                            inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            weight: torch.Tensor | None = None, inplace: bool = False,
+                            full_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     new_residual = x + residual
-    out = crms_norm_ref(new_residual, eps, weight)
+    out = crms_norm_ref(new_residual, eps, weight, full_width)
     if inplace:
         residual.copy_(new_residual)
         x.copy_(out)
@@ -132,15 +146,16 @@ def fused_add_crms_norm_ref(x: torch.Tensor, residual: torch.Tensor, eps: float 
     return out, new_residual
 
 
-def crms_norm(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None) -> torch.Tensor:
+def crms_norm(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,
+              full_width: int | None = None) -> torch.Tensor:
     if use_triton(x):
-        return crms_norm_triton(x, eps, weight)
-    return crms_norm_ref(x, eps, weight)
+        return crms_norm_triton(x, eps, weight, full_width)
+    return crms_norm_ref(x, eps, weight, full_width)
 
 
 def fused_add_crms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
-                        weight: torch.Tensor | None = None,
-                        inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        weight: torch.Tensor | None = None, inplace: bool = False,
+                        full_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return fused_add_crms_norm_triton(x, residual, eps, weight, inplace)
-    return fused_add_crms_norm_ref(x, residual, eps, weight, inplace)
+        return fused_add_crms_norm_triton(x, residual, eps, weight, inplace, full_width)
+    return fused_add_crms_norm_ref(x, residual, eps, weight, inplace, full_width)

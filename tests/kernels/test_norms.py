@@ -174,6 +174,23 @@ def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector():
     torch.testing.assert_close(crmsnorm.crms_norm_ref(z[:, :-1], EPS), full[:, :-1], atol=0, rtol=1e-12)
 
 
+def test_crms_norm_zero_padded_storage():
+    """d-1 coordinates stored zero-padded to an aligned width give the unpadded result (full_width = d)."""
+    for dtype in (torch.float32, torch.float16):
+        x, r, w, _ = inputs(83, 767, dtype, seed=4)  # d = 768, stored in 776 columns
+        pad = lambda t: torch.nn.functional.pad(t, (0, 9))  # noqa: E731
+        buf, out = poisoned(83, 776, dtype)
+        crmsnorm.crms_norm_triton(pad(x), EPS, pad(w), full_width=768, out=out)
+        check(out, buf, pad(ref_crms(x, w)), dtype)
+        buf, out = poisoned(83, 776, dtype)
+        rbuf, res_out = poisoned(83, 776, dtype)
+        crmsnorm.fused_add_crms_norm_triton(pad(x), pad(r), EPS, full_width=768, out=out, residual_out=res_out,
+                                            block_n=256)
+        check(out, buf, pad(ref_crms(x + r, None)), dtype)
+        torch.testing.assert_close(crmsnorm.crms_norm_ref(pad(x), EPS, pad(w), full_width=768)[:, :767],
+                                   crmsnorm.crms_norm_ref(x, EPS, w), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
 # ---- the looping path (rows wider than one column block), forced at small widths ----------
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
