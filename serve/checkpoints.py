@@ -125,3 +125,67 @@ def build_tiny_checkpoint(arch: str, path: str | Path, seed: int = 0, vocab_size
 
 def write_config(path: str | Path, config: dict) -> None:
     Path(path, "config.json").write_text(json.dumps(config, indent=2))
+
+
+LINEAR_ATTN_ARCH = "PackserveLinearAttentionForCausalLM"
+
+
+def linear_attn_config(vocab_size: int, **overrides: Any) -> dict:
+    """config.json of packserve's own linear-attention LM family (serve/models/linear_attn.py)."""
+    cfg = dict(
+        architectures=[LINEAR_ATTN_ARCH], model_type="packserve_linear_attention",
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        feature_map="elu1", normalize=True, linear_attn_eps=1e-6,
+        softmax_attention_layers=[],  # indices of softmax-attention layers (hybrid models)
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
+        tie_word_embeddings=False, initializer_range=0.15, bos_token_id=1, eos_token_id=0,
+        dtype="float32",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def linear_attn_state_dict(cfg: dict, seed: int = 0) -> dict:
+    """Seeded random weights in the Llama naming the family shares."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    std = cfg["initializer_range"]
+    d, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    def gain(n):
+        return 1.0 + 0.1 * torch.randn(n, generator=g)
+
+    sd = {"model.embed_tokens.weight": w(cfg["vocab_size"], d), "model.norm.weight": gain(d)}
+    if not cfg.get("tie_word_embeddings"):
+        sd["lm_head.weight"] = w(cfg["vocab_size"], d)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd.update({
+            p + "input_layernorm.weight": gain(d), p + "post_attention_layernorm.weight": gain(d),
+            p + "self_attn.q_proj.weight": w(hq * hd, d), p + "self_attn.k_proj.weight": w(hkv * hd, d),
+            p + "self_attn.v_proj.weight": w(hkv * hd, d), p + "self_attn.o_proj.weight": w(d, hq * hd),
+            p + "mlp.gate_proj.weight": w(inter, d), p + "mlp.up_proj.weight": w(inter, d),
+            p + "mlp.down_proj.weight": w(d, inter),
+        })
+    return sd
+
+
+def build_linear_attn_checkpoint(path: str | Path, seed: int = 0, vocab_size: int = 512, **overrides: Any) -> Path:
+    """A linear-attention (or hybrid) checkpoint folder: config.json + model.safetensors + tokenizer."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    cfg = linear_attn_config(max(vocab_size, len(tokenizer)), **overrides)
+    write_config(path, cfg)
+    save_file({k: v.contiguous() for k, v in linear_attn_state_dict(cfg, seed).items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,19 +1,18 @@
-"""Norm layers. On CUDA they call the fused Triton kernels in packserve.kernels;
-on CPU (and if the kernels are unavailable) they run the pure-torch math."""
+"""Norm layers over the fused kernels in packserve.kernels.
+
+The kernel dispatchers pick the Triton kernel for CUDA tensors and the pure-torch
+reference elsewhere, so the layers call them unconditionally. With `residual`, a
+layer returns (norm(x + residual), x + residual) in one pass over the hidden state.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def _kernel(module: str, name: str):
-    try:
-        mod = __import__(f"packserve.kernels.{module}", fromlist=[name])
-        return getattr(mod, name)
-    except (ImportError, AttributeError):
-        return None
+from packserve.kernels.crmsnorm import crms_norm, fused_add_crms_norm
+from packserve.kernels.layernorm import fused_add_layer_norm, layer_norm
+from packserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -24,27 +23,10 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def _torch(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight + self.offset) * h.to(dtype) if self.offset else self.weight * h.to(dtype)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`: returns (norm(x + residual), x + residual)."""
-        if x.is_cuda:
-            if residual is None:
-                fn = _kernel("rmsnorm", "rms_norm")
-                if fn is not None:
-                    return fn(x, self.weight, self.eps, offset=self.offset)
-            elif self.offset == 0.0:
-                fn = _kernel("rmsnorm", "fused_add_rms_norm")
-                if fn is not None:
-                    return fn(x, residual, self.weight, self.eps)
         if residual is None:
-            return self._torch(x)
-        residual = x + residual
-        return self._torch(residual), residual
+            return rms_norm(x, self.weight, self.eps, offset=self.offset)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, offset=self.offset)
 
 
 class LayerNorm(nn.Module):
@@ -55,33 +37,22 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            residual = x + residual
-            return self.forward(residual), residual
-        if x.is_cuda:
-            fn = _kernel("layernorm", "layer_norm")
-            if fn is not None:
-                return fn(x, self.weight, self.bias, self.eps)
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if residual is None:
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        return fused_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 class PlainRMSNorm(nn.Module):
-    """RMSNorm without a gain (the gain is folded into the readers): Pre-RMSNorm form."""
+    """RMSNorm without a gain (the gain is folded into the readers): the Pre-RMSNorm form."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.dim, self.eps = dim, eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            residual = x + residual
-            return self.forward(residual), residual
-        if x.is_cuda:
-            fn = _kernel("rmsnorm", "rms_norm")
-            if fn is not None:
-                return fn(x, torch.ones(x.shape[-1], device=x.device, dtype=x.dtype), self.eps)
-        h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if residual is None:
+            return rms_norm(x, None, self.eps)
+        return fused_add_rms_norm(x, residual, None, self.eps)
 
 
 class CRMSNorm(nn.Module):
@@ -92,13 +63,6 @@ class CRMSNorm(nn.Module):
         self.full_dim, self.eps = full_dim, eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None:
-            residual = x + residual
-            return self.forward(residual), residual
-        if x.is_cuda:
-            fn = _kernel("crmsnorm", "crms_norm")
-            if fn is not None:
-                return fn(x, self.eps)
-        h = x.float()
-        ms = (h.pow(2).sum(-1, keepdim=True) + h.sum(-1, keepdim=True).pow(2)) / self.full_dim
-        return (h * torch.rsqrt(ms + self.eps)).to(x.dtype)
+        if residual is None:
+            return crms_norm(x, self.eps, full_width=self.full_dim)
+        return fused_add_crms_norm(x, residual, self.eps, full_width=self.full_dim)
