@@ -9,6 +9,18 @@ import pytest
 # Tests run on CPU in fp32 with a small, fixed thread count (CI has 2 cores).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _set_triton_interpreter() -> None:
+    """Without a GPU, Triton kernels run in the interpreter; it must be chosen before triton is imported.
+    On GPU hosts the real kernels run, so the variable is left alone there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_set_triton_interpreter()
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
