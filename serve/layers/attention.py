@@ -36,13 +36,21 @@ class PackedMeta:
 
 
 @dataclass
-class PagedMeta:
-    num_tokens: int
-    q_index: torch.Tensor  # long [Tq]: token -> b * max_q + i
+class PagedGroup:
+    """Requests attended together, padded to the group's longest context."""
+
+    token_index: torch.Tensor | None  # long: positions of the group's query tokens in the paged segment
+    q_index: torch.Tensor  # long [Tq_group]: token -> b * max_q + i
     kv_slots: torch.Tensor  # long [B, max_kv]
     mask: torch.Tensor  # bool [B, 1, max_q, max_kv]
     batch: int
     max_q: int
+
+
+@dataclass
+class PagedMeta:
+    num_tokens: int
+    groups: list[PagedGroup]
 
 
 @dataclass
@@ -225,20 +233,28 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
                     scale: float) -> torch.Tensor:
-    """Queries with cached context: gather each request's K/V by slot, then masked SDPA."""
-    B, Q = meta.batch, meta.max_q
+    """Queries with cached context: per group, gather each request's K/V by slot, then masked SDPA."""
+    if len(meta.groups) == 1 and meta.groups[0].token_index is None:
+        return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)
+    out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+    for g in meta.groups:
+        out.index_copy_(0, g.token_index, _attend_group(q.index_select(0, g.token_index), k_cache, v_cache, g, scale))
+    return out
+
+
+def _attend_group(q, k_cache, v_cache, g: PagedGroup, scale: float) -> torch.Tensor:
+    B, Q = g.batch, g.max_q
     H, D = q.shape[1], q.shape[2]
     qb = q.new_zeros(B * Q, H, D)
-    qb.index_copy_(0, meta.q_index, q)
+    qb.index_copy_(0, g.q_index, q)
     qb = qb.view(B, Q, H, D).transpose(1, 2)
     # index_select on the flat slot list: much faster than advanced indexing with a 2-D index on CPU.
-    flat = meta.kv_slots.view(-1)
+    flat = g.kv_slots.view(-1)
     kb = k_cache.index_select(0, flat).view(B, -1, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
     vb = v_cache.index_select(0, flat).view(B, -1, *v_cache.shape[1:]).transpose(1, 2)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, scale=scale,
-                                         enable_gqa=kb.shape[1] != H)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=kb.shape[1] != H)
     out = out.transpose(1, 2).reshape(B * Q, H, vb.shape[-1])
-    return out.index_select(0, meta.q_index)
+    return out.index_select(0, g.q_index)
 
 
 class Attention(torch.nn.Module):
