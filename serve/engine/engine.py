@@ -80,9 +80,21 @@ class LLMEngine:
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.max_model_len, packing=sc.packing, pack_length=sc.pack_length,
             max_waiting=sc.max_waiting)
-        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        # Linear-attention layers keep a fixed-size state per running request: one slot each.
+        self.state_cache, state_slots = None, None
+        n_lin = getattr(self.model, "num_linear_layers", 0)
+        if n_lin:
+            from packserve.engine.kv_cache import StateSlotAllocator
+            from packserve.layers.linear_attention import StateCache
+
+            hkv, dk, dv = self.model.linear_state_shape
+            state_slots = StateSlotAllocator(sc.max_num_seqs)
+            self.state_cache = StateCache(n_lin, sc.max_num_seqs, hkv, dk, dv, self.device)
+        self.state_slots = state_slots
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator, state_slots)
         self.backend = select_backend(mc.backend, self.device)
-        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
+                                  state_cache=self.state_cache)
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -102,6 +114,8 @@ class LLMEngine:
         useful = sc.max_num_seqs * -(-self.max_model_len // cc.block_size)
         if cc.num_blocks is not None:
             return cc.num_blocks
+        if per_block == 0:  # no softmax-attention layer: blocks are bookkeeping only
+            return useful
         if cc.memory_gib is not None:
             budget = cc.memory_gib * 2**30
         elif self.device.type == "cuda":

@@ -10,6 +10,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("packserve.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("packserve.models.llama", "Qwen3ForCausalLM"),
     "GPT2LMHeadModel": ("packserve.models.gpt2", "GPT2LMHeadModel"),
+    "PackserveLinearAttentionForCausalLM": ("packserve.models.linear_attn", "PackserveLinearAttentionForCausalLM"),
 }
 
 

@@ -1,0 +1,112 @@
+"""packserve's linear-attention decoder LM (optionally hybrid with softmax-attention layers).
+
+config.json: `architectures: ["PackserveLinearAttentionForCausalLM"]`, Llama-style sizes, plus
+`feature_map` (elu1 | relu | nalaformer), `normalize`, `linear_attn_eps`, and
+`softmax_attention_layers` (indices of layers that use rotary softmax attention with a paged KV
+cache). Weights use Llama names. Linear layers keep a fixed-size state per sequence (state slots);
+softmax layers keep paged KV blocks; a hybrid model uses both.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from packserve.layers.linear import ColumnLinear
+from packserve.layers.linear_attention import LinearAttention
+from packserve.layers.mlp import GatedMLP
+from packserve.layers.norm import RMSNorm
+from packserve.models.base import CausalLM, ModelInfo, load_into
+from packserve.models.llama import LlamaAttention
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict, mixer: nn.Module):
+        super().__init__()
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.self_attn = mixer
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("hidden_act", "silu"))
+
+    def forward(self, x, residual, positions, ctx):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class PackserveLinearAttentionForCausalLM(CausalLM):
+    stacked_params = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg: dict, max_model_len: int):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg["num_hidden_layers"]
+        softmax = sorted(set(cfg.get("softmax_attention_layers") or []))
+        if any(not 0 <= i < n for i in softmax):
+            raise ValueError(f"softmax_attention_layers {softmax} outside [0, {n})")
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        layers, n_lin = [], 0
+        for i in range(n):
+            if i in softmax:
+                mixer = LlamaAttention(cfg, softmax.index(i), qkv_bias=False, qk_norm=False,
+                                       max_positions=max_model_len)
+            else:
+                mixer = LinearAttention(cfg["hidden_size"], heads, kv_heads, head_dim,
+                                        cfg.get("feature_map", "elu1"), bool(cfg.get("normalize", True)),
+                                        float(cfg.get("linear_attn_eps", 1e-6)), n_lin)
+                n_lin += 1
+            layers.append(Block(cfg, mixer))
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.model.layers = nn.ModuleList(layers)
+        self.model.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+        self.tie = bool(cfg.get("tie_word_embeddings", False))
+        self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"])
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.num_linear_layers = n_lin
+        from packserve.kernels.linear_attention import feature_width
+
+        # (Hkv, Dk', Dv): the NaLaFormer map doubles the key feature width.
+        self.linear_state_shape = (kv_heads, feature_width(cfg.get("feature_map", "elu1"), head_dim), head_dim)
+        self.info = ModelInfo(
+            architecture="PackserveLinearAttentionForCausalLM", num_layers=len(softmax), num_kv_heads=kv_heads,
+            head_dim=head_dim, vocab_size=cfg["vocab_size"],
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), hidden_size=cfg["hidden_size"],
+            eos_token_id=cfg.get("eos_token_id"))
+
+    def forward(self, input_ids, positions, ctx):
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, positions, ctx)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden):
+        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def rename(name: str) -> str | None:
+            if name == "lm_head.weight" and self.tie:
+                return None
+            return name
+
+        loaded = load_into(self, weights, rename, self.stacked_params)
+        missing = {n for n, _ in self.named_parameters()} - loaded
+        if missing:
+            raise KeyError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
