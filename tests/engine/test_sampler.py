@@ -1,0 +1,77 @@
+"""Sampler filters checked on hand-made logits (no model)."""
+
+import math
+
+import pytest
+import torch
+
+from packserve.engine.request import Request, SamplingParams
+from packserve.engine.sampler import Sampler
+
+V = 10
+LOGITS = torch.log(torch.tensor([0.30, 0.25, 0.15, 0.10, 0.08, 0.05, 0.04, 0.02, 0.007, 0.003]))
+
+
+def draw(params: SamplingParams, n: int = 400, output=(), prompt=(1,)) -> list[int]:
+    """n independent requests over the same logits (unseeded requests use the global RNG, seeded here)."""
+    torch.manual_seed(0)
+    sampler = Sampler()
+    reqs = []
+    for i in range(n):
+        r = Request(f"r{i}", list(prompt), params)
+        r.output_token_ids = list(output)
+        reqs.append(r)
+    return sampler(LOGITS.repeat(n, 1), reqs).token_ids
+
+
+def test_greedy_is_argmax():
+    assert set(draw(SamplingParams(temperature=0), 5)) == {0}
+
+
+def test_top_k_top_p_min_p_restrict_support():
+    assert set(draw(SamplingParams(top_k=3))) <= {0, 1, 2}
+    # top_p 0.6: the smallest prefix reaching 0.6 is {0, 1, 2} (0.30 + 0.25 + 0.15 = 0.70).
+    assert set(draw(SamplingParams(top_p=0.6))) == {0, 1, 2}
+    # min_p 0.3: keep p >= 0.3 * 0.30 = 0.09 -> {0, 1, 2, 3}
+    assert set(draw(SamplingParams(min_p=0.3))) == {0, 1, 2, 3}
+
+
+def test_temperature_sampling_follows_the_distribution():
+    toks = draw(SamplingParams(temperature=1.0), n=4000)
+    freq0 = toks.count(0) / len(toks)
+    assert abs(freq0 - 0.30) < 0.03
+    hot = draw(SamplingParams(temperature=0.2), n=2000)
+    assert hot.count(0) / len(hot) > 0.6  # low temperature sharpens
+
+
+def test_penalties_follow_openai_and_hf_definitions():
+    s = Sampler()
+    r = Request("a", [0], SamplingParams(temperature=0, presence_penalty=1.0, frequency_penalty=0.5,
+                                         repetition_penalty=2.0))
+    r.output_token_ids = [1, 1, 2]
+    logits = torch.tensor([[2.0, 2.0, -1.0, 0.5]])
+    from packserve.engine.sampler import _apply_penalties
+
+    row = logits[0].clone()
+    _apply_penalties(row, r, torch.device("cpu"))
+    # repetition over prompt+output (tokens 0, 1, 2): positive / 2, negative * 2; then OpenAI penalties on output.
+    expected = torch.tensor([1.0, 1.0 - 1.0 - 0.5 * 2, -2.0 - 1.0 - 0.5, 0.5])
+    assert torch.allclose(row, expected)
+    del s
+
+
+def test_seeded_requests_do_not_depend_on_batch():
+    p = SamplingParams(temperature=1.0, seed=7)
+    a = draw(p, n=1)
+    b = draw(p, n=5)
+    assert all(t == a[0] for t in b)
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_logprobs_are_raw_log_softmax(n):
+    s = Sampler()
+    r = Request("a", [0], SamplingParams(temperature=0, logprobs=n))
+    res = s(LOGITS.unsqueeze(0), [r])
+    chosen, top = res.logprobs[0]
+    assert chosen.token_id == 0 and chosen.logprob == pytest.approx(math.log(0.30), abs=1e-5)
+    assert [t.token_id for t in top] == [0, 1, 2][:n]
