@@ -1,0 +1,251 @@
+"""The FastAPI application: OpenAI-compatible routes, auth, body limit, CORS, health, metrics, drain.
+
+`create_app(state)` takes a ServerState holding a started-or-not AsyncEngine;
+the app starts the engine loop on startup and stops it on shutdown. The CLI
+(`packserve.api.cli`) builds the engine and runs uvicorn; tests can do the same
+in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.responses import StreamingResponse
+
+from packserve import __version__
+from packserve.api import errors, serving
+from packserve.api.errors import APIError
+from packserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from packserve.engine.async_engine import AsyncEngine
+from packserve.metrics import CONTENT_TYPE, EngineMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str
+    metrics: EngineMetrics
+    max_waiting: int
+    max_n: int = 16
+    api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * 2**20
+    is_demo: bool = False
+    extra_model_names: tuple[str, ...] = ()
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    inflight: int = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.info.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name,) + self.extra_model_names
+
+    def release(self) -> None:
+        self.inflight -= 1
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; let in-flight requests finish within `timeout`, then abort the rest."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight > 0:
+            log.warning("shutdown timeout: aborting %d in-flight requests", self.inflight)
+            self.engine.abort_all()
+            grace = time.monotonic() + 5.0
+            while self.inflight > 0 and time.monotonic() < grace:
+                await asyncio.sleep(0.05)
+
+
+class SSEResponse(StreamingResponse):
+    """Streams SSE while watching for the client going away (then the body is cancelled and `on_close` aborts)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close=None):
+        super().__init__(content, media_type=self.media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def wrap(func) -> None:
+                    await func()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(wrap, partial(self.stream_response, send))
+                await wrap(partial(self.listen_for_disconnect, receive))
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over the limit (by Content-Length, or counted while reading)."""
+
+    def __init__(self, app, max_bytes: int, on_error=None):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.on_error = on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._reject(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # disconnected before the body was complete
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await self._reject(scope, receive, send)
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _reject(self, scope, receive, send):
+        err = APIError(413, f"request body exceeds {self.max_bytes} bytes", None, "request_too_large")
+        if self.on_error is not None:
+            self.on_error(413)
+        await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = FastAPI(title="packserve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat over packed-prefill inference")
+    app.state.server = state
+    errors.install(app, on_error=state.metrics.http_error)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_body_bytes, on_error=state.metrics.http_error)
+    if state.allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    keys = [k.encode() for k in state.api_keys]
+
+    async def require_key(request: Request) -> None:
+        if not keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for k in keys:  # compare against every key: timing does not reveal which (or whether one) matched
+            ok |= hmac.compare_digest(given, k)
+        if not ok:
+            raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", None,
+                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def admit() -> None:
+        if state.draining:
+            raise APIError(503, "the server is shutting down", None, "shutting_down")
+        if not state.engine.alive:
+            raise APIError(503, "the engine is not running", None, "engine_unavailable")
+
+    async def generate(request: Request, job: serving.Job, stream: bool):
+        state.inflight += 1
+        handed_off = False
+        try:
+            rs = await serving.submit(state, job)
+            if stream:
+                def on_close():
+                    rs.abort()
+                    state.release()
+
+                handed_off = True
+                return SSEResponse(serving.stream_events(state, job, rs), on_close=on_close)
+            try:
+                finals = await serving.collect(request, rs)
+            except serving.EngineDeadError:
+                raise APIError(500, "the engine stopped while generating", None, "engine_failed") from None
+            if finals is None:  # the client went away; nobody reads this
+                return Response(status_code=499)
+            return JSONResponse(serving.full_response(state, job, finals))
+        finally:
+            if not handed_off:
+                state.release()
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        admit()
+        return await generate(request, serving.prepare_completion(state, body), body.stream)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        admit()
+        return await generate(request, serving.prepare_chat(state, body), body.stream)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models():
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "packserve",
+            "max_model_len": state.max_model_len, "demo": state.is_demo,
+            "description": "built-in demo model (random weights)" if state.is_demo else None}]}
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.alive:
+            raise APIError(503, "the engine loop is not running", None, "engine_unavailable")
+        if state.draining:
+            raise APIError(503, "the server is shutting down", None, "shutting_down")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    return app

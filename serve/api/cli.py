@@ -1,0 +1,142 @@
+"""`packserve serve [--model PATH] [...]`: the OpenAI-compatible HTTP server.
+
+Every option has a PACKSERVE_* variable (packserve.envs); the flag wins. With
+no model it serves the built-in demo model. SIGTERM/SIGINT: stop admitting
+(503), let in-flight requests finish within --shutdown-timeout, abort the rest,
+exit 0; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from packserve import envs
+
+log = logging.getLogger("packserve.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="packserve serve",
+                                 description="Serve a model over an OpenAI-compatible HTTP API.")
+    for v in envs.options():
+        dest = v.flag.lstrip("-").replace("-", "_")
+        kw = dict(dest=dest, help=f"{v.help} [{v.env}]", default=None)
+        if v.choices:
+            kw["choices"] = v.choices
+        if v.multiple:
+            ap.add_argument(v.flag, action="append", **kw)
+        else:
+            ap.add_argument(v.flag, type=v.type, **kw)
+    return ap
+
+
+def resolve_options(argv: list[str] | None) -> argparse.Namespace:
+    """Flags, then PACKSERVE_* variables, then defaults."""
+    args = build_parser().parse_args(argv)
+    for v in envs.options():
+        dest = v.flag.lstrip("-").replace("-", "_")
+        if getattr(args, dest) is None:
+            setattr(args, dest, v.get())
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = resolve_options(argv)
+    except envs.EnvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in (("port", args.port), ("max_waiting", args.max_waiting), ("max_n", args.max_n),
+                        ("max_body_bytes", args.max_body_bytes)):
+        if value < (0 if name == "port" else 1):
+            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+
+    import torch
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+    from packserve import demo
+    from packserve.api.app import ServerState, create_app
+    from packserve.config import ConfigError
+    from packserve.engine.async_engine import AsyncEngine
+    from packserve.engine.engine import LLMEngine, engine_config
+    from packserve.metrics import EngineMetrics
+
+    model = args.model
+    is_demo = model is None or demo.is_demo(model)
+    if model is None:
+        model = str(demo.ensure_demo_model(args.cache_dir))
+    if not os.path.isdir(model):
+        print(f"error: --model {model!r} is not a checkpoint folder", file=sys.stderr)
+        return 2
+    name = args.served_model_name or (demo.DEMO_MODEL_NAME if is_demo else os.path.basename(os.path.normpath(model)))
+    try:
+        engine = LLMEngine(engine_config(
+            model, backend=args.backend, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
+            kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
+            norm_mode=args.norm_mode, seed=args.seed))
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = EngineMetrics(name)
+    aengine = AsyncEngine(engine, on_step=metrics.on_step, on_idle=metrics.set_gauges)
+    state = ServerState(engine=aengine, model_name=name, metrics=metrics, max_waiting=args.max_waiting,
+                        max_n=args.max_n, api_keys=tuple(args.api_key or ()),
+                        allowed_origins=tuple(args.allowed_origin or ()), max_body_bytes=args.max_body_bytes,
+                        is_demo=is_demo)
+    if is_demo:
+        log.info("serving the built-in DEMO model %r (random weights, for trying packserve out) from %s",
+                 name, model)
+    else:
+        log.info("serving model %r from %s", name, model)
+    log.info("max_model_len %d, max_num_seqs %d, max_waiting %d, auth %s", engine.max_model_len,
+             args.max_num_seqs, args.max_waiting, "on" if state.api_keys else "off")
+    app = create_app(state)
+    return run_server(app, state, args.host, args.port, args.log_level, args.shutdown_timeout)
+
+
+def run_server(app, state, host: str, port: int, log_level: str, shutdown_timeout: float) -> int:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGTERM drains (503 for new requests) instead of closing the socket."""
+
+        _loop: asyncio.AbstractEventLoop | None = None
+        _draining = False
+
+        async def serve(self, sockets=None):
+            self._loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame):
+            if self._draining or self._loop is None:
+                self.should_exit = True
+                if sig == signal.SIGINT and self._draining:
+                    self.force_exit = True
+                return
+            self._draining = True
+            state.draining = True
+            log.info("signal %d: draining (up to %.1fs), new requests get 503", sig, shutdown_timeout)
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self):
+            try:
+                await state.drain(shutdown_timeout)
+            finally:
+                log.info("drained; shutting down")
+                self.should_exit = True
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    DrainingServer(config).run()
+    return 0

@@ -1,0 +1,118 @@
+"""Pydantic models of the OpenAI completions and chat APIs (the request side).
+
+Unknown fields are ignored (as vLLM does). Known OpenAI fields that packserve
+does not implement are accepted by the schema but rejected with 400 when set to
+a non-default value (`unsupported_fields`), so a client never silently gets
+behaviour it did not ask for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Model):
+    include_usage: bool | None = False
+
+
+class _SamplingFields(_Model):
+    model: str | None = Field(None, description="served model name; omitted = the only served model")
+    temperature: float | None = Field(None, description="0 = greedy; default 1")
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="0 or -1 disables")
+    min_p: float | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+
+
+PromptType = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptType
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = Field(None, description="not supported: must be empty")
+    best_of: int | None = Field(None, description="not supported: must equal n")
+
+
+class TextPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}")
+    tools: list[Any] | None = Field(None, description="not supported: must be empty")
+    tool_choice: Any = Field(None, description="not supported: must be \"none\"")
+    functions: list[Any] | None = Field(None, description="not supported: must be empty")
+    function_call: Any = Field(None, description="not supported: must be \"none\"")
+    audio: Any = Field(None, description="not supported")
+    modalities: list[str] | None = Field(None, description="only [\"text\"]")
+    prediction: Any = Field(None, description="not supported")
+
+
+def _set(value) -> bool:
+    return value not in (None, "", [], {})
+
+
+def unsupported_fields(req: _SamplingFields) -> str | None:
+    """The first known-but-unsupported field set to a non-default value, or None."""
+    if _set(req.logit_bias):
+        return "logit_bias"
+    if isinstance(req, CompletionRequest):
+        if _set(req.suffix):
+            return "suffix"
+        if req.best_of is not None and req.best_of != req.n:
+            return "best_of"
+        return None
+    assert isinstance(req, ChatCompletionRequest)
+    if _set(req.tools):
+        return "tools"
+    if req.tool_choice not in (None, "none"):
+        return "tool_choice"
+    if _set(req.functions):
+        return "functions"
+    if req.function_call not in (None, "none"):
+        return "function_call"
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        return "response_format"
+    if req.audio is not None:
+        return "audio"
+    if req.modalities is not None and list(req.modalities) != ["text"]:
+        return "modalities"
+    if req.prediction is not None:
+        return "prediction"
+    return None

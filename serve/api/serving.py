@@ -1,0 +1,369 @@
+"""Completions and chat: request -> engine requests -> OpenAI responses (JSON or SSE chunks).
+
+One HTTP request becomes prompts x n engine requests (choice index = prompt
+index x n + j), submitted all-or-none. Outputs carry cumulative text and token
+ids; each choice remembers how much it has sent, so a slow consumer can skip
+intermediate outputs and still stream every character and logprob once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+
+from packserve.api.errors import APIError, error_body
+from packserve.api.protocol import ChatCompletionRequest, CompletionRequest, UINT64_MAX, unsupported_fields
+from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
+from packserve.engine.request import ParameterError, RequestOutput, SamplingParams, validate_prompt
+from packserve.engine.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+
+# Used when the checkpoint's tokenizer has no chat template (documented in the README).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+MIN_LOGPROB = -9999.0  # JSON has no -Infinity
+
+
+@dataclass
+class _Choice:
+    index: int
+    prompt_text: str  # echoed text (empty unless echo)
+    sent_text: int = 0
+    sent_tokens: int = 0
+    started: bool = False
+    final: RequestOutput | None = None
+
+
+@dataclass
+class Job:
+    """One HTTP generation request, prepared and validated."""
+
+    kind: str  # "completion" | "chat"
+    id: str
+    model: str
+    created: int
+    requests: list[EngineRequest]
+    choices: dict[str, _Choice]
+    prompt_tokens: int
+    logprobs: int | None
+    include_usage: bool
+    echo: bool = False
+    tokens_seen: dict[str, int] = field(default_factory=dict)
+
+
+# -- preparing ----------------------------------------------------------------------
+def _param_error(e: ParameterError) -> APIError:
+    return APIError(400, e.message, e.param, "invalid_value")
+
+
+def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None) -> SamplingParams:
+    stop = req.stop if req.stop is not None else ()
+    for t in req.stop_token_ids or ():
+        if not 0 <= t < state.vocab_size:
+            raise APIError(400, f"stop token id {t} is outside the vocabulary [0, {state.vocab_size})",
+                           "stop_token_ids", "invalid_value")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=0 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p, seed=seed,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+            logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
+            min_tokens=req.min_tokens)
+    except ParameterError as e:
+        raise _param_error(e) from None
+
+
+def _check_common(state, req) -> None:
+    if req.model is not None and req.model not in state.model_names:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+                       "model", "model_not_found")
+    bad = unsupported_fields(req)
+    if bad is not None:
+        raise APIError(400, f"{bad} is not supported by this server", bad, "unsupported_parameter")
+    if not 1 <= req.n <= state.max_n:
+        raise APIError(400, f"n must be between 1 and {state.max_n}, got {req.n}", "n", "invalid_value")
+
+
+def _encode(state, text: str, param: str) -> list[int]:
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param)
+    return state.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def _seed(seed: int | None, j: int) -> int | None:
+    # n > 1 with a seed: distinct, reproducible samples per choice.
+    if seed is None or j == 0:
+        return seed
+    return seed + j if seed + j <= UINT64_MAX else seed - j
+
+
+def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, echo=False) -> Job:
+    if len(prompts) * req.n > state.max_waiting:
+        raise APIError(400, f"{len(prompts)} prompts x n={req.n} exceeds the server's queue capacity "
+                            f"({state.max_waiting})", "prompt", "invalid_value")
+    jid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    now = time.monotonic()
+    reqs, choices, total_prompt = [], {}, 0
+    for p_idx, (text, ids) in enumerate(prompts):
+        mt = max_tokens(ids) if callable(max_tokens) else max_tokens
+        try:
+            validate_prompt(ids, state.vocab_size, state.max_model_len, 1 if mt is None else mt)
+        except ParameterError as e:
+            raise _param_error(e) from None
+        total_prompt += len(ids)
+        echoed = ""
+        if echo:
+            echoed = text if text is not None else (state.tokenizer.decode(ids) if state.tokenizer else "")
+        for j in range(req.n):
+            params = _sampling(state, req, mt, logprobs, _seed(req.seed, j))
+            rid = f"{jid}-{p_idx * req.n + j}"
+            reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
+            choices[rid] = _Choice(p_idx * req.n + j, echoed)
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    return Job(kind, jid, state.model_name, int(time.time()), reqs, choices, total_prompt, logprobs,
+               include_usage, echo)
+
+
+def prepare_completion(state, req: CompletionRequest) -> Job:
+    _check_common(state, req)
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
+                       "echo", "unsupported_parameter")
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [(p, _encode(state, p, "prompt"))]
+    elif not p:
+        raise APIError(400, "prompt is empty", "prompt", "invalid_value")
+    elif all(isinstance(x, int) for x in p):
+        prompts = [(None, list(p))]
+    elif all(isinstance(x, str) for x in p):
+        prompts = [(s, _encode(state, s, "prompt")) for s in p]
+    else:
+        prompts = [(None, list(x)) for x in p]
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    return _build(state, "completion", req, prompts, max_tokens, req.logprobs, echo=req.echo)
+
+
+def _render_chat(state, req: ChatCompletionRequest) -> str:
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
+                                   f"messages[{i}].content", "unsupported_parameter")
+                texts.append(part.text)
+            content = "".join(texts)
+        messages.append({"role": m.role, "content": content or ""})
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
+    template = getattr(state.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    try:
+        return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                   chat_template=template)
+    except Exception as exc:  # a template may raise on message orders it does not accept
+        raise APIError(400, f"the chat template rejected these messages ({type(exc).__name__})",
+                       "messages", "invalid_value") from None
+
+
+def prepare_chat(state, req: ChatCompletionRequest) -> Job:
+    _check_common(state, req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs", "invalid_value")
+    text = _render_chat(state, req)
+    ids = _encode(state, text, "messages")
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if limit is None:  # default: whatever context is left (documented)
+        def limit(ids):
+            return max(1, state.max_model_len - len(ids))
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    try:
+        return _build(state, "chat", req, [(text, ids)], limit, logprobs)
+    except APIError as e:
+        if e.param == "max_tokens" and req.max_completion_tokens is not None:
+            e.param = "max_completion_tokens"
+        raise
+
+
+# -- running ------------------------------------------------------------------------
+async def submit(state, job: Job) -> RequestStream:
+    try:
+        return await state.engine.submit(job.requests)
+    except QueueFull:
+        raise APIError(429, "the server's request queue is full; retry later", None, "queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except ParameterError as e:
+        raise _param_error(e) from None
+    except EngineDeadError:
+        raise APIError(503, "the engine is not running", None, "engine_unavailable") from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(request: Request, stream: RequestStream) -> dict[str, RequestOutput] | None:
+    """Final outputs of every request; None (and all aborted) if the client disconnects first."""
+    finals: dict[str, RequestOutput] = {}
+
+    async def run():
+        async for out in stream:
+            if out.finished:
+                finals[out.request_id] = out
+
+    task = asyncio.ensure_future(run())
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            return None
+        task.result()  # re-raise an engine failure
+        return finals
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        stream.abort()
+
+
+# -- formatting ---------------------------------------------------------------------
+def _tok(state, tid: int) -> str:
+    return state.tokenizer.decode([tid]) if state.tokenizer is not None else f"<{tid}>"
+
+
+def _lp(x: float) -> float:
+    return x if x > MIN_LOGPROB else MIN_LOGPROB
+
+
+def completion_logprobs(state, entries, offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for chosen, top in entries:
+        s = _tok(state, chosen.token_id)
+        tokens.append(s)
+        token_lps.append(_lp(chosen.logprob))
+        tops.append({_tok(state, t.token_id): _lp(t.logprob) for t in top} or None)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(state, entries) -> dict:
+    def item(lp):
+        s = _tok(state, lp.token_id)
+        return {"token": s, "logprob": _lp(lp.logprob), "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [{**item(chosen), "top_logprobs": [item(t) for t in top]} for chosen, top in entries]}
+
+
+def _usage(job: Job, outs) -> dict:
+    completion = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": job.prompt_tokens + completion}
+
+
+def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
+    choices = []
+    for rid, ch in sorted(job.choices.items(), key=lambda kv: kv[1].index):
+        out = finals[rid]
+        comp = out.outputs[0]
+        lps = comp.logprobs if job.logprobs is not None else None
+        if job.kind == "completion":
+            choices.append({"index": ch.index, "text": ch.prompt_text + comp.text,
+                            "logprobs": completion_logprobs(state, lps, len(ch.prompt_text)) if lps is not None
+                            else None,
+                            "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
+        else:
+            choices.append({"index": ch.index, "message": {"role": "assistant", "content": comp.text},
+                            "logprobs": chat_logprobs(state, lps) if lps is not None else None,
+                            "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
+    obj = "text_completion" if job.kind == "completion" else "chat.completion"
+    return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
+            "usage": _usage(job, finals.values())}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _chunk(job: Job, choice: dict) -> dict:
+    obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
+    c = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
+    if job.include_usage:
+        c["usage"] = None
+    return c
+
+
+def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
+    ch = job.choices[out.request_id]
+    comp = out.outputs[0]
+    text = comp.text[ch.sent_text:] if len(comp.text) > ch.sent_text else ""
+    new_lps = comp.logprobs[ch.sent_tokens:] if (job.logprobs is not None and comp.logprobs) else None
+    finished = out.finished
+    chunks = []
+    if job.kind == "chat" and not ch.started:
+        chunks.append(_sse(_chunk(job, {"index": ch.index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None})))
+    if job.kind == "completion" and not ch.started and ch.prompt_text:
+        text = ch.prompt_text + text
+    ch.started = True
+    if text or new_lps or finished:
+        if job.kind == "completion":
+            lp = completion_logprobs(state, new_lps, ch.sent_text) if new_lps is not None else None
+            choice = {"index": ch.index, "text": text, "logprobs": lp,
+                      "finish_reason": comp.finish_reason if finished else None}
+        else:
+            lp = chat_logprobs(state, new_lps) if new_lps is not None else None
+            choice = {"index": ch.index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                      "finish_reason": comp.finish_reason if finished else None}
+        if finished:
+            choice["stop_reason"] = comp.stop_reason
+        chunks.append(_sse(_chunk(job, choice)))
+    ch.sent_text = len(comp.text)
+    ch.sent_tokens = len(comp.token_ids)
+    if finished:
+        ch.final = out
+    return chunks
+
+
+async def stream_events(state, job: Job, stream: RequestStream) -> AsyncIterator[str]:
+    """SSE body: chunks, the usage chunk when asked, an error chunk if something fails, then [DONE]."""
+    try:
+        async for out in stream:
+            # Coalesce: outputs are cumulative, so only the newest per request matters.
+            latest = {out.request_id: out}
+            while (more := stream.get_nowait()) is not None:
+                latest[more.request_id] = more
+            for o in latest.values():
+                for c in _delta_chunks(state, job, o):
+                    yield c
+        if job.include_usage:
+            finals = [ch.final for ch in job.choices.values() if ch.final is not None]
+            obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
+            yield _sse({"id": job.id, "object": obj, "created": job.created, "model": job.model,
+                        "choices": [], "usage": _usage(job, finals)})
+    except EngineDeadError:
+        yield _sse(error_body("the engine stopped while generating", "server_error", None, "engine_unavailable"))
+    except Exception:
+        log.exception("error while streaming %s", job.id)
+        yield _sse(error_body("internal error while streaming", "server_error", None, "internal_error"))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,283 @@
+"""AsyncEngine: the LLMEngine driven by one background thread, fed from asyncio.
+
+The engine is not thread-safe, so exactly one thread (the loop thread) touches
+it. Coroutines hand work to that thread through a thread-safe command queue
+(`submit`, `abort`), applied between steps; the thread pushes each step's
+outputs to the per-submission asyncio queues with `loop.call_soon_threadsafe`
+(one call per step and event loop). When there is nothing to do it sleeps on
+an Event, so an idle server burns no CPU.
+
+A submission groups the engine requests of one HTTP request (n > 1 or a batch
+of prompts): all are queued or none (QueueFull / ParameterError are raised in
+the caller's coroutine), and its stream yields their outputs interleaved until
+every one has finished. If a step raises, the thread fails every open stream
+with EngineDeadError and stops; `alive` turns False (the server answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from packserve.engine.engine import LLMEngine
+from packserve.engine.request import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an internal error; no request can complete."""
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float | None = None
+
+
+@dataclass
+class _Submission:
+    requests: list[EngineRequest]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    accepted: asyncio.Future
+    unfinished: set[str] = field(default_factory=set)
+
+
+class RequestStream:
+    """Async iterator over the outputs of one submission; ends when all its requests finished."""
+
+    def __init__(self, engine: "AsyncEngine", sub: _Submission):
+        self._engine = engine
+        self._sub = sub
+        self.request_ids = [r.request_id for r in sub.requests]
+        self._open = set(self.request_ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self._open
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._open:
+            raise StopAsyncIteration
+        item = await self._sub.queue.get()
+        if isinstance(item, BaseException):
+            self._open.clear()
+            raise item
+        if item.finished:
+            self._open.discard(item.request_id)
+        return item
+
+    def get_nowait(self) -> RequestOutput | None:
+        """An output already delivered, or None (lets a slow consumer coalesce cumulative outputs)."""
+        if not self._open:
+            return None
+        try:
+            item = self._sub.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, BaseException):
+            self._open.clear()
+            raise item
+        if item.finished:
+            self._open.discard(item.request_id)
+        return item
+
+    def abort(self) -> None:
+        """Abort every unfinished request of this submission (idempotent, non-blocking)."""
+        if self._open:
+            self._engine.abort(list(self._open))
+
+
+StepHook = Callable[[LLMEngine, list[RequestOutput], float], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None, on_idle: StepHook | None = None):
+        self.engine = engine
+        self.on_step = on_step  # called in the loop thread after each step (metrics)
+        self.on_idle = on_idle  # called in the loop thread after commands were applied with nothing to run
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._subs: dict[str, _Submission] = {}  # request id -> its submission (loop thread only)
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="packserve-engine", daemon=True)
+        self._started = False
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._started:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._started and self._thread.is_alive() and self.error is None and not self._stopping
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._subs)
+
+    # -- API (event-loop side) ----------------------------------------------
+    async def submit(self, requests: Sequence[EngineRequest]) -> RequestStream:
+        """Queue all requests (or none); raises ParameterError / QueueFull / EngineDeadError."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        sub = _Submission(list(requests), loop, asyncio.Queue(), loop.create_future())
+        self._put(("submit", sub))
+        try:
+            await sub.accepted
+        except asyncio.CancelledError:
+            # The caller went away before the loop answered: abort whatever got queued.
+            self.abort([r.request_id for r in sub.requests])
+            raise
+        return RequestStream(self, sub)
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            self._put(("abort", list(request_ids)))
+
+    def abort_all(self) -> None:
+        self._put(("abort_all", None))
+
+    def _put(self, cmd: tuple[str, Any]) -> None:
+        self._commands.put(cmd)
+        self._wake.set()
+
+    # -- the loop thread ----------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                applied = self._apply_commands()
+                if not self.engine.has_unfinished():
+                    if applied and self.on_idle is not None:
+                        self.on_idle(self.engine, [], time.monotonic())
+                    self._wake.wait()
+                    continue
+                outputs = self.engine.step()
+                now = time.monotonic()
+                self._deliver(outputs)
+                if self.on_step is not None:
+                    self.on_step(self.engine, outputs, now)
+        except BaseException as exc:  # noqa: BLE001 - the loop must report any failure, then stop
+            log.exception("engine loop died")
+            self.error = exc
+            self._fail_all(EngineDeadError("the engine stopped after an internal error"))
+        finally:
+            self._stopping = True
+            self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    def _apply_commands(self) -> bool:
+        applied = False
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return applied
+            applied = True
+            if kind == "submit":
+                self._add(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            elif kind == "abort_all":
+                self._abort(list(self._subs))
+
+    def _add(self, sub: _Submission) -> None:
+        added: list[str] = []
+        try:
+            for r in sub.requests:
+                self.engine.add_request(r.prompt if r.prompt is not None else r.prompt_token_ids, r.params,
+                                        request_id=r.request_id, arrival_time=r.arrival_time,
+                                        prompt_token_ids=r.prompt_token_ids)
+                added.append(r.request_id)
+        except Exception as exc:  # ParameterError / QueueFull: undo the partial submission
+            for rid in added:
+                self.engine.abort_request(rid)
+            _resolve(sub, exc)
+            return
+        for rid in added:
+            self._subs[rid] = sub
+        sub.unfinished.update(added)
+        _resolve(sub, None)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        outs = []
+        for rid in request_ids:
+            if rid not in self._subs:
+                continue
+            out = self.engine.abort_request(rid)
+            if out is not None:
+                outs.append(out)
+            else:  # already finished inside the engine: close the stream anyway
+                self._subs.pop(rid, None)
+        self._deliver(outs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            sub = self._subs.get(out.request_id)
+            if sub is None:
+                continue
+            if out.finished:
+                del self._subs[out.request_id]
+            batches.setdefault(sub.loop, []).append((sub.queue, out))
+        for loop, items in batches.items():
+            _call_soon(loop, _put_all, items)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        subs = {id(s): s for s in self._subs.values()}
+        self._subs.clear()
+        for sub in subs.values():
+            _call_soon(sub.loop, sub.queue.put_nowait, exc)
+        # Submissions still in the command queue: answer them too.
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                _resolve(arg, exc)
+
+
+def _put_all(items) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that event loop is closed: nobody is listening any more
+        pass
+
+
+def _resolve(sub: _Submission, exc: BaseException | None) -> None:
+    def done():
+        if sub.accepted.done():
+            return
+        if exc is None:
+            sub.accepted.set_result(None)
+        else:
+            sub.accepted.set_exception(exc)
+
+    _call_soon(sub.loop, done)

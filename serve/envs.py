@@ -1,0 +1,102 @@
+"""Typed registry of `PACKSERVE_*` environment variables.
+
+Every `packserve serve` option has one: the CLI builds its argparse options from
+this table, so a flag and its variable can never drift apart. Precedence: the
+command-line flag, then the variable, then the default. Read values with
+`get(name)`; an unparsable value raises `EnvError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+PREFIX = "PACKSERVE_"
+
+
+class EnvError(ValueError):
+    pass
+
+
+def _csv(raw: str) -> list[str]:
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str  # without the prefix, e.g. "PORT"
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    flag: str | None = None  # the CLI flag it backs (None: environment only)
+    choices: tuple | None = None
+    multiple: bool = False  # a repeatable flag; the variable holds a comma-separated list
+    secret: bool = False  # never logged
+
+    @property
+    def env(self) -> str:
+        return PREFIX + self.name
+
+    def parse(self, raw: str) -> Any:
+        try:
+            value = _csv(raw) if self.multiple else self.type(raw)
+        except ValueError as exc:
+            raise EnvError(f"{self.env}: {exc}") from None
+        if self.choices is not None and value not in self.choices:
+            raise EnvError(f"{self.env} must be one of {self.choices}, got {value!r}")
+        return value
+
+    def get(self) -> Any:
+        raw = os.environ.get(self.env)
+        if raw is None or raw == "":
+            return self.default
+        return self.parse(raw)
+
+
+_VARS = [
+    EnvVar("MODEL", str, None, "checkpoint folder (default: the built-in demo model)", "--model"),
+    EnvVar("SERVED_MODEL_NAME", str, None, "model name clients send (default: the folder name)",
+           "--served-model-name"),
+    EnvVar("HOST", str, "127.0.0.1", "bind address", "--host"),
+    EnvVar("PORT", int, 8000, "TCP port", "--port"),
+    EnvVar("BACKEND", str, "auto", "packed attention backend", "--backend",
+           choices=("auto", "sdpa", "flex", "varlen", "xformers")),
+    EnvVar("DTYPE", str, "auto", "weights/activations dtype (CPU: float32)", "--dtype",
+           choices=("auto", "float32", "float16", "bfloat16")),
+    EnvVar("DEVICE", str, "auto", "cpu, cuda or auto", "--device", choices=("auto", "cpu", "cuda")),
+    EnvVar("MAX_MODEL_LEN", int, None, "context length limit (default: the checkpoint's)", "--max-model-len"),
+    EnvVar("MAX_NUM_SEQS", int, 128, "most requests running at once", "--max-num-seqs"),
+    EnvVar("MAX_NUM_BATCHED_TOKENS", int, 8192, "token budget of one engine step", "--max-num-batched-tokens"),
+    EnvVar("MAX_WAITING", int, 256, "bounded waiting queue; beyond it requests get 429", "--max-waiting"),
+    EnvVar("NUM_KV_BLOCKS", int, None, "KV cache blocks (default: from the memory budget)", "--num-kv-blocks"),
+    EnvVar("KV_CACHE_MEMORY_GIB", float, None, "KV cache memory budget in GiB", "--kv-cache-memory-gib"),
+    EnvVar("BLOCK_SIZE", int, 16, "tokens per KV block", "--block-size"),
+    EnvVar("PACKING", str, "ffd", "prefill bin-packing algorithm", "--packing", choices=("ffd", "bfd")),
+    EnvVar("NORM_MODE", str, "native", "GPT-2 norm conversion", "--norm-mode",
+           choices=("native", "rmsnorm", "crmsnorm")),
+    EnvVar("SEED", int, 0, "engine seed", "--seed"),
+    EnvVar("NUM_THREADS", int, None, "torch CPU threads (default: torch's choice)", "--num-threads"),
+    EnvVar("API_KEY", str, [], "bearer key(s) required on /v1/* (repeat the flag; comma-separated in the variable)",
+           "--api-key", multiple=True, secret=True),
+    EnvVar("ALLOWED_ORIGINS", str, [], "CORS origins (repeat; comma-separated in the variable)",
+           "--allowed-origin", multiple=True),
+    EnvVar("MAX_BODY_BYTES", int, 8 * 2**20, "largest request body accepted (413 beyond)", "--max-body-bytes"),
+    EnvVar("MAX_N", int, 16, "largest `n` (and prompts x n per request)", "--max-n"),
+    EnvVar("SHUTDOWN_TIMEOUT", float, 30.0, "on SIGTERM, seconds to let in-flight requests finish before aborting",
+           "--shutdown-timeout"),
+    EnvVar("LOG_LEVEL", str, "info", "log level", "--log-level",
+           choices=("critical", "error", "warning", "info", "debug")),
+    EnvVar("CACHE_DIR", str, None, "where the demo model is built (default: ~/.cache/packserve)", "--cache-dir"),
+]
+
+REGISTRY: dict[str, EnvVar] = {v.name: v for v in _VARS}
+
+
+def get(name: str) -> Any:
+    """The typed value of PACKSERVE_<name> (or its default)."""
+    return REGISTRY[name.removeprefix(PREFIX)].get()
+
+
+def options() -> list[EnvVar]:
+    return [v for v in _VARS if v.flag is not None]
