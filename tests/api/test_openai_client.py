@@ -1,0 +1,126 @@
+"""The `openai` client against the real server: streamed == non-streamed == offline LLM.generate (greedy)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from packserve import SamplingParams
+
+PROMPTS = ["Hello world! How are you", "The capital of France is", "def main():"]
+
+
+def _stream_text(stream) -> tuple[str, str | None, dict | None]:
+    text, reason, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.text if hasattr(ch, "text") else (ch.delta.content or "")
+            reason = ch.finish_reason or reason
+    return text, reason, usage
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completions_stream_equals_nonstream_equals_offline(openai_client, offline_llm, prompt):
+    params = dict(model="llama", prompt=prompt, max_tokens=24, temperature=0)
+    full = openai_client.completions.create(**params)
+    streamed, reason, usage = _stream_text(openai_client.completions.create(
+        **params, stream=True, stream_options={"include_usage": True}))
+    offline = offline_llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0]
+    assert full.choices[0].text == streamed == offline.outputs[0].text
+    assert full.choices[0].finish_reason == reason == offline.outputs[0].finish_reason
+    n_prompt = len(offline.prompt_token_ids)
+    n_out = len(offline.outputs[0].token_ids)
+    for u in (full.usage, usage):
+        assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (n_prompt, n_out, n_prompt + n_out)
+
+
+def test_chat_stream_equals_nonstream_equals_offline(openai_client, offline_llm):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}]
+    full = openai_client.chat.completions.create(model="llama", messages=messages, max_tokens=20, temperature=0)
+    streamed, reason, usage = _stream_text(openai_client.chat.completions.create(
+        model="llama", messages=messages, max_completion_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    tok = offline_llm.tokenizer
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)
+    offline = offline_llm.generate([ids], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert full.choices[0].message.content == streamed == offline.outputs[0].text
+    assert full.choices[0].message.role == "assistant"
+    assert full.choices[0].finish_reason == reason
+    n_out = len(offline.outputs[0].token_ids)
+    for u in (full.usage, usage):
+        assert (u.prompt_tokens, u.completion_tokens) == (len(ids), n_out)
+
+
+def test_token_id_prompt_batch_and_n(openai_client, offline_llm):
+    ids = offline_llm.tokenizer.encode("Once upon a time", add_special_tokens=False)
+    ids2 = offline_llm.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+    out = openai_client.completions.create(model="llama", prompt=[ids, ids2], max_tokens=8, temperature=0, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    ref = offline_llm.generate([ids, ids2], SamplingParams(max_tokens=8, temperature=0))
+    batch = openai_client.completions.create(model="llama", prompt=["Once upon a time", PROMPTS[1]], max_tokens=8,
+                                             temperature=0)
+    assert [c.text for c in batch.choices] == [r.outputs[0].text for r in ref]
+    assert [c.text for c in out.choices] == [ref[0].outputs[0].text] * 2 + [ref[1].outputs[0].text] * 2
+    assert out.usage.completion_tokens == 2 * sum(len(r.outputs[0].token_ids) for r in ref)
+
+
+def test_stream_n_choices_each_complete(openai_client):
+    texts, reasons = {}, {}
+    for chunk in openai_client.completions.create(model="llama", prompt="Numbers: 0 1 2", max_tokens=6,
+                                                  temperature=0.8, seed=3, n=3, stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    assert sorted(texts) == [0, 1, 2] and sorted(reasons) == [0, 1, 2]
+
+
+def test_seeded_sampling_is_reproducible(openai_client):
+    kw = dict(model="llama", prompt="Hello", max_tokens=12, temperature=1.0, top_p=0.9, seed=1234,
+              extra_body={"top_k": 50, "min_p": 0.01})
+    a = openai_client.completions.create(**kw).choices[0].text
+    b = openai_client.completions.create(**kw).choices[0].text
+    assert a == b
+
+
+def test_logprobs_completion_and_chat(openai_client):
+    out = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=5, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) <= 3 for t in lp.top_logprobs)
+    # Greedy: the chosen token is the most likely one.
+    assert all(abs(max(top.values()) - chosen) < 1e-4 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = openai_client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+
+
+def test_echo_and_stop(openai_client, offline_llm):
+    out = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=6, temperature=0, echo=True)
+    assert out.choices[0].text.startswith("Hello")
+    base = offline_llm.generate(["Hello"], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].text
+    stop = base[3:5]
+    if stop.strip() and stop not in base[:3]:
+        got = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=12, temperature=0,
+                                               stop=[stop])
+        assert got.choices[0].text == base[:base.index(stop)]
+        assert got.choices[0].finish_reason == "stop"
+
+
+def test_models_version_health(server, auth):
+    r = httpx.get(server.url + "/v1/models", headers=auth)
+    assert r.status_code == 200
+    data = r.json()["data"]
+    assert data[0]["id"] == "llama" and data[0]["demo"] is False and data[0]["max_model_len"] == 256
+    assert httpx.get(server.url + "/version").json()["version"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_unknown_fields_are_ignored(server, auth):
+    r = httpx.post(server.url + "/v1/completions", headers=auth,
+                   json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "some_future_field": {"x": 1}})
+    assert r.status_code == 200, r.text
