@@ -8,6 +8,8 @@ import pytest
 
 # Tests run on CPU in fp32 with a small, fixed thread count (CI has 2 cores).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Equivalence tests compare against transformers in fp32 on CPU, also on GPU hosts; GPU tests ask for cuda.
+os.environ.setdefault("PACKSERVE_DEVICE", "cpu")
 
 
 def _set_triton_interpreter() -> None:

@@ -254,7 +254,10 @@ def load_tokenizer(path: str):
 
 def engine_config(model: str, **kw) -> EngineConfig:
     """Build an EngineConfig from flat keyword options (the offline API and the CLI share this)."""
-    mc = ModelConfig(model=model, dtype=kw.pop("dtype", "auto"), device=kw.pop("device", "auto"),
+    from packserve import envs
+
+    # PACKSERVE_DEVICE sets the default device for the offline API too (the test suite pins it to cpu).
+    mc = ModelConfig(model=model, dtype=kw.pop("dtype", "auto"), device=kw.pop("device", None) or envs.get("DEVICE"),
                      backend=kw.pop("backend", "auto"), max_model_len=kw.pop("max_model_len", None),
                      norm_mode=kw.pop("norm_mode", "native"), seed=kw.pop("seed", 0))
     cc = CacheConfig(block_size=kw.pop("block_size", 16), num_blocks=kw.pop("num_kv_blocks", None),
