@@ -210,7 +210,10 @@ class LLMEngine:
             if hit is not None:
                 idx, s = hit
                 full = full[: idx + (len(s) if req.params.include_stop_str_in_output else 0)]
-                self.scheduler.finish(req.request_id, FinishReason.STOP, s)
+                if req.is_finished:  # the same token also hit max_tokens: the stop string wins
+                    req.finish_reason, req.stop_reason = FinishReason.STOP, s
+                else:
+                    self.scheduler.finish(req.request_id, FinishReason.STOP, s)
                 track.text = full
             elif req.is_finished or not stops:
                 track.text = full
