@@ -231,6 +231,8 @@ class AsyncEngine:
             else:  # already finished inside the engine: close the stream anyway
                 self._subs.pop(rid, None)
         self._deliver(outs)
+        if outs and self.on_step is not None:
+            self.on_step(self.engine, outs, time.monotonic())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         batches: dict[asyncio.AbstractEventLoop, list] = {}

@@ -176,13 +176,14 @@ def metric_values(url: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def inflight_stream(url: str, headers: dict | None = None, expected: str | None = None):
+def inflight_stream(url: str, headers: dict | None = None, expected: str | None = None,
+                    max_tokens: int = INFLIGHT_TOKENS, finish_reason: str = "length"):
     """A streaming completion running in the background for the duration of the block; it must end unharmed."""
     result: dict = {}
     first = threading.Event()
 
     def run():
-        body = {"prompt": INFLIGHT_PROMPT, "max_tokens": INFLIGHT_TOKENS, "temperature": 0, "ignore_eos": True,
+        body = {"prompt": INFLIGHT_PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers or {}, timeout=120) as r:
@@ -217,7 +218,7 @@ def inflight_stream(url: str, headers: dict | None = None, expected: str | None 
     assert not t.is_alive(), "the in-flight stream did not finish"
     assert "exception" not in result, result
     assert result["status"] == 200 and result["done"] and not result["errors"], result
-    assert result["finish_reason"] == "length", result
+    assert result["finish_reason"] == finish_reason, result
     if expected is not None:
         assert result["text"] == expected
 
