@@ -62,6 +62,10 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "xformers==${XFORMERS_V
 # its small CUDA launcher the first time a kernel runs.
 FROM ${CUDA_IMAGE} AS runtime
 
+LABEL org.opencontainers.image.title="packserve" \
+      org.opencontainers.image.description="LLM inference server with packed prefill (OpenAI-compatible API, Prometheus metrics)" \
+      org.opencontainers.image.version="0.1.0"
+
 ENV DEBIAN_FRONTEND=noninteractive
 
 # Same reasoning as above for DL3008 (apt versions come from the pinned base image).

@@ -259,3 +259,16 @@ def test_healthcheck_probes_health_without_curl(dockerfile):
     code = argv[2]
     compile(code, "<healthcheck>", "exec")
     assert "/health" in code and "PACKSERVE_PORT" in code and "timeout" in code
+
+
+def test_version_tags_follow_pyproject(dockerfile):
+    """The image label, the compose image tag and the kustomize image tag all carry the project's version."""
+    import yaml
+
+    version = PYPROJECT["project"]["version"]
+    labels = " ".join(i.args for i in dockerfile if i.cmd == "LABEL")
+    assert f'org.opencontainers.image.version="{version}"' in labels
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    assert compose["services"]["packserve"]["image"].endswith(":" + version)
+    kust = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "base" / "kustomization.yaml").read_text())
+    assert [img["newTag"] for img in kust["images"]] == [version]
