@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .client import RequestResult
@@ -133,8 +134,8 @@ def summary_tables(report: dict[str, Any]) -> list[Table]:
     title = f"{c['model']} @ {c['base_url']} ({c['endpoint']}, rate={c['request_rate']}"
     title += f", concurrency={c['max_concurrency']})" if c["max_concurrency"] else ")"
     if report["interrupted"]:
-        title += " [interrupted]"
-    run = Table(title=title, show_header=False)
+        title += " - interrupted, partial"
+    run = Table(title=escape(title), show_header=False)  # escape: "[...]" would be read as rich markup
     run.add_column("metric", no_wrap=True)
     run.add_column("value", justify="right")
     rows = [
@@ -151,8 +152,8 @@ def summary_tables(report: dict[str, Any]) -> list[Table]:
         rows.append((f"goodput (req/s, {slo})", _fmt(m["goodput"])))
     for name, val in report["server_metrics"].get("highlights", {}).items():
         rows.append((name, " ".join(f"{k}={v:.4g}" for k, v in val.items() if v is not None)))
-    for row in rows:
-        run.add_row(*row)
+    for label, val in rows:
+        run.add_row(escape(label), escape(val))
     lat = Table(show_header=True)
     lat.add_column("latency (ms)", no_wrap=True)
     for col in ("mean", "median", "p90", "p99"):

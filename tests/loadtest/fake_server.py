@@ -12,11 +12,16 @@ The model name picks a behaviour:
     fake-multi      two tokens per content chunk (usage counts tokens, chunks are half as many)
     fake-500        HTTP 500 with an OpenAI error object
     fake-429        HTTP 429 with Retry-After
-    fake-flaky      every third request (1-based counter % 3 == 0) gets 429, others are normal
+    fake-flaky      every third fake-flaky request gets 429, others are normal
     fake-midstream  two content chunks, then an error chunk and [DONE]
     fake-hang       headers, then silence (for timeouts)
 Chat requests get a role-only chunk immediately (not a token). GET /metrics (with --metrics) exposes
 packserve: counters/histograms advanced once per completion request; GET /v1/models lists "fake".
+
+GET /debug/timeline returns what the server actually did, keyed by prompt text: {"accept": perf_counter
+when the connection was accepted, "content": [perf_counter of each content chunk], "last": perf_counter of
+the last event before [DONE]}. perf_counter is CLOCK_MONOTONIC on Linux, shared by all processes, so tests
+compare the client's measurements with these exact times rather than with nominal delays plus noise.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import json
 import time
 
 ARGS: argparse.Namespace
-COUNTER = {"requests": 0}
+COUNTER = {"requests": 0, "flaky": 0}
+TIMELINE: dict[str, dict] = {}
 
 
 def _metrics_registry():
@@ -70,10 +76,12 @@ def _error(code: int, message: str, typ: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": typ, "param": None, "code": code}}).encode()
 
 
-async def _send_event(writer: asyncio.StreamWriter, obj: dict | str) -> None:
+async def _send_event(writer: asyncio.StreamWriter, obj: dict | str) -> float:
     data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n").encode()
+    t = time.perf_counter()
     writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
     await writer.drain()
+    return t
 
 
 async def _stream(writer: asyncio.StreamWriter, req: dict, chat: bool, t0: float) -> None:
@@ -84,6 +92,8 @@ async def _stream(writer: asyncio.StreamWriter, req: dict, chat: bool, t0: float
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
                  b"Connection: close\r\n\r\n")
     await writer.drain()
+    key = req["messages"][0]["content"] if chat else str(req.get("prompt"))
+    tl = TIMELINE[key] = {"accept": t0, "content": [], "last": None}
     base = {"id": "cmpl-1", "created": int(time.time()), "model": model,
             "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
@@ -102,27 +112,34 @@ async def _stream(writer: asyncio.StreamWriter, req: dict, chat: bool, t0: float
             return
         text = "".join(f" t{k * per_chunk + j}" for j in range(per_chunk) if k * per_chunk + j < n)
         choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
-        await _send_event(writer, base | {"choices": [choice | {"finish_reason": None}]})
+        tl["content"].append(await _send_event(writer, base | {"choices": [choice | {"finish_reason": None}]}))
     last = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-    await _send_event(writer, base | {"choices": [last | {"finish_reason": "length"}]})
+    tl["last"] = await _send_event(writer, base | {"choices": [last | {"finish_reason": "length"}]})
     if want_usage:
         prompt_tokens = len(req["messages"][0]["content"].split()) if chat else len(str(req.get("prompt", "")).split())
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        await _send_event(writer, base | {"choices": [], "usage": usage})
+        tl["last"] = await _send_event(writer, base | {"choices": [], "usage": usage})
     await _send_event(writer, "[DONE]")
     writer.write(b"0\r\n\r\n")
     if METRICS is not None:
         METRICS["gen"].labels(model).inc(n)
 
 
+def _flaky_fails() -> bool:
+    COUNTER["flaky"] += 1
+    return COUNTER["flaky"] % 3 == 0
+
+
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    t0 = time.perf_counter()  # at accept: the client's send time plus connect latency only
     try:
         method, path, body = await _read_request(reader)
-        t0 = time.perf_counter()
         if method == "GET" and path == "/metrics" and REG is not None:
             from prometheus_client import generate_latest
 
             _plain(writer, "200 OK", generate_latest(REG), "text/plain; version=0.0.4")
+        elif method == "GET" and path == "/debug/timeline":
+            _plain(writer, "200 OK", json.dumps(TIMELINE).encode())
         elif method == "GET" and path == "/v1/models":
             _plain(writer, "200 OK", json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode())
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
@@ -135,7 +152,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 METRICS["pack"].labels(model).observe(0.9)
             if model == "fake-500":
                 _plain(writer, "500 Internal Server Error", _error(500, "boom", "internal_error"))
-            elif model == "fake-429" or (model == "fake-flaky" and COUNTER["requests"] % 3 == 0):
+            elif model == "fake-429" or (model == "fake-flaky" and _flaky_fails()):
                 _plain(writer, "429 Too Many Requests", _error(429, "queue full", "rate_limit"), extra="Retry-After: 1\r\n")
             else:
                 await _stream(writer, req, path.endswith("chat/completions"), t0)
