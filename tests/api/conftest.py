@@ -37,13 +37,17 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m packserve serve ...` on a free port; output goes to a log file."""
 
-    def __init__(self, args: list[str], workdir: Path, env: dict | None = None):
+    def __init__(self, args: list[str], workdir: Path, env: dict | None = None, port_via_env: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         full_env = {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "packserve", "serve", *args, "--port", str(self.port)],
+        if port_via_env:
+            full_env["PACKSERVE_PORT"] = str(self.port)
+        else:
+            args = [*args, "--port", str(self.port)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "packserve", "serve", *args],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=full_env)
 
     def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
