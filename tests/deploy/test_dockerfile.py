@@ -13,7 +13,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 from deploy_helpers import ROOT, arg_defaults, env_pairs, expand, pip_installs, stages
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
