@@ -80,7 +80,7 @@ def sweep_curve(runs: list[dict[str, Any]], path: str | Path) -> Path:
             if yv is not None:
                 ax.annotate(str(r["request_rate"]), (xi, yv), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("output tokens/s")
-        ax.set_ylabel(key.replace("_ms", " (ms)").upper())
+        ax.set_ylabel(key.split("_")[0].upper() + " (ms)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("throughput-latency curve (labels: request rate)")
