@@ -133,8 +133,8 @@ def test_client_disconnect_aborts_and_frees_kv(server, auth, helpers, inflight):
     before = values(server.url)
     aborted0 = before.get("packserve:request_success_total{finished_reason=abort}", 0.0)
     with inflight():
-        body = {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-                "stream": True}
+        body = {"prompt": "Once upon a time", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
+                "stream": True, "n": 8}
         with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
             lines = r.iter_lines()
             got = 0
@@ -142,9 +142,9 @@ def test_client_disconnect_aborts_and_frees_kv(server, auth, helpers, inflight):
                 got += line.startswith("data: ")
                 if got == 3:
                     break
-        # Closed after 3 chunks of 200: the server must abort it.
+        # Closed after 3 chunks of 8 x 240: the server must abort all 8.
         deadline = time.monotonic() + 10
-        while values(server.url).get("packserve:request_success_total{finished_reason=abort}", 0.0) < aborted0 + 1:
+        while values(server.url).get("packserve:request_success_total{finished_reason=abort}", 0.0) < aborted0 + 8:
             assert time.monotonic() < deadline, "disconnect did not abort the request"
             time.sleep(0.05)
     deadline = time.monotonic() + 10
@@ -154,16 +154,17 @@ def test_client_disconnect_aborts_and_frees_kv(server, auth, helpers, inflight):
             break
         assert time.monotonic() < deadline, m
         time.sleep(0.05)
-    assert m["packserve:request_success_total{finished_reason=abort}"] == aborted0 + 1
+    assert m["packserve:request_success_total{finished_reason=abort}"] == aborted0 + 8
 
 
 def test_nonstreaming_disconnect_aborts(server, auth, helpers):
     values = helpers["metric_values"]
     aborted0 = values(server.url).get("packserve:request_success_total{finished_reason=abort}", 0.0)
-    body = {"prompt": "Once upon a time", "max_tokens": 220, "temperature": 0, "ignore_eos": True}
+    # 16 choices x 240 tokens: far longer than the client waits.
+    body = {"prompt": "Once upon a time", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "n": 16}
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=0.3)
+        httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=0.2)
     deadline = time.monotonic() + 10
-    while values(server.url).get("packserve:request_success_total{finished_reason=abort}", 0.0) < aborted0 + 1:
+    while values(server.url).get("packserve:request_success_total{finished_reason=abort}", 0.0) < aborted0 + 16:
         assert time.monotonic() < deadline, "disconnect did not abort the non-streamed request"
         time.sleep(0.05)
