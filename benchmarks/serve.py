@@ -1,0 +1,157 @@
+"""Serving throughput: the HTTP server with all requests in flight at once vs transformers `generate` on one padded batch.
+
+Workload (DESIGN.md §9 "Serving"): the first 32 cpu-lognormal prompts (token ids), 64 new tokens each, EOS
+ignored, greedy; Llama shape hidden 384 / intermediate 1024 / 6 layers / 6 heads / 2 KV heads, fp32, 2 threads.
+The server is a `packserve serve` subprocess on a free port; the client streams every request over SSE
+(`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU.
+Prints output tokens/s of each and the ratio (one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts  # noqa: E402
+
+
+def transformers_baseline(model_dir: str, prompts: list[list[int]], new_tokens: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    L = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False)
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] - L == new_tokens
+    return elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _one(client, body: dict, stream: bool) -> int:
+    if not stream:
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+    usage = None
+    async with client.stream("POST", "/v1/completions",
+                             json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    raise RuntimeError(obj["error"]["message"])
+                if obj.get("usage"):
+                    usage = obj["usage"]["completion_tokens"]
+    return usage
+
+
+async def _all(url: str, prompts, new_tokens: int, stream: bool) -> tuple[float, int]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        warm = {"prompt": prompts[0][:16], "max_tokens": 4, "temperature": 0}
+        await _one(client, warm, False)
+        bodies = [{"prompt": p, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True} for p in prompts]
+        t = time.perf_counter()
+        counts = await asyncio.gather(*(_one(client, b, stream) for b in bodies))
+        return time.perf_counter() - t, sum(counts)
+
+
+def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bool, workdir: str) -> tuple[float, int]:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(os.path.join(workdir, "server.log"), "w")
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "packserve", "serve", "--model", model_dir, "--port", str(port),
+                             "--num-threads", str(threads), "--dtype", "float32", "--backend", "sdpa",
+                             "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + Path(workdir, "server.log").read_text())
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.2)
+        return asyncio.run(_all(url, prompts, new_tokens, stream))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-stream", action="store_true", help="non-streamed JSON responses instead of SSE")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from packserve.checkpoints import build_tokenizer, save_checkpoint
+
+    cfg = cpu_llama_config()
+    prompts = lognormal_prompts(CPU_LOGNORMAL, cfg.vocab_size, args.prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        torch.manual_seed(0)
+        from transformers import AutoModelForCausalLM
+
+        save_checkpoint(AutoModelForCausalLM.from_config(cfg).eval(), build_tokenizer(), model_dir)
+        t_hf = transformers_baseline(model_dir, prompts, args.new_tokens)
+        t_srv, n_srv = serve_run(model_dir, prompts, args.new_tokens, args.threads, not args.no_stream, tmp)
+    n_out = len(prompts) * args.new_tokens
+    assert n_srv == n_out, (n_srv, n_out)
+    mode = "JSON" if args.no_stream else "SSE"
+    print(f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens, longest {max(map(len, prompts))}), "
+          f"{args.new_tokens} new tokens each, {args.threads} threads, fp32")
+    print(f"{'method':<44}{'time':>10}{'output tok/s':>15}")
+    print(f"{'transformers generate (one padded batch)':<44}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}")
+    print(f"{f'packserve serve, all in flight ({mode})':<44}{t_srv:>9.2f}s{n_out / t_srv:>15,.0f}")
+    print(f"ratio packserve server / transformers: {t_hf / t_srv:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
