@@ -59,8 +59,8 @@ class RunConfig:
         if math.isinf(self.arrival.rate) and self.num_requests is None and self.max_concurrency is None:
             # A duration-only run with infinite rate and no concurrency cap would open connections without end.
             raise ValueError("request_rate=inf with only a duration bound needs max_concurrency")
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 

@@ -106,6 +106,8 @@ def test_all_failed_exit_code_and_report(fast_url, tmp_path):
     ["--duration", "5"],  # inf rate, duration only, no concurrency cap: unbounded
     ["--endpoint", "chat", "--max-concurrency", "0"],
     ["--extra-body", "[1]"],
+    ["--timeout", "inf"],
+    ["--sweep-rates", "1,0"],
     ["--dataset", "/nonexistent.jsonl"],
 ])
 def test_bad_arguments(argv, tmp_path):
