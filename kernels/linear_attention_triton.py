@@ -91,10 +91,10 @@ def _chunk_state_kernel(K, V, CU, FIRST, S0, Z0, HS, HZ, SF, ZF,
         S = tl.load(S0 + nh * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
         z = tl.load(Z0 + nh * DK + kk, mask=k_ok, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
+        S = tl.full([BK, BV], 0.0, tl.float32)
+        z = tl.full([BK], 0.0, tl.float32)
     rows = tl.arange(0, C)
-    for c in range(0, tl.cdiv(eos - bos, C)):
+    for c in range(0, (eos - bos + C - 1) // C):
         slot = (first + c) * HKV + h
         tl.store(HS + slot * DK * DV + s_off, S.to(HS.dtype.element_ty), mask=s_mask)
         if pid_v == 0:  # one Dv block owns z
@@ -130,9 +130,9 @@ def _chunk_output_kernel(Q, K, V, O, CU, SEQ, START, HS, HZ,
     vv = pid_v * BV + tl.arange(0, BV)
     v_ok = vv < DV
     slot = i.to(tl.int64) * HKV + h
-    acc = tl.zeros([C, BV], dtype=tl.float32)
-    A = tl.zeros([C, C], dtype=tl.float32)
-    den = tl.zeros([C], dtype=tl.float32)
+    acc = tl.full([C, BV], 0.0, tl.float32)
+    A = tl.full([C, C], 0.0, tl.float32)
+    den = tl.full([C], 0.0, tl.float32)
     for k0 in range(0, DK, BK):
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < DK
@@ -227,8 +227,8 @@ def _recurrent_kernel(Q, K, V, O, CU, S0, Z0, SF, ZF,
         S = tl.load(S0 + nh * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
         z = tl.load(Z0 + nh * DK + kk, mask=k_ok, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-        z = tl.zeros([BK], dtype=tl.float32)
+        S = tl.full([BK, BV], 0.0, tl.float32)
+        z = tl.full([BK], 0.0, tl.float32)
     for t in range(bos, eos):
         kt = tl.load(K + t * stride_kt + h * stride_kh + kk, mask=k_ok, other=0.0).to(tl.float32)
         vt = tl.load(V + t * stride_vt + h * stride_vh + vv, mask=v_ok, other=0.0).to(tl.float32)

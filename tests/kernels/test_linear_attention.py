@@ -2,9 +2,11 @@
 kernel == recurrent, over packed ragged sequences; packed == per-sequence; split-and-resume == one call;
 decode steps == the recurrence; every feature map, normalized and not, GQA, odd widths.
 
-Without CUDA the Triton kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1, set
-before the kernel module is first imported; if another test module imported it earlier, it is reloaded
-and the interpreter is verified). fp32 and fp16 run in the interpreter; bf16 only on a GPU (DESIGN.md §9).
+Without CUDA the Triton kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1). The flag
+must be set before triton.language is first imported: its library functions (tl.sum, tl.zeros, ...) are
+decorated at import. When an earlier test module imported triton without it, these tests cannot run in this
+process: they are skipped here and `test_interpreter_checks_in_subprocess` runs this file in a fresh
+interpreter instead. fp32 and fp16 run in the interpreter; bf16 only on a GPU (DESIGN.md §9).
 Every buffer the Triton wrappers allocate is filled with NaN first, so an unwritten element fails.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,19 +25,33 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton.language as tl  # noqa: E402  (after the flag, on purpose)
+
+IN_PROCESS = ON_GPU or type(tl.standard.sum).__name__ == "InterpretedFunction"
+
 
 def _import_kernels():
     la = importlib.import_module("packserve.kernels.linear_attention")
     lt = importlib.import_module("packserve.kernels.linear_attention_torch")
     tr = importlib.import_module("packserve.kernels.linear_attention_triton")
-    if not ON_GPU and type(tr._chunk_state_kernel).__name__ != "InterpretedFunction":
+    if not ON_GPU and IN_PROCESS and type(tr._chunk_state_kernel).__name__ != "InterpretedFunction":
         tr = importlib.reload(sys.modules["packserve.kernels.linear_attention_triton"])
     return la, lt, tr
 
 
 la, lt, tr = _import_kernels()
-INTERPRETED = type(tr._chunk_state_kernel).__name__ == "InterpretedFunction"
-pytestmark = pytest.mark.skipif(not ON_GPU and not INTERPRETED, reason="Triton interpreter could not be enabled")
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET; "
+                                                       "test_interpreter_checks_in_subprocess runs these")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the checks run in this process")
+def test_interpreter_checks_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                        str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "test_interpreter_checks_in_subprocess" not in r.stdout
+
 
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 LENS = (1, 15, 63, 64, 65, 300, 1000)
@@ -105,6 +123,7 @@ RECURRENT_CASES = [("elu1", True, False), ("relu", True, False), ("nalaformer", 
 @pytest.mark.parametrize("normalize", (True, False))
 @pytest.mark.parametrize("heads", ((4, 2), (3, 3)))
 @pytest.mark.parametrize("with_state", (False, True))
+@in_process
 def test_naive_equals_quadratic(fm, normalize, heads, with_state):
     q, k, v, cu = make_inputs(hq=heads[0], hkv=heads[1], dk=8, dv=12, fm=fm)
     init = random_state(len(LENS), heads[1], k.shape[-1], v.shape[-1]) if with_state else None
@@ -113,6 +132,7 @@ def test_naive_equals_quadratic(fm, normalize, heads, with_state):
     assert rel_rmse(o_naive, o_quad) < 1e-5
 
 
+@in_process
 def test_checks_can_fail():
     """The metric sees a state leaking across a sequence boundary, and a missing normalization."""
     q, k, v, cu = make_inputs(lens=(40, 80))
@@ -126,6 +146,7 @@ def test_checks_can_fail():
 # ---- link 1: recurrent kernel == naive loop; link 2: chunked kernel == recurrent kernel -----------------
 
 @pytest.mark.parametrize("case", RECURRENT_CASES, ids=lambda c: "-".join(map(str, c)))
+@in_process
 def test_recurrent_equals_naive(case):
     q, k, v, cu, init, o, (S, z) = recurrent_case(*case)
     o_ref, (S_ref, z_ref) = lt.linear_attention_naive(q, k, v, cu, normalize=case[1], initial_state=init)
@@ -134,6 +155,7 @@ def test_recurrent_equals_naive(case):
 
 
 @pytest.mark.parametrize("case", RECURRENT_CASES, ids=lambda c: "-".join(map(str, c)))
+@in_process
 def test_chunked_equals_recurrent(case):
     q, k, v, cu, init, o_rec, (S_rec, z_rec) = recurrent_case(*case)
     o, (S, z) = tr.linear_attention_chunked_triton(q, k, v, cu, normalize=case[1], initial_state=init,
@@ -155,6 +177,7 @@ _NAIVE: dict = {}
 
 @pytest.mark.parametrize("fm, normalize, heads, dims", GRID)
 @pytest.mark.parametrize("impl", ("triton", "torch"))
+@in_process
 def test_chunked_equals_naive(impl, fm, normalize, heads, dims):
     key = (fm, normalize, heads, dims)
     if key not in _NAIVE:  # shared by both implementations: the Python loop is not free either
@@ -169,6 +192,7 @@ def test_chunked_equals_naive(impl, fm, normalize, heads, dims):
 
 @pytest.mark.parametrize("dtype", (torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)))
 @pytest.mark.parametrize("fm", ("elu1", "nalaformer"))
+@in_process
 def test_chunked_half_inputs(dtype, fm):
     q, k, v, cu = make_inputs(hq=4, hkv=2, fm=fm, dtype=dtype)
     init = random_state(len(LENS), 2, k.shape[-1], v.shape[-1])
@@ -179,6 +203,7 @@ def test_chunked_half_inputs(dtype, fm):
     assert rel_rmse(S, S_ref) < TOL[dtype] and rel_rmse(z, z_ref) < TOL[dtype]
 
 
+@in_process
 def test_recurrent_half_inputs():
     q, k, v, cu = make_inputs(lens=(15, 65, 130), fm="elu1", dtype=torch.float16)
     o, (S, _) = tr.linear_attention_recurrent_triton(q, k, v, cu)
@@ -190,6 +215,7 @@ def test_recurrent_half_inputs():
 # ---- packing and state hand-over -------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl", ("triton", "torch"))
+@in_process
 def test_packed_equals_per_sequence_calls(impl):
     fn = tr.linear_attention_chunked_triton if impl == "triton" else lt.linear_attention_chunked_torch
     q, k, v, cu = make_inputs(hq=4, hkv=2, fm="nalaformer")
@@ -204,6 +230,7 @@ def test_packed_equals_per_sequence_calls(impl):
 
 @pytest.mark.parametrize("impl", ("triton", "torch"))
 @pytest.mark.parametrize("normalize", (True, False))
+@in_process
 def test_split_and_resume_equals_one_call(impl, normalize):
     fn = tr.linear_attention_chunked_triton if impl == "triton" else lt.linear_attention_chunked_torch
     q, k, v, cu = make_inputs(hq=4, hkv=2, fm="elu1")
@@ -221,6 +248,7 @@ def test_split_and_resume_equals_one_call(impl, normalize):
     assert rel_rmse(S2, S) < 1e-5 and rel_rmse(z2, z) < 1e-5
 
 
+@in_process
 def test_empty_sequences_keep_their_state():
     q, k, v, cu = make_inputs(lens=(0, 5, 0, 70))
     init = random_state(4, 1, 16, 32)
@@ -232,6 +260,7 @@ def test_empty_sequences_keep_their_state():
         assert torch.equal(S[0], init[0][0]) and torch.equal(z[2], init[1][2])
 
 
+@in_process
 def test_no_final_state_and_host_copy_needs_no_device_read(monkeypatch):
     q, k, v, cu = make_inputs(lens=(3, 70), hq=4, hkv=2)
     host = cu.tolist()
@@ -254,6 +283,7 @@ def test_no_final_state_and_host_copy_needs_no_device_read(monkeypatch):
 
 @pytest.mark.parametrize("impl", ("triton", "torch"))
 @pytest.mark.parametrize("fm, normalize", (("elu1", True), ("nalaformer", True), ("relu", False)))
+@in_process
 def test_prefill_then_decode_equals_naive(impl, fm, normalize):
     """Prefill prompts (chunked), keep their states in a shuffled slot pool, then decode 3 tokens each."""
     step = tr.linear_attention_decode_step_triton if impl == "triton" else lt.linear_attention_decode_step_torch
@@ -281,6 +311,7 @@ def test_prefill_then_decode_equals_naive(impl, fm, normalize):
     assert rel_rmse(S_pool[slots], S_ref) < 1e-4 and rel_rmse(z_pool[slots], z_ref) < 1e-4
 
 
+@in_process
 def test_decode_step_without_indices_and_wide_state():
     """States indexed by batch position; Dk' = 128 > one Dv block, Dv = 80 spans several blocks."""
     g = torch.Generator().manual_seed(3)
@@ -296,6 +327,7 @@ def test_decode_step_without_indices_and_wide_state():
 
 # ---- feature maps and the public API ----------------------------------------------------------------
 
+@in_process
 def test_feature_maps_formulas():
     x = torch.tensor([[3.0, -4.0, 0.0]])              # ||x|| = 5
     p = 3 * (0.5 + torch.tanh(torch.tensor(5.0)))
@@ -309,6 +341,7 @@ def test_feature_maps_formulas():
 
 
 @pytest.mark.parametrize("fm", MAPS)
+@in_process
 def test_feature_maps_non_negative_and_per_token(fm):
     x = torch.randn(50, 3, 8)
     fq, fk = la.FEATURE_MAPS[fm]
@@ -320,6 +353,7 @@ def test_feature_maps_non_negative_and_per_token(fm):
 
 
 @pytest.mark.parametrize("fm", MAPS)
+@in_process
 def test_public_api_cpu_dispatch(fm):
     g = torch.Generator().manual_seed(5)
     lens = (5, 70)
@@ -338,6 +372,7 @@ def test_public_api_cpu_dispatch(fm):
     assert rel_rmse(o1, o_all[[5, 76]]) < 1e-5
 
 
+@in_process
 def test_bad_inputs_are_rejected():
     q, k, v, cu = make_inputs(lens=(4, 4), hq=3, hkv=2)
     with pytest.raises(ValueError, match="multiple"):
