@@ -145,6 +145,10 @@ def prepare_completion(state, req: CompletionRequest) -> Job:
         raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
                        "echo", "unsupported_parameter")
     p = req.prompt
+    if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) * req.n > state.max_waiting:
+        # Refuse oversized batches before tokenizing them.
+        raise APIError(400, f"{len(p)} prompts x n={req.n} exceeds the server's queue capacity "
+                            f"({state.max_waiting})", "prompt", "invalid_value")
     if isinstance(p, str):
         prompts = [(p, _encode(state, p, "prompt"))]
     elif not p:

@@ -168,3 +168,9 @@ def test_nonstreaming_disconnect_aborts(server, auth, helpers):
     while values(server.url).get("packserve:request_success_total{finished_reason=abort}", 0.0) < aborted0 + 16:
         assert time.monotonic() < deadline, "disconnect did not abort the non-streamed request"
         time.sleep(0.05)
+
+
+def test_batch_larger_than_queue(server, auth, inflight):
+    with inflight():
+        _err(_post(server, auth, {"prompt": ["hi"] * 40, "n": 2}), 400, "prompt")
+        _err(_post(server, auth, {"prompt": [[11, 12]] * 65}), 400, "prompt")
