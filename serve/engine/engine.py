@@ -13,7 +13,7 @@ from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCo
 from packserve.engine.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
 from packserve.engine.kv_cache import BlockAllocator, KVCache
 from packserve.engine.request import (CompletionOutput, FinishReason, ParameterError, Request, RequestOutput,
-                                      SamplingParams, validate_prompt)
+                                      SamplingParams, validate_request)
 from packserve.engine.runner import ModelRunner, StepStats
 from packserve.engine.scheduler import Scheduler
 from packserve.layers.attention import select_backend
@@ -142,7 +142,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ParameterError("params must be a SamplingParams", "params")
         ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize(prompt)
-        validate_prompt(ids, self.info.vocab_size, self.max_model_len, params.max_tokens)
+        validate_request(ids, params, self.info.vocab_size, self.max_model_len)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, list(ids), params, arrival_time=arrival_time or time.monotonic(),
                       eos_token_ids=self.eos_token_ids)
@@ -155,6 +155,7 @@ class LLMEngine:
         req = self.scheduler.finish(request_id, FinishReason.ABORT)
         track = self._tracks.pop(request_id, None)
         self.runner.sampler.forget(request_id)
+        self._refresh_stats(self.stats.last_step)  # gauges (KV usage, queues) move at once
         if req is None or track is None:
             return None
         track.finished_time = time.monotonic()

@@ -23,10 +23,10 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         # Validate everything before queueing anything: a bad prompt must not leave others half-submitted.
         ids = [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
-        from packserve.engine.request import validate_prompt
+        from packserve.engine.request import validate_request
 
-        for i, (tok, sp) in enumerate(zip(ids, params)):
-            validate_prompt(tok, self.engine.info.vocab_size, self.engine.max_model_len, sp.max_tokens)
+        for tok, sp in zip(ids, params):
+            validate_request(tok, sp, self.engine.info.vocab_size, self.engine.max_model_len)
         rids = [self.engine.add_request(p, sp, prompt_token_ids=tok) for p, tok, sp in zip(prompts, ids, params)]
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():

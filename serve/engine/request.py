@@ -73,8 +73,11 @@ class SamplingParams:
             raise ParameterError("stop strings must be non-empty strings", "stop")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ParameterError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ParameterError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise ParameterError(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}", "seed")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ParameterError("stop_token_ids must be non-negative token ids", "stop_token_ids")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ParameterError(f"min_tokens must be >= 0, got {self.min_tokens!r}", "min_tokens")
 
@@ -173,6 +176,14 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+
+
+def validate_request(token_ids: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Everything about a request that needs the model's sizes (raise ParameterError)."""
+    validate_prompt(token_ids, vocab_size, max_model_len, params.max_tokens)
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise ParameterError(f"stop_token_ids {bad[:4]} are outside the vocabulary [0, {vocab_size})", "stop_token_ids")
 
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:

@@ -27,6 +27,8 @@ def llm(checkpoint_factory):
     (dict(logprobs=50), "logprobs"),
     (dict(stop=["x"] * 17), "stop"),
     (dict(stop=[""]), "stop"),
+    (dict(seed=2**64), "seed"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, param):
     with pytest.raises(ParameterError) as e:
@@ -48,6 +50,9 @@ def test_bad_prompts_rejected_without_side_effects(llm):
     assert e.value.param == "max_tokens"
     with pytest.raises(ParameterError, match="vocabulary"):
         llm.generate([[5, 10**6]], good)
+    with pytest.raises(ParameterError, match="stop_token_ids") as e:
+        llm.generate(["hi"], SamplingParams(max_tokens=4, stop_token_ids=[10**6], min_tokens=2))
+    assert e.value.param == "stop_token_ids"
     # A bad prompt in a list queues nothing.
     with pytest.raises(ParameterError):
         llm.generate(["fine", ""], good)
