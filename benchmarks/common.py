@@ -67,3 +67,19 @@ def timeit(fn, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def hf_generate_padded(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """transformers `generate` on one left-padded batch, greedy, EOS disabled: (seconds, new tokens per prompt)."""
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    L = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - t, out[:, L:].tolist()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts  # noqa: E402
+from common import CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts  # noqa: E402
 
 
 def main() -> int:
@@ -38,19 +38,8 @@ def main() -> int:
         torch.manual_seed(0)
         hf = AutoModelForCausalLM.from_config(cfg).eval()
         save_checkpoint(hf, build_tokenizer(), tmp)
-        hf.generation_config.eos_token_id = None
-        hf.generation_config.pad_token_id = 0
+        t_hf, hf_tokens = hf_generate_padded(hf, prompts, args.new_tokens)
         L = max(map(len, prompts))
-        ids = torch.zeros(len(prompts), L, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        t = time.perf_counter()
-        with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False)
-        t_hf = time.perf_counter() - t
-        hf_tokens = out[:, L:].tolist()
 
         llm = LLM(tmp, backend="sdpa")
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)

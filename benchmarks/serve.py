@@ -13,9 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,34 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts  # noqa: E402
+from common import CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts  # noqa: E402
 
 
 def transformers_baseline(model_dir: str, prompts: list[list[int]], new_tokens: int) -> float:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    L = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
-    t = time.perf_counter()
-    with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False)
-    elapsed = time.perf_counter() - t
-    assert out.shape[1] - L == new_tokens
+    elapsed, out = hf_generate_padded(hf, prompts, new_tokens)
+    assert all(len(o) == new_tokens for o in out)
     return elapsed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _one(client, body: dict, stream: bool) -> int:
@@ -87,37 +66,14 @@ async def _all(url: str, prompts, new_tokens: int, stream: bool) -> tuple[float,
 
 
 def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bool, workdir: str) -> tuple[float, int]:
-    import httpx
+    from packserve.testing import ServerProcess
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(os.path.join(workdir, "server.log"), "w")
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "packserve", "serve", "--model", model_dir, "--port", str(port),
-                             "--num-threads", str(threads), "--dtype", "float32", "--backend", "sdpa",
-                             "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + Path(workdir, "server.log").read_text())
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.2)
-        return asyncio.run(_all(url, prompts, new_tokens, stream))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", "sdpa",
+            "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"]
+    server = ServerProcess(args, workdir)
+    with server:
+        server.wait_ready(180)
+        return asyncio.run(_all(server.url, prompts, new_tokens, stream))
 
 
 def main() -> int:

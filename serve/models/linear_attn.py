@@ -16,30 +16,9 @@ from torch import nn
 
 from packserve.layers.linear import ColumnLinear
 from packserve.layers.linear_attention import LinearAttention
-from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
 from packserve.models.base import CausalLM, ModelInfo, load_into
-from packserve.models.llama import LlamaAttention
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: dict, mixer: nn.Module):
-        super().__init__()
-        eps = cfg.get("rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = mixer
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("hidden_act", "silu"))
-
-    def forward(self, x, residual, positions, ctx):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+from packserve.models.llama import LlamaAttention, LlamaDecoderLayer
 
 
 class PackserveLinearAttentionForCausalLM(CausalLM):
@@ -68,7 +47,7 @@ class PackserveLinearAttentionForCausalLM(CausalLM):
                                         cfg.get("feature_map", "elu1"), bool(cfg.get("normalize", True)),
                                         float(cfg.get("linear_attn_eps", 1e-6)), n_lin)
                 n_lin += 1
-            layers.append(Block(cfg, mixer))
+            layers.append(LlamaDecoderLayer(cfg, i, False, False, max_model_len, mixer=mixer))
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.model.layers = nn.ModuleList(layers)

@@ -48,11 +48,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, max_positions: int):
+    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, max_positions: int,
+                 mixer: nn.Module | None = None):
+        """`mixer` replaces softmax attention as the token mixer (the linear-attention family)."""
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = LlamaAttention(cfg, layer_idx, qkv_bias, qk_norm, max_positions)
+        self.self_attn = mixer if mixer is not None else LlamaAttention(cfg, layer_idx, qkv_bias, qk_norm,
+                                                                        max_positions)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("hidden_act", "silu"),
                             bias=bool(cfg.get("mlp_bias", False)))

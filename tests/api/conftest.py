@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+
+from packserve.testing import ServerProcess, free_port  # shared with the deploy and loadtest tests
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 256
@@ -28,54 +24,6 @@ INFLIGHT_PROMPT = "The quick brown fox"
 INFLIGHT_TOKENS = 160
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m packserve serve ...` on a free port; output goes to a log file."""
-
-    def __init__(self, args: list[str], workdir: Path, env: dict | None = None, port_via_env: bool = False):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / f"server-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        full_env = {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-        if port_via_env:
-            full_env["PACKSERVE_PORT"] = str(self.port)
-        else:
-            args = [*args, "--port", str(self.port)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "packserve", "serve", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=full_env)
-
-    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 class InProcessServer:

@@ -4,31 +4,14 @@ the real server's /metrics output, and every label they filter or group on is on
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from deploy_helpers import TARGET_LABELS, label_names, metric_names, metric_queries
 
+from packserve.testing import ServerProcess
+
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _console_script() -> list[str]:
-    """The installed `packserve` console script (what the image's ENTRYPOINT runs)."""
-    script = Path(sys.executable).with_name("packserve")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "packserve"]
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +22,12 @@ def metrics_text(tmp_path_factory) -> str:
 
     work = tmp_path_factory.mktemp("deploy-server")
     model = build_tiny_checkpoint("llama", work / "tiny-llama")
-    port = _free_port()
-    # Only the flags below configure it: no PACKSERVE_* leaks in from the environment running the tests.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSERVE_")}
-    env.update(PYTHONSAFEPATH="1", TOKENIZERS_PARALLELISM="false")
-    log_path = work / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([*_console_script(), "serve", "--model", str(model), "--host", "127.0.0.1",
-                                 "--port", str(port), "--served-model-name", "tiny", "--device", "cpu",
-                                 "--dtype", "float32", "--max-model-len", "256", "--num-threads", "2"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.25)
+    # The installed console script (what the image's ENTRYPOINT runs); only these flags configure it.
+    server = ServerProcess(["--model", str(model), "--host", "127.0.0.1", "--served-model-name", "tiny",
+                            "--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--num-threads", "2"],
+                           work, clean_env=True, use_console_script=True)
+    with server:
+        url = server.url
         # One finished request so that every histogram and labelled counter has a series, and one 400 for the
         # error counter (labelled by status code).
         ok = httpx.post(url + "/v1/completions", timeout=120,
@@ -73,13 +38,6 @@ def metrics_text(tmp_path_factory) -> str:
         resp = httpx.get(url + "/metrics", timeout=10)
         assert resp.status_code == 200
         return resp.text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _exposed(text: str) -> tuple[set[str], set[str]]:

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from packserve.loadtest.cli import main
+from packserve.testing import ServerProcess
 
 
 def _has_server() -> bool:
@@ -36,36 +30,8 @@ def packserve_server(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("loadtest-e2e")
     ckpt = build_tiny_checkpoint("llama", work / "tiny-llama")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(work / "server.log", "w")
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "packserve", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--num-threads", "2"], stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"packserve serve exited {proc.returncode}:\n{(work / 'server.log').read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=1.0, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"packserve serve not ready in 120 s:\n{(work / 'server.log').read_text()}")
-            time.sleep(0.2)
-        yield url, ckpt
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with ServerProcess(["--model", str(ckpt), "--num-threads", "2"], work) as server:
+        yield server.url, ckpt
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
