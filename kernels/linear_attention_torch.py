@@ -79,19 +79,20 @@ class ChunkTable:
     max_local: int         # largest chunk count of one sequence
 
 
-def chunk_table(cu: list[int], chunk: int = CHUNK) -> ChunkTable:
-    seq, start, length, local, first = [], [], [], [], [0]
-    for n in range(len(cu) - 1):
-        bos, eos = cu[n], cu[n + 1]
-        for j, s in enumerate(range(bos, eos, chunk)):
-            seq.append(n)
-            start.append(s)
-            length.append(min(chunk, eos - s))
-            local.append(j)
-        first.append(len(seq))
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-    return ChunkTable(as_t(seq), as_t(start), as_t(length), as_t(local), as_t(first), len(seq),
-                      max(local, default=-1) + 1)
+def chunk_table(cu: list[int] | tuple[int, ...], chunk: int = CHUNK) -> ChunkTable:
+    """Vectorized on the host (no Python loop over chunks: it runs once per layer call)."""
+    bounds = torch.tensor(cu, dtype=torch.int64)
+    lens = bounds[1:] - bounds[:-1]
+    per_seq = (lens + chunk - 1) // chunk
+    first = torch.cat([torch.zeros(1, dtype=torch.int64), per_seq.cumsum(0)])
+    NT = int(first[-1])
+    seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq)
+    local = torch.arange(NT) - first[seq]
+    start = bounds[seq] + local * chunk
+    length = torch.minimum(bounds[seq + 1] - start, torch.tensor(chunk))
+    i32 = lambda t: t.to(torch.int32)  # noqa: E731
+    return ChunkTable(i32(seq), i32(start), i32(length), i32(local), i32(first), NT,
+                      int(per_seq.max()) if len(lens) else 0)
 
 
 def _zeros_state(N: int, Hkv: int, Dk: int, Dv: int, dtype: torch.dtype, device: torch.device) -> State:

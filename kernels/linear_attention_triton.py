@@ -19,6 +19,7 @@ below the half-precision output rounding).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -53,6 +54,19 @@ def _blocks(Dk: int, Dv: int) -> tuple[int, int]:
     if _interpreting():
         return _pow2(Dk), _pow2(Dv)
     return min(64, _pow2(Dk)), min(64, _pow2(Dv))
+
+
+@functools.lru_cache(maxsize=16)
+def _device_table(cu: tuple[int, ...], device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(num chunks, first chunk per sequence, chunk -> sequence, chunk start) on the device. Cached: every
+    layer of a model step sees the same boundaries, so the table is built and copied once per step."""
+    tab = chunk_table(cu, CHUNK)
+    return tab.num_chunks, *(x.to(device, non_blocking=True) for x in (tab.first, tab.seq, tab.start))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -170,8 +184,7 @@ def linear_attention_chunked_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     dev = q.device
     cu = host_seqlens(cu_seqlens, cu_seqlens_cpu)
     check_host_seqlens(cu, T)
-    tab = chunk_table(cu, CHUNK)
-    NT = tab.num_chunks
+    NT, first, seq, start = _device_table(tuple(cu), dev)
     o = out if out is not None else _alloc((T, Hq, Dv), v.dtype, dev)
     if out is not None and (tuple(out.shape) != (T, Hq, Dv) or out.stride(-1) != 1):
         raise ValueError(f"out must be [{T}, {Hq}, {Dv}] with a unit last stride, got {tuple(out.shape)}")
@@ -183,18 +196,23 @@ def linear_attention_chunked_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     HS = _alloc((max(NT, 1), Hkv, Dk, Dv), hs_dtype, dev)
     HZ = _alloc((max(NT, 1), Hkv, Dk), torch.float32, dev)
     cu_dev = cu_seqlens.to(dev, torch.int32)
-    first, seq, start = (x.to(dev, non_blocking=True) for x in (tab.first, tab.seq, tab.start))
     if initial_state is not None:
         S0, Z0 = initial_state[0].contiguous(), initial_state[1].contiguous()
     else:
         S0 = Z0 = HZ  # unused (HAS_INITIAL=False); any valid pointer
     BK, BV = _blocks(Dk, Dv)
     prec = _precision(q.dtype)
+    # The state pass is sequential along each sequence: with few (sequence, head) pairs, narrower Dv
+    # blocks give more programs to spread over the SMs.
+    bv_state = BV
+    while (bv_state > 16 and dev.type == "cuda"
+           and N * Hkv * triton.cdiv(Dk, BK) * triton.cdiv(Dv, bv_state) < _sm_count(dev)):
+        bv_state //= 2
     if N:
-        _chunk_state_kernel[(triton.cdiv(Dv, BV), triton.cdiv(Dk, BK), N * Hkv)](
+        _chunk_state_kernel[(triton.cdiv(Dv, bv_state), triton.cdiv(Dk, BK), N * Hkv)](
             k, v, cu_dev, first, S0, Z0, HS, HZ, SF if SF is not None else HZ, ZF if ZF is not None else HZ,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), Hkv, Dk, Dv,
-            C=CHUNK, BK=BK, BV=BV, HAS_INITIAL=initial_state is not None, STORE_FINAL=output_final_state,
+            C=CHUNK, BK=BK, BV=bv_state, HAS_INITIAL=initial_state is not None, STORE_FINAL=output_final_state,
             PRECISION=prec)
     if NT:
         _chunk_output_kernel[(triton.cdiv(Dv, BV), NT, Hq)](

@@ -266,12 +266,18 @@ def test_no_final_state_and_host_copy_needs_no_device_read(monkeypatch):
     host = cu.tolist()
     o_ref = lt.linear_attention_naive(q, k, v, cu)[0]
 
-    def no_read(self, *a, **kw):
-        raise AssertionError("a tensor was read back to the host")
+    def guard(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **kw):
+            if self is cu:
+                raise AssertionError("cu_seqlens was read back to the host")
+            return real(self, *a, **kw)
+        return read
 
     with monkeypatch.context() as m:
-        for name in ("tolist", "item", "__int__"):
-            m.setattr(torch.Tensor, name, no_read)
+        for name in ("tolist", "item", "__int__", "__index__", "numpy", "__iter__"):
+            m.setattr(torch.Tensor, name, guard(name))
         o, st = tr.linear_attention_chunked_triton(q, k, v, cu, output_final_state=False, cu_seqlens_cpu=host)
         with pytest.raises(AssertionError, match="read back"):  # the check itself works
             tr.linear_attention_chunked_triton(q, k, v, cu)
