@@ -117,12 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=None, help="head dim (Dk = Dv)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
     p.add_argument("--reps", type=int, default=None, help="CPU repeats (CUDA uses triton's do_bench)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (DESIGN.md §9: 2)")
     p.add_argument("--max-quadratic-gb", type=float, default=None, help="skip the quadratic form above this size")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     args.lengths = args.lengths or ([2048, 4096, 8192, 16384, 32768] if cuda else [1024, 2048])
     args.heads = args.heads or (16 if cuda else 4)
     args.dim = args.dim or (64 if cuda else 32)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     fla = fla_fn() if cuda else None
     import triton
 
-    card = torch.cuda.get_device_name() if cuda else "CPU, 2 threads"
+    card = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     print(f"# {card}; torch {torch.__version__}, triton {triton.__version__}, "
           f"fla {fla[2] if fla else 'not installed'}, varlen_attn {'yes' if varlen else 'no'}")
     print(f"# heads {args.heads}, head dim {args.dim}, {dtype}, feature map elu1, normalized; times in ms (median)")
