@@ -43,8 +43,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         logits = logits.float()
         raw = logits
-        logits = logits.clone()
         device = logits.device
+        # Copy only when a request edits its row (penalties, min_tokens): raw feeds the logprobs.
+        if any(r.params.needs_penalties or len(r.output_token_ids) < r.params.min_tokens for r in requests):
+            logits = logits.clone()
         for i, req in enumerate(requests):
             p = req.params
             if p.needs_penalties:
