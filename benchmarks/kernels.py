@@ -18,11 +18,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from packserve.kernels import crmsnorm, layernorm, rmsnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timeit  # noqa: E402
 
 EPS = 1e-6
 
@@ -162,21 +166,6 @@ def run_table(device: torch.device, dtype: torch.dtype, rows: int, widths: list[
     return results
 
 
-def _bench_e2e(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
-    """Median wall time of a whole prefill (host work included: that is what serving pays)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def run_e2e(device: torch.device, quick: bool) -> None:
     """Prefill of a GPT-2-medium-shaped model (random weights): native LayerNorm vs the converted forms."""
     import tempfile
@@ -202,7 +191,8 @@ def run_e2e(device: torch.device, quick: bool) -> None:
         for mode in ("native", "rmsnorm", "crmsnorm"):
             llm = LLM(path, norm_mode=mode, device=device.type, num_kv_blocks=4096 if not quick else 256)
             with torch.inference_mode():
-                t = _bench_e2e(lambda: llm.engine.runner.prefill_logits(prompts), device)
+                # Whole prefill, host work included: that is what serving pays.
+                t = timeit(lambda: llm.engine.runner.prefill_logits(prompts), 5, device)
             base = base or t
             print(f"  {mode:<9}{t * 1e3:>9.1f} ms   {base / t:.3f}x native")
             del llm

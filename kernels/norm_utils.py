@@ -84,6 +84,22 @@ def check_out(name: str, out: torch.Tensor | None, like: torch.Tensor) -> None:
         check_same(name, out, like)
 
 
+def fused_outputs(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None,
+                  residual_out: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, residual_out) buffers of a fused add + norm: given, x and residual themselves (inplace), or new."""
+    if inplace:
+        if out is not None or residual_out is not None:
+            raise ValueError("inplace=True writes into x and residual; do not pass out/residual_out")
+        out, residual_out = x, residual
+    check_out("out", out, x)
+    check_out("residual_out", residual_out, x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual_out is None else residual_out
+    if residual_out.data_ptr() == out.data_ptr() and x.numel():
+        raise ValueError("out and residual_out must be different tensors")
+    return out, residual_out
+
+
 def launch_config(rows: int, width: int, block_n: int | None = None) -> tuple[int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, num_warps, single): the tile per program and whether one column block covers the row.
 

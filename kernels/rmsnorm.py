@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, launch_config,
+from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_outputs, launch_config,
                                           load_row_input, stat_dtype, store_scaled, use_triton)
 
 
@@ -99,16 +99,7 @@ def fused_add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: t
     x2 = as_rows("x", x)
     check_same("residual", residual, x)
     check_param("weight", weight, x.shape[-1], x.device)
-    if inplace:
-        if out is not None or residual_out is not None:
-            raise ValueError("inplace=True writes into x and residual; do not pass out/residual_out")
-        out, residual_out = x, residual
-    check_out("out", out, x)
-    check_out("residual_out", residual_out, x)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual_out is None else residual_out
-    if residual_out.data_ptr() == out.data_ptr() and x.numel():
-        raise ValueError("out and residual_out must be different tensors")
+    out, residual_out = fused_outputs(x, residual, out, residual_out, inplace)
     _launch(x2, as_rows("residual", residual), weight, as_rows("out", out), as_rows("residual_out", residual_out),
             float(eps), float(offset), block_n)
     return out, residual_out
