@@ -71,7 +71,9 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if not self._open:
             raise StopAsyncIteration
-        item = await self._sub.queue.get()
+        return self._take(await self._sub.queue.get())
+
+    def _take(self, item: RequestOutput | BaseException) -> RequestOutput:
         if isinstance(item, BaseException):
             self._open.clear()
             raise item
@@ -87,12 +89,7 @@ class RequestStream:
             item = self._sub.queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
-        if isinstance(item, BaseException):
-            self._open.clear()
-            raise item
-        if item.finished:
-            self._open.discard(item.request_id)
-        return item
+        return self._take(item)
 
     def abort(self) -> None:
         """Abort every unfinished request of this submission (idempotent, non-blocking)."""
