@@ -165,6 +165,8 @@ class VarlenBackend(AttentionBackend):
         else:
             q = q * (scale * q.shape[-1] ** 0.5)
         cu = meta.cu_seqlens
+        # Flash kernels want dense [T, H, D]; q/k/v arrive as column slices of the fused QKV output.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return self.fn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
 
 
@@ -186,6 +188,7 @@ class XformersBackend(AttentionBackend):
         if k.shape[1] != q.shape[1]:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = self.xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=meta.extra, scale=scale)
         return out[0]
 
