@@ -196,10 +196,14 @@ class LLMEngine:
     def _on_token(self, req: Request, logprob) -> RequestOutput:
         track = self._tracks[req.request_id]
         now = time.monotonic()
-        if req.first_token_time is None:
+        if req.first_token_time is None and req.output_token_ids:
             req.first_token_time = now
         if logprob is not None:
             track.logprobs.append(logprob)
+        if not req.output_token_ids:  # max_tokens=0: the prompt was scored, nothing generated
+            track.finished_time = now
+            self._tracks.pop(req.request_id, None)
+            return self._output(track)
         stops = req.params.stop
         if track.detok is not None:
             before = len(track.detok.text)
@@ -233,6 +237,7 @@ class LLMEngine:
         comp = CompletionOutput(0, track.text, list(req.output_token_ids), reason, req.stop_reason,
                                 list(track.logprobs) if req.params.logprobs is not None else None)
         return RequestOutput(req.request_id, track.prompt, req.prompt_token_ids, [comp], req.is_finished,
+                             prompt_logprobs=req.prompt_logprobs,
                              arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
                              first_token_time=req.first_token_time, finished_time=track.finished_time,
                              num_preemptions=req.num_preemptions)

@@ -37,6 +37,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per sampled token
+    # Logprob of every prompt token given the tokens before it (+ top n alternatives); the first is None.
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
 
@@ -46,8 +48,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ParameterError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        # max_tokens=0 scores the prompt only (echo + logprobs, as evaluation harnesses use it).
+        min_tokens_out = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < min_tokens_out:
+            raise ParameterError(f"max_tokens must be an integer >= {min_tokens_out}, got {self.max_tokens!r}"
+                                 + (" (0 is allowed with prompt logprobs)" if min_tokens_out else ""), "max_tokens")
         _finite("temperature", self.temperature)
         if self.temperature < 0:
             raise ParameterError(f"temperature must be >= 0, got {self.temperature}", "temperature")
@@ -73,6 +78,9 @@ class SamplingParams:
             raise ParameterError("stop strings must be non-empty strings", "stop")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ParameterError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ParameterError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                                 "prompt_logprobs")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not -2**63 <= self.seed < 2**64):
             raise ParameterError(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}", "seed")
@@ -123,6 +131,8 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     state_slot: int | None = None  # linear-attention state slot while running
+    # Filled during prefill when params.prompt_logprobs is set: one entry per prompt token, None first.
+    prompt_logprobs: list | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
@@ -170,6 +180,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # Per prompt token (None for the first): (its Logprob, top-n alternatives), when asked for.
+    prompt_logprobs: list | None = None
     # Timestamps (time.monotonic) for metrics.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

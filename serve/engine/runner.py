@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from packserve.engine.kv_cache import KVCache, slots_for
+from packserve.engine.kv_cache import KVCache
 from packserve.engine.packing import build_packed_batch
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
@@ -165,6 +165,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
         hidden, last_index, stats = self._forward(out)
         dev = self.device
+        self._prompt_logprobs(out, hidden, last_index)
         to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
         if not to_sample:
             return {}, {}, stats
@@ -175,6 +176,34 @@ class ModelRunner:
         tokens = {r.request_id: t for r, t in zip(reqs, result.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(reqs, result.logprobs) if lp is not None}
         return tokens, logprobs, stats
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int],
+                         rows_per_chunk: int = 512) -> None:
+        """Score prompt tokens for requests that asked (request.prompt_logprobs grows as chunks are prefilled).
+        Position j predicts prompt token j + 1; a recomputed (preempted) prompt is not scored twice."""
+        from packserve.engine.request import Logprob
+
+        for k, s in enumerate(out.scheduled):
+            req = s.request
+            n_top = req.params.prompt_logprobs
+            if n_top is None or s.context_len >= req.num_prompt_tokens:
+                continue
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            first = max(s.context_len, len(req.prompt_logprobs) - 1)
+            end = min(s.context_len + s.num_new_tokens, req.num_prompt_tokens - 1)
+            flat0 = last_index[k] - s.num_new_tokens + 1 - s.context_len  # flat index of position 0
+            for a in range(first, end, rows_per_chunk):
+                b = min(end, a + rows_per_chunk)
+                idx = torch.arange(flat0 + a, flat0 + b, device=hidden.device)
+                lp = torch.log_softmax(self.model.compute_logits(hidden.index_select(0, idx)).float(), dim=-1)
+                targets = torch.tensor(req.prompt_token_ids[a + 1:b + 1], device=hidden.device)
+                chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+                tops = lp.topk(n_top, dim=-1) if n_top else None
+                for r in range(b - a):
+                    top = ([Logprob(int(t), float(v)) for v, t in zip(tops.values[r].tolist(), tops.indices[r].tolist())]
+                           if tops is not None else [])
+                    req.prompt_logprobs.append((Logprob(int(targets[r]), chosen[r]), top))
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         fresh = [s for s in out.scheduled if s.context_len == 0]

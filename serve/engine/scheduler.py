@@ -176,6 +176,10 @@ class Scheduler:
             req.num_computed_tokens += entry.num_new_tokens
             if not entry.sample:
                 continue
+            if req.params.max_tokens == 0:  # prompt scoring only: nothing is generated
+                changed.append(req)
+                self._finish(req, FinishReason.LENGTH, None)
+                continue
             token = sampled[req.request_id]
             req.output_token_ids.append(token)
             changed.append(req)
