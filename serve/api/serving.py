@@ -68,7 +68,8 @@ def _param_error(e: ParameterError) -> APIError:
     return APIError(400, e.message, e.param, "invalid_value")
 
 
-def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None) -> SamplingParams:
+def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
     stop = req.stop if req.stop is not None else ()
     for t in req.stop_token_ids or ():
         if not 0 <= t < state.vocab_size:
@@ -83,7 +84,7 @@ def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: in
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
-            min_tokens=req.min_tokens)
+            min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs)
     except ParameterError as e:
         raise _param_error(e) from None
 
@@ -130,7 +131,9 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
         if echo:
             echoed = text if text is not None else (state.tokenizer.decode(ids) if state.tokenizer else "")
         for j in range(req.n):
-            params = _sampling(state, req, mt, logprobs, _seed(req.seed, j))
+            # echo + logprobs scores the prompt too (max_tokens=0 then means "score only").
+            params = _sampling(state, req, mt, logprobs, _seed(req.seed, j),
+                               prompt_logprobs=logprobs if (echo and logprobs is not None) else None)
             rid = f"{jid}-{p_idx * req.n + j}"
             reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
             choices[rid] = _Choice(p_idx * req.n + j, echoed)
@@ -141,9 +144,6 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
 
 def prepare_completion(state, req: CompletionRequest) -> Job:
     _check_common(state, req)
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
-                       "echo", "unsupported_parameter")
     p = req.prompt
     if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) * req.n > state.max_waiting:
         # Refuse oversized batches before tokenizing them.
@@ -255,8 +255,8 @@ def _tok(state, tid: int) -> str:
     return state.tokenizer.decode([tid]) if state.tokenizer is not None else f"<{tid}>"
 
 
-def _lp(x: float) -> float:
-    return x if x > MIN_LOGPROB else MIN_LOGPROB
+def _lp(x: float | None) -> float | None:
+    return x if x is None or x > MIN_LOGPROB else MIN_LOGPROB
 
 
 def completion_logprobs(state, entries, offset: int) -> dict:
@@ -265,10 +265,20 @@ def completion_logprobs(state, entries, offset: int) -> dict:
         s = _tok(state, chosen.token_id)
         tokens.append(s)
         token_lps.append(_lp(chosen.logprob))
-        tops.append({_tok(state, t.token_id): _lp(t.logprob) for t in top} or None)
+        tops.append(({_tok(state, t.token_id): _lp(t.logprob) for t in top} or None) if chosen.logprob is not None
+                    else None)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprob_entries(out: RequestOutput) -> list:
+    """The prompt's entries for echo + logprobs; the first token has no logprob (OpenAI: null)."""
+    from packserve.engine.request import Logprob
+
+    pl = out.prompt_logprobs or []
+    first = (Logprob(out.prompt_token_ids[0], None), [])
+    return [first] + [e for e in pl[1:]]
 
 
 def chat_logprobs(state, entries) -> dict:
@@ -290,10 +300,13 @@ def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
     for rid, ch in sorted(job.choices.items(), key=lambda kv: kv[1].index):
         out = finals[rid]
         comp = out.outputs[0]
-        lps = comp.logprobs if job.logprobs is not None else None
+        lps = (comp.logprobs or []) if job.logprobs is not None else None
         if job.kind == "completion":
+            offset = len(ch.prompt_text)
+            if lps is not None and job.echo:
+                lps, offset = echo_logprob_entries(out) + lps, 0
             choices.append({"index": ch.index, "text": ch.prompt_text + comp.text,
-                            "logprobs": completion_logprobs(state, lps, len(ch.prompt_text)) if lps is not None
+                            "logprobs": completion_logprobs(state, lps, offset) if lps is not None
                             else None,
                             "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
         else:
@@ -327,12 +340,15 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
     if job.kind == "chat" and not ch.started:
         chunks.append(_sse(_chunk(job, {"index": ch.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None})))
+    offset = ch.sent_text + (len(ch.prompt_text) if job.echo else 0)
     if job.kind == "completion" and not ch.started and ch.prompt_text:
         text = ch.prompt_text + text
+        if job.echo and job.logprobs is not None:  # the echoed prompt's logprobs lead the first chunk
+            new_lps, offset = echo_logprob_entries(out) + (new_lps or []), 0
     ch.started = True
     if text or new_lps or finished:
         if job.kind == "completion":
-            lp = completion_logprobs(state, new_lps, ch.sent_text) if new_lps is not None else None
+            lp = completion_logprobs(state, new_lps, offset) if new_lps is not None else None
             choice = {"index": ch.index, "text": text, "logprobs": lp,
                       "finish_reason": comp.finish_reason if finished else None}
         else:

@@ -198,12 +198,12 @@ class LLMEngine:
         now = time.monotonic()
         if req.first_token_time is None and req.output_token_ids:
             req.first_token_time = now
-        if logprob is not None:
-            track.logprobs.append(logprob)
         if not req.output_token_ids:  # max_tokens=0: the prompt was scored, nothing generated
             track.finished_time = now
             self._tracks.pop(req.request_id, None)
             return self._output(track)
+        if logprob is not None:
+            track.logprobs.append(logprob)
         stops = req.params.stop
         if track.detok is not None:
             before = len(track.detok.text)

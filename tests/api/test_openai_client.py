@@ -111,6 +111,32 @@ def test_echo_and_stop(openai_client, offline_llm):
         assert got.choices[0].finish_reason == "stop"
 
 
+def test_echo_with_logprobs_scores_the_prompt(openai_client, offline_llm, server, auth):
+    """lm-eval style loglikelihood: echo + logprobs (+ max_tokens=0) returns the prompt tokens' logprobs."""
+    prompt = "The quick brown fox jumps"
+    ids = offline_llm.tokenizer.encode(prompt, add_special_tokens=False)
+    ref = offline_llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=1))[0].prompt_logprobs
+    for max_tokens in (0, 3):
+        out = openai_client.completions.create(model="llama", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                               echo=True, logprobs=1)
+        lp = out.choices[0].logprobs
+        assert out.choices[0].text.startswith(prompt)
+        assert len(lp.token_logprobs) == len(ids) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([e[0].logprob for e in ref[1:]], abs=1e-4)
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert out.usage.completion_tokens == max_tokens
+    # Streamed: the first chunk carries the echoed prompt and its logprobs.
+    stream = openai_client.completions.create(model="llama", prompt=prompt, max_tokens=2, temperature=0,
+                                              echo=True, logprobs=0, stream=True)
+    chunks = [c for c in stream if c.choices]
+    first = chunks[0].choices[0]
+    assert first.text.startswith(prompt) and first.logprobs.token_logprobs[0] is None
+    streamed = [x for c in chunks for x in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
+    assert len(streamed) == len(ids) + 2
+    assert streamed[1:len(ids)] == pytest.approx([e[0].logprob for e in ref[1:]], abs=1e-4)
+
+
 def test_models_version_health(server, auth):
     r = httpx.get(server.url + "/v1/models", headers=auth)
     assert r.status_code == 200

@@ -51,9 +51,10 @@ def test_prompt_logprobs_match_transformers(reference, opts):
 def test_max_tokens_zero_scores_without_generating(reference):
     path, refs = reference
     llm = LLM(path)
-    outs = llm.generate(prompts(), SamplingParams(max_tokens=0, prompt_logprobs=0))
+    outs = llm.generate(prompts(), SamplingParams(max_tokens=0, prompt_logprobs=0, logprobs=2))
     for p, o, ref in zip(prompts(), outs, refs):
         assert o.finished and o.outputs[0].token_ids == [] and o.outputs[0].text == ""
+        assert o.outputs[0].logprobs == []
         assert o.outputs[0].finish_reason == "length"
         total = sum(e[0].logprob for e in o.prompt_logprobs[1:])
         want = sum(float(ref[j - 1, p[j]]) for j in range(1, len(p)))
