@@ -89,13 +89,15 @@ class ModelRunner:
                     seg[r, col:col + n] = s
                     col += n
                 seg[r, col:] = -1 - torch.arange(C - col)  # each pad slot its own segment: never all-masked
-            pos = torch.arange(C)
-            mask = (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
             meta.num_rows, meta.capacity = R, C
             meta.row_index = torch.tensor(row_index, dtype=torch.long).to(self.device, non_blocking=True)
-            # Additive float mask built once per step: SDPA would convert a bool mask in every layer.
-            additive = torch.zeros(mask.shape, dtype=self.kv_cache.data.dtype).masked_fill_(~mask, float("-inf"))
-            meta.mask = additive.unsqueeze(1).to(self.device, non_blocking=True)
+            meta.segments = seg.to(self.device, non_blocking=True)
+            if self.backend.dense_mask:
+                pos = torch.arange(C)
+                mask = (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+                # Additive float mask built once per step: SDPA would convert a bool mask in every layer.
+                additive = torch.zeros(mask.shape, dtype=self.kv_cache.data.dtype).masked_fill_(~mask, float("-inf"))
+                meta.mask = additive.unsqueeze(1).to(self.device, non_blocking=True)
         self.backend.prepare(meta, self.device)
         efficiency = layout.efficiency if self.backend.uses_rows else 1.0
         return batch, meta, efficiency

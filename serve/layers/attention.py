@@ -31,7 +31,8 @@ class PackedMeta:
     num_rows: int = 0
     capacity: int = 0
     row_index: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # bool [R, 1, C, C]
+    segments: torch.Tensor | None = None  # long [R, C]: prompt index within the row; pads unique negatives
+    mask: torch.Tensor | None = None  # additive [R, 1, C, C] (backends with dense_mask)
     extra: Any = None  # backend-specific (flex BlockMask, xformers bias)
 
 
@@ -78,7 +79,8 @@ def block_diagonal_causal_mask(seq_lens: list[int], capacity: int | None = None,
 
 class AttentionBackend:
     name = "base"
-    uses_rows = False
+    uses_rows = False  # wants the packed rows layout (row_index, segments)
+    dense_mask = False  # wants the additive [R, 1, C, C] mask too
 
     def prepare(self, meta: PackedMeta, device: torch.device) -> None:
         """Build per-step structures shared by all layers."""
@@ -92,30 +94,51 @@ class SdpaBackend(AttentionBackend):
 
     name = "sdpa"
     uses_rows = True
+    dense_mask = True
 
     def packed(self, q, k, v, meta, scale):
-        R, C = meta.num_rows, meta.capacity
-        H = q.shape[1]
+        out = F.scaled_dot_product_attention(to_rows(q, meta), to_rows(k, meta), to_rows(v, meta),
+                                             attn_mask=meta.mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return from_rows(out, meta)
 
-        def rows(x):
-            buf = x.new_zeros(R * C, x.shape[1], x.shape[2])
-            buf.index_copy_(0, meta.row_index, x)
-            return buf.view(R, C, x.shape[1], x.shape[2]).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=meta.mask, scale=scale,
-                                             enable_gqa=k.shape[1] != H)
-        out = out.transpose(1, 2).reshape(R * C, H, v.shape[2])
-        return out.index_select(0, meta.row_index)
+def to_rows(x: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+    """Flat [T, H, D] -> zero-padded rows [R, H, C, D]."""
+    R, C = meta.num_rows, meta.capacity
+    buf = x.new_zeros(R * C, x.shape[1], x.shape[2])
+    buf.index_copy_(0, meta.row_index, x)
+    return buf.view(R, C, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def from_rows(out: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+    """Rows [R, H, C, D] -> the real tokens, flat [T, H, D]."""
+    R, H, C, D = out.shape
+    return out.transpose(1, 2).reshape(R * C, H, D).index_select(0, meta.row_index)
 
 
 class FlexBackend(AttentionBackend):
-    """FlexAttention with a document mask over the flat tokens (block-sparse: skips cross-prompt blocks)."""
+    """FlexAttention with a document mask (block-sparse: skips cross-prompt blocks).
+
+    On CUDA it runs over the flat tokens (one sequence, no padding). Eager FlexAttention on CPU materializes
+    the whole score matrix (T^2: 5 GB for 8k tokens), so there it runs over the packed rows (R x C^2)."""
 
     name = "flex"
+
+    def __init__(self, device: torch.device):
+        self.uses_rows = device.type != "cuda"
 
     def prepare(self, meta, device):
         from torch.nn.attention.flex_attention import create_block_mask
 
+        if self.uses_rows:
+            seg = meta.segments
+
+            def row_document_causal(b, h, q_idx, kv_idx):
+                return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
+
+            meta.extra = create_block_mask(row_document_causal, meta.num_rows, None, meta.capacity, meta.capacity,
+                                           device=device)
+            return
         doc = torch.repeat_interleave(torch.arange(len(meta.seq_lens), device=device),
                                       torch.tensor(meta.seq_lens, device=device))
 
@@ -127,8 +150,13 @@ class FlexBackend(AttentionBackend):
     def packed(self, q, k, v, meta, scale):
         from torch.nn.attention.flex_attention import flex_attention
 
+        gqa = k.shape[1] != q.shape[1]
+        if self.uses_rows:
+            out = flex_attention(to_rows(q, meta), to_rows(k, meta), to_rows(v, meta), block_mask=meta.extra,
+                                 scale=scale, enable_gqa=gqa)
+            return from_rows(out, meta)
         out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                             block_mask=meta.extra, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+                             block_mask=meta.extra, scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1)
 
 
@@ -220,7 +248,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "sdpa":
         return SdpaBackend()
     if name == "flex":
-        return FlexBackend()
+        return FlexBackend(device)
     if name == "varlen":
         if device.type != "cuda":
             raise ValueError("backend 'varlen' needs a CUDA device (torch varlen_attn is flash attention)")
