@@ -276,16 +276,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _attend_group(q, k_cache, v_cache, g: PagedGroup, scale: float) -> torch.Tensor:
     B, Q = g.batch, g.max_q
     H, D = q.shape[1], q.shape[2]
-    qb = q.new_zeros(B * Q, H, D)
-    qb.index_copy_(0, g.q_index, q)
-    qb = qb.view(B, Q, H, D).transpose(1, 2)
+    if Q == 1:  # pure decode: one query per request, already in order
+        qb = q.view(B, 1, H, D).transpose(1, 2)
+    else:
+        qb = q.new_zeros(B * Q, H, D)
+        qb.index_copy_(0, g.q_index, q)
+        qb = qb.view(B, Q, H, D).transpose(1, 2)
     # index_select on the flat slot list: much faster than advanced indexing with a 2-D index on CPU.
     flat = g.kv_slots.view(-1)
     kb = k_cache.index_select(0, flat).view(B, -1, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
     vb = v_cache.index_select(0, flat).view(B, -1, *v_cache.shape[1:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=kb.shape[1] != H)
     out = out.transpose(1, 2).reshape(B * Q, H, vb.shape[-1])
-    return out.index_select(0, g.q_index)
+    return out if Q == 1 else out.index_select(0, g.q_index)
 
 
 class Attention(torch.nn.Module):
