@@ -132,13 +132,11 @@ class ModelRunner:
             blocks = s.request.block_ids[:nb]
             table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
             q_index.extend(range(b * Q, b * Q + q_lens[b]))
-        # Slot of token j = block_table[j // bs] * bs + j % bs; positions past a request's length are masked
-        # below and point at slots of block 0 (valid memory).
-        j = torch.arange(L)
-        slots = table[:, j // bs] * bs + (j % bs)
+        # Whole blocks are gathered (token j of a request sits at block_table[j // bs], offset j % bs);
+        # positions past a request's length are masked below (table padding points at block 0: valid memory).
         ctx = torch.tensor([s.context_len for s in seqs]).view(B, 1, 1)
         qi = torch.arange(Q).view(1, Q, 1)
-        kj = torch.arange(L).view(1, 1, L)
+        kj = torch.arange(nb * bs).view(1, 1, nb * bs)
         valid_q = qi < torch.tensor(q_lens).view(B, 1, 1)
         mask = (kj <= ctx + qi) & valid_q
         mask |= (~valid_q) & (kj == 0)  # pad query rows look at slot 0 instead of nothing (no NaN)
@@ -146,7 +144,7 @@ class ModelRunner:
         return PagedGroup(
             token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long).to(dev),
             q_index=torch.tensor(q_index, dtype=torch.long).to(dev, non_blocking=True),
-            kv_slots=slots.to(dev, non_blocking=True), mask=mask.unsqueeze(1).to(dev, non_blocking=True),
+            block_table=table.to(dev, non_blocking=True), mask=mask.unsqueeze(1).to(dev, non_blocking=True),
             batch=B, max_q=Q)
 
     def _linear_meta(self, seqs: list[ScheduledRequest]):

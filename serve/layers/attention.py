@@ -42,8 +42,8 @@ class PagedGroup:
 
     token_index: torch.Tensor | None  # long: positions of the group's query tokens in the paged segment
     q_index: torch.Tensor  # long [Tq_group]: token -> b * max_q + i
-    kv_slots: torch.Tensor  # long [B, max_kv]
-    mask: torch.Tensor  # bool [B, 1, max_q, max_kv]
+    block_table: torch.Tensor  # long [B, nb]: KV blocks of each request (padded with block 0)
+    mask: torch.Tensor  # bool [B, 1, max_q, nb * block_size]
     batch: int
     max_q: int
 
@@ -282,10 +282,14 @@ def _attend_group(q, k_cache, v_cache, g: PagedGroup, scale: float) -> torch.Ten
         qb = q.new_zeros(B * Q, H, D)
         qb.index_copy_(0, g.q_index, q)
         qb = qb.view(B, Q, H, D).transpose(1, 2)
-    # index_select on the flat slot list: much faster than advanced indexing with a 2-D index on CPU.
-    flat = g.kv_slots.view(-1)
-    kb = k_cache.index_select(0, flat).view(B, -1, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
-    vb = v_cache.index_select(0, flat).view(B, -1, *v_cache.shape[1:]).transpose(1, 2)
+    # Gather whole blocks (one contiguous block_size x Hkv x D chunk each), not token slots: far fewer,
+    # larger copies. index_select beats advanced indexing with a 2-D index on CPU.
+    blocks = g.block_table.view(-1)
+    bs = g.mask.shape[-1] // g.block_table.shape[1]
+    kb = k_cache.view(-1, bs * k_cache.shape[1] * k_cache.shape[2]).index_select(0, blocks)
+    vb = v_cache.view(-1, bs * v_cache.shape[1] * v_cache.shape[2]).index_select(0, blocks)
+    kb = kb.view(B, -1, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, nb * bs, D]
+    vb = vb.view(B, -1, *v_cache.shape[1:]).transpose(1, 2)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=kb.shape[1] != H)
     out = out.transpose(1, 2).reshape(B * Q, H, vb.shape[-1])
     return out if Q == 1 else out.index_select(0, g.q_index)
