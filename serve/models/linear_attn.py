@@ -9,26 +9,21 @@ softmax layers keep paged KV blocks; a hybrid model uses both.
 
 from __future__ import annotations
 
-from typing import Iterable
 
-import torch
 from torch import nn
 
 from packserve.layers.linear import ColumnLinear
 from packserve.layers.linear_attention import LinearAttention
 from packserve.layers.norm import RMSNorm
-from packserve.models.base import CausalLM, ModelInfo, load_into
-from packserve.models.llama import LlamaAttention, LlamaDecoderLayer
+from packserve.models.base import CausalLM, ModelInfo
+from packserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
-class PackserveLinearAttentionForCausalLM(CausalLM):
-    stacked_params = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
-    }
+class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
+    """Llama's weight names, loading and LM head; its own layer stack (mixers chosen per layer)."""
 
     def __init__(self, cfg: dict, max_model_len: int):
-        super().__init__()
+        CausalLM.__init__(self)
         self.cfg = cfg
         n = cfg["num_hidden_layers"]
         softmax = sorted(set(cfg.get("softmax_attention_layers") or []))
@@ -74,18 +69,3 @@ class PackserveLinearAttentionForCausalLM(CausalLM):
             x, residual = layer(x, residual, positions, ctx)
         x, _ = self.model.norm(x, residual)
         return x
-
-    def compute_logits(self, hidden):
-        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def rename(name: str) -> str | None:
-            if name == "lm_head.weight" and self.tie:
-                return None
-            return name
-
-        loaded = load_into(self, weights, rename, self.stacked_params)
-        missing = {n for n, _ in self.named_parameters()} - loaded
-        if missing:
-            raise KeyError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
