@@ -69,16 +69,35 @@ def timeit(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def hf_generate_padded(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    """transformers `generate` on one left-padded batch, greedy, EOS disabled: (seconds, new tokens per prompt)."""
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
+def bench(fn, device: torch.device, reps: int = 20, graph: bool = False) -> float:
+    """Median seconds per call: triton's do_bench (CUDA events; CUDA-graph replays with graph=True) on GPU,
+    wall time on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    return timeit(fn, reps, device)
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of one left-padded batch (pad id 0)."""
     L = max(map(len, prompts))
     ids = torch.zeros(len(prompts), L, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = 1
+    return ids, mask
+
+
+def hf_generate_padded(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    """transformers `generate` on one left-padded batch, greedy, EOS disabled: (seconds, new tokens per prompt)."""
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ids, mask = left_pad(prompts)
+    L = ids.shape[1]
     t = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)

@@ -14,9 +14,7 @@ CPU (`--quick`): the torch paths at small sizes, only to show the script runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +24,7 @@ import torch
 from packserve.kernels import crmsnorm, layernorm, rmsnorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timeit  # noqa: E402
+from common import bench as common_bench, timeit  # noqa: E402
 
 EPS = 1e-6
 
@@ -35,20 +33,7 @@ GRAPH = False  # --graph: time CUDA-graph replays, which hides host launch overh
 
 
 def bench(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
-    """Median seconds per call."""
-    if device.type == "cuda":
-        import triton.testing
-
-        if GRAPH:
-            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return common_bench(fn, device, reps, graph=GRAPH)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:

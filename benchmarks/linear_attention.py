@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -28,19 +28,8 @@ from packserve.kernels.linear_attention import apply_feature_map, linear_attenti
 from packserve.kernels.linear_attention_torch import linear_attention_quadratic
 
 
-def bench(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median seconds per call."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench  # noqa: E402
 
 
 def varlen_fn() -> Callable | None:

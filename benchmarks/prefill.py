@@ -16,17 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_LOGNORMAL, GPU_LOGNORMAL, cpu_llama_config, gpu_llama_config, lognormal_prompts, timeit  # noqa: E402
+from common import (CPU_LOGNORMAL, GPU_LOGNORMAL, cpu_llama_config, gpu_llama_config, left_pad,  # noqa: E402
+                    lognormal_prompts, timeit)
 
 
 def padded_forward(hf, prompts, device):
     """The Prepacking paper's baseline: one left-padded batch, attention mask, last-token logits."""
-    L = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
+    ids, mask = left_pad(prompts)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
 

@@ -70,9 +70,7 @@ def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bo
 
     args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", "sdpa",
             "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"]
-    server = ServerProcess(args, workdir)
-    with server:
-        server.wait_ready(180)
+    with ServerProcess(args, workdir, ready_timeout=180) as server:
         return asyncio.run(_all(server.url, prompts, new_tokens, stream))
 
 

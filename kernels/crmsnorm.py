@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_outputs, launch_config,
-                                          load_row_input, stat_dtype, store_scaled, use_triton)
+from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
+                                          launch_config, load_row_input, stat_dtype, store_scaled, use_triton)
 
 
 @triton.jit
@@ -128,13 +128,7 @@ def crms_norm_ref(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | Non
 def fused_add_crms_norm_ref(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e-5,
                             weight: torch.Tensor | None = None, inplace: bool = False,
                             full_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = x + residual
-    out = crms_norm_ref(new_residual, eps, weight, full_width)
-    if inplace:
-        residual.copy_(new_residual)
-        x.copy_(out)
-        return x, residual
-    return out, new_residual
+    return fused_add_ref(lambda h: crms_norm_ref(h, eps, weight, full_width), x, residual, inplace)
 
 
 def crms_norm(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,

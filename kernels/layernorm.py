@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_outputs, launch_config,
-                                          load_row_input, stat_dtype, use_triton)
+from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
+                                          launch_config, load_row_input, stat_dtype, use_triton)
 
 
 @triton.jit
@@ -130,13 +130,7 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 def fused_add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                              bias: torch.Tensor | None, eps: float = 1e-5,
                              inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = x + residual
-    out = layer_norm_ref(new_residual, weight, bias, eps)
-    if inplace:
-        residual.copy_(new_residual)
-        x.copy_(out)
-        return x, residual
-    return out, new_residual
+    return fused_add_ref(lambda h: layer_norm_ref(h, weight, bias, eps), x, residual, inplace)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -20,7 +20,6 @@ below the half-precision output rounding).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -28,8 +27,8 @@ import triton.language as tl
 
 from packserve.kernels.linear_attention_torch import (CHUNK, State, check_host_seqlens, check_inputs, chunk_table,
                                                       host_seqlens)
+from packserve.kernels.norm_utils import SUPPORTED_DTYPES, interpreting
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tests set this to fill every buffer the wrappers allocate with NaN, so unwritten elements show.
 POISON_ALLOCATIONS = False
 
@@ -40,10 +39,6 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
 
@@ -51,7 +46,7 @@ def _pow2(n: int) -> int:
 def _blocks(Dk: int, Dv: int) -> tuple[int, int]:
     # The interpreter runs programs one by one in Python: fewer, larger blocks. On a GPU, 64 x 64 fp32
     # state tiles keep registers in check while giving N x H x (Dk/64) x (Dv/64) programs.
-    if _interpreting():
+    if interpreting():
         return _pow2(Dk), _pow2(Dv)
     return min(64, _pow2(Dk)), min(64, _pow2(Dv))
 
@@ -175,8 +170,8 @@ def _chunk_output_kernel(Q, K, V, O, CU, SEQ, START, HS, HZ,
 def linear_attention_chunked_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                                     normalize: bool = True, eps: float = 1e-6, initial_state: State | None = None,
                                     output_final_state: bool = True,
-                                    cu_seqlens_cpu: torch.Tensor | list[int] | None = None,
-                                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
+                                    cu_seqlens_cpu: torch.Tensor | list[int] | None = None
+                                    ) -> tuple[torch.Tensor, State | None]:
     """Chunked (C = 64) forward. Pass `cu_seqlens_cpu` (a host copy) to avoid reading cu_seqlens back."""
     T, Hq, Hkv, Dk, Dv, N = check_inputs(q, k, v, cu_seqlens, initial_state)
     _check_dtypes(q, k, v)
@@ -185,9 +180,7 @@ def linear_attention_chunked_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     cu = host_seqlens(cu_seqlens, cu_seqlens_cpu)
     check_host_seqlens(cu, T)
     NT, first, seq, start = _device_table(tuple(cu), dev)
-    o = out if out is not None else _alloc((T, Hq, Dv), v.dtype, dev)
-    if out is not None and (tuple(out.shape) != (T, Hq, Dv) or out.stride(-1) != 1):
-        raise ValueError(f"out must be [{T}, {Hq}, {Dv}] with a unit last stride, got {tuple(out.shape)}")
+    o = _alloc((T, Hq, Dv), v.dtype, dev)
     SF = _alloc((N, Hkv, Dk, Dv), torch.float32, dev) if output_final_state else None
     ZF = _alloc((N, Hkv, Dk), torch.float32, dev) if output_final_state else None
     # Chunk-start states in the input dtype for bf16 (halves their traffic; bf16 keeps the range),
@@ -278,7 +271,7 @@ def linear_attention_recurrent_triton(q: torch.Tensor, k: torch.Tensor, v: torch
     ZF = _alloc((N, Hkv, Dk), torch.float32, dev) if output_final_state else o
     S0, Z0 = (initial_state[0].contiguous(), initial_state[1].contiguous()) if initial_state is not None else (o, o)
     BK = _pow2(Dk)
-    BV = _pow2(Dv) if _interpreting() else min(64, _pow2(Dv))
+    _, BV = _blocks(Dk, Dv)
     if N and T:
         _recurrent_kernel[(triton.cdiv(Dv, BV), N * Hkv)](
             q, k, v, o, cu_seqlens.to(dev, torch.int32), S0, Z0, SF, ZF,

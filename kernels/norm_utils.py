@@ -84,6 +84,17 @@ def check_out(name: str, out: torch.Tensor | None, like: torch.Tensor) -> None:
         check_same(name, out, like)
 
 
+def fused_add_ref(norm, x: torch.Tensor, residual: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference fused add + norm: (norm(x + residual), x + residual); inplace writes them into x and residual."""
+    new_residual = x + residual
+    out = norm(new_residual)
+    if inplace:
+        residual.copy_(new_residual)
+        x.copy_(out)
+        return x, residual
+    return out, new_residual
+
+
 def fused_outputs(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None,
                   residual_out: torch.Tensor | None, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The (out, residual_out) buffers of a fused add + norm: given, x and residual themselves (inplace), or new."""

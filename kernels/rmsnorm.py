@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_outputs, launch_config,
-                                          load_row_input, stat_dtype, store_scaled, use_triton)
+from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
+                                          launch_config, load_row_input, stat_dtype, store_scaled, use_triton)
 
 
 @triton.jit
@@ -119,13 +119,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                            eps: float = 1e-6, inplace: bool = False,
                            offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = x + residual
-    out = rms_norm_ref(new_residual, weight, eps, offset)
-    if inplace:
-        residual.copy_(new_residual)
-        x.copy_(out)
-        return x, residual
-    return out, new_residual
+    return fused_add_ref(lambda h: rms_norm_ref(h, weight, eps, offset), x, residual, inplace)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:

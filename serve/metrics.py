@@ -65,6 +65,7 @@ class EngineMetrics:
         self.packing_eff = hist("packserve:prefill_packing_efficiency",
                                 "Real tokens / token slots computed, per prefill step", EFFICIENCY_BUCKETS)
         self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0}
+        self._last_step = 0  # engine.stats.steps already recorded: on_step also runs after aborts
         self._last_token_time: dict[str, float] = {}
 
     # -- engine loop thread -------------------------------------------------
@@ -76,9 +77,11 @@ class EngineMetrics:
         self._inc(self.preemptions, "pre", s.num_preemptions)
         self._inc(self.padding_avoided, "pad", s.padding_avoided)
         step = s.last_step
-        if step.num_prefill_tokens:
-            self.prefill_tokens.observe(step.num_prefill_tokens)
-            self.packing_eff.observe(step.packing_efficiency)
+        if s.steps != self._last_step:  # a new engine step: record its prefill once
+            self._last_step = s.steps
+            if step.num_prefill_tokens:
+                self.prefill_tokens.observe(step.num_prefill_tokens)
+                self.packing_eff.observe(step.packing_efficiency)
         for out in outputs:
             self._on_output(out, now)
         self.set_gauges(engine)

@@ -31,8 +31,9 @@ class ServerProcess:
     """`packserve serve ARGS` on a free port, output in a log file; SIGTERM on stop."""
 
     def __init__(self, args: list[str], workdir: str | Path, env: dict | None = None, port_via_env: bool = False,
-                 clean_env: bool = False, use_console_script: bool = False):
+                 clean_env: bool = False, use_console_script: bool = False, ready_timeout: float = 120.0):
         workdir = Path(workdir)
+        self.ready_timeout = ready_timeout  # what `with ServerProcess(...)` waits for /health
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"server-{self.port}.log"
@@ -81,7 +82,7 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         try:
-            return self.wait_ready()
+            return self.wait_ready(self.ready_timeout)
         except BaseException:
             self.stop()
             raise

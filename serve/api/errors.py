@@ -8,7 +8,6 @@ the server log only).
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -40,10 +39,6 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_json(err: APIError) -> str:
-    return json.dumps(err.body())
 
 
 def _loc_to_param(loc) -> str | None:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -60,7 +60,6 @@ class Job:
     logprobs: int | None
     include_usage: bool
     echo: bool = False
-    tokens_seen: dict[str, int] = field(default_factory=dict)
 
 
 # -- preparing ----------------------------------------------------------------------
@@ -70,11 +69,8 @@ def _param_error(e: ParameterError) -> APIError:
 
 def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None,
               prompt_logprobs: int | None = None) -> SamplingParams:
+    # Token-id ranges (stop_token_ids vs the vocabulary) are checked by the engine's validate_request.
     stop = req.stop if req.stop is not None else ()
-    for t in req.stop_token_ids or ():
-        if not 0 <= t < state.vocab_size:
-            raise APIError(400, f"stop token id {t} is outside the vocabulary [0, {state.vocab_size})",
-                           "stop_token_ids", "invalid_value")
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,

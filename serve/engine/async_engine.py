@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from packserve.engine.engine import LLMEngine
@@ -49,7 +49,6 @@ class _Submission:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     accepted: asyncio.Future
-    unfinished: set[str] = field(default_factory=set)
 
 
 class RequestStream:
@@ -60,10 +59,6 @@ class RequestStream:
         self._sub = sub
         self.request_ids = [r.request_id for r in sub.requests]
         self._open = set(self.request_ids)
-
-    @property
-    def finished(self) -> bool:
-        return not self._open
 
     def __aiter__(self):
         return self
@@ -128,10 +123,6 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._started and self._thread.is_alive() and self.error is None and not self._stopping
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._subs)
 
     # -- API (event-loop side) ----------------------------------------------
     async def submit(self, requests: Sequence[EngineRequest]) -> RequestStream:
@@ -214,7 +205,6 @@ class AsyncEngine:
             return
         for rid in added:
             self._subs[rid] = sub
-        sub.unfinished.update(added)
         _resolve(sub, None)
 
     def _abort(self, request_ids: list[str]) -> None:

@@ -60,15 +60,10 @@ class LLMEngine:
         self.dtype = resolve_dtype(mc.dtype, hf_cfg, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(mc.model)
 
-        from packserve.models.registry import resolve
-
-        cls = resolve(hf_cfg)
-        # Build once to learn the usable context, then load at that length.
         ctx_limit = _context_limit(hf_cfg)
         self.max_model_len = min(mc.max_model_len or ctx_limit, ctx_limit)
         self.model = load_model(mc.model, self.device, self.dtype, self.max_model_len, mc.norm_mode)
         self.info = self.model.info
-        del cls
 
         cc = config.cache
         num_blocks = self._num_blocks(cc, config.scheduler)
@@ -180,6 +175,7 @@ class LLMEngine:
         outputs = [self._on_token(req, logprobs.get(req.request_id)) for req in changed]
         self.stats.generation_tokens += len(changed)
         self.stats.padding_avoided += step_stats.padding_avoided
+        self.stats.steps += 1
         self._refresh_stats(step_stats)
         return outputs
 
@@ -190,8 +186,6 @@ class LLMEngine:
         s.kv_cache_usage = self.allocator.usage
         s.num_preemptions = self.scheduler.num_preemptions
         s.last_step = step_stats
-        if step_stats.num_prefill_tokens or step_stats.num_context_tokens:
-            s.steps += 1
 
     def _on_token(self, req: Request, logprob) -> RequestOutput:
         track = self._tracks[req.request_id]

@@ -7,7 +7,7 @@ matmuls see only real tokens; logits are computed for the sampled positions only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,7 +16,7 @@ from packserve.engine.packing import build_packed_batch
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
 from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, PagedGroup,
-                                        PagedMeta)
+                                        PagedMeta, row_layout, segment_causal_mask)
 
 
 @dataclass(frozen=True)
@@ -79,22 +79,12 @@ class ModelRunner:
             cu_seqlens=torch.tensor(batch.cu_seqlens, dtype=torch.int32).to(self.device, non_blocking=True),
             max_seqlen=max(seq_lens), seq_lens=seq_lens)
         if self.backend.uses_rows:
-            C, R = layout.capacity, layout.num_rows
-            row_index, seg = [], torch.empty(R, C, dtype=torch.long)
-            for r, row in enumerate(layout.rows):
-                col = 0
-                for s, i in enumerate(row):
-                    n = layout.lengths[i]
-                    row_index.extend(range(r * C + col, r * C + col + n))
-                    seg[r, col:col + n] = s
-                    col += n
-                seg[r, col:] = -1 - torch.arange(C - col)  # each pad slot its own segment: never all-masked
-            meta.num_rows, meta.capacity = R, C
-            meta.row_index = torch.tensor(row_index, dtype=torch.long).to(self.device, non_blocking=True)
+            row_index, seg = row_layout(batch.row_cu_tokens, batch.segment_ids, layout.capacity)
+            meta.num_rows, meta.capacity = layout.num_rows, layout.capacity
+            meta.row_index = row_index.to(self.device, non_blocking=True)
             meta.segments = seg.to(self.device, non_blocking=True)
             if self.backend.dense_mask:
-                pos = torch.arange(C)
-                mask = (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+                mask = segment_causal_mask(seg)
                 # Additive float mask built once per step: SDPA would convert a bool mask in every layer.
                 additive = torch.zeros(mask.shape, dtype=self.kv_cache.data.dtype).masked_fill_(~mask, float("-inf"))
                 meta.mask = additive.unsqueeze(1).to(self.device, non_blocking=True)
@@ -158,7 +148,7 @@ class ModelRunner:
         return LinearAttnMeta(
             cu_seqlens=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True), cu_seqlens_host=cu,
             state_slots=torch.tensor([s.request.state_slot for s in seqs], dtype=torch.long).to(dev, non_blocking=True),
-            has_initial=torch.tensor([s.context_len > 0 for s in seqs]).to(dev, non_blocking=True),
+            keep_state=torch.tensor([float(s.context_len > 0) for s in seqs]).to(dev, non_blocking=True),
             all_decode=all(n == 1 and s.context_len > 0 for n, s in zip(lens, seqs)))
 
     @torch.inference_mode()
@@ -214,13 +204,13 @@ class ModelRunner:
         last_index: dict[int, int] = {}  # position in out.scheduled -> flat index of its last token
         packed_meta, stats = None, StepStats()
         flat_seqs: list[ScheduledRequest] = []  # sequences in flat token order
+        pos_of = {id(s): k for k, s in enumerate(out.scheduled)}
         if fresh:
             batch, packed_meta, eff = self._packed_meta(fresh)
             flat_seqs += [fresh[i] for i in batch.seq_order]
             ids += batch.token_ids
             positions += batch.position_ids
             slot_mapping += batch.slot_mapping
-            pos_of = {id(s): k for k, s in enumerate(out.scheduled)}
             for i, s in enumerate(fresh):
                 last_index[pos_of[id(s)]] = batch.last_token_index[i]
             lens = [s.num_new_tokens for s in fresh]
@@ -229,7 +219,6 @@ class ModelRunner:
                               padding_avoided=max(lens) * len(lens) - sum(lens))
         paged_meta = None
         if cont:
-            pos_of = {id(s): k for k, s in enumerate(out.scheduled)}
             for s in cont:
                 ids += s.token_ids
                 positions += range(s.context_len, s.context_len + s.num_new_tokens)
@@ -237,8 +226,8 @@ class ModelRunner:
                 last_index[pos_of[id(s)]] = len(ids) - 1
             paged_meta = self._paged_meta(cont)
             flat_seqs += cont
-            stats = StepStats(**{**stats.__dict__, "num_context_tokens": paged_meta.num_tokens,
-                                 "num_decode_tokens": sum(1 for s in cont if s.num_new_tokens == 1)})
+            stats = replace(stats, num_context_tokens=paged_meta.num_tokens,
+                            num_decode_tokens=sum(1 for s in cont if s.num_new_tokens == 1))
 
         dev = self.device
         attn = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(dev, non_blocking=True),

@@ -46,7 +46,7 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.context_len:self.context_len + self.num_new_tokens]
+        return self.request.token_slice(self.context_len, self.context_len + self.num_new_tokens)
 
     def slot_mapping(self, block_size: int) -> list[int]:
         return slots_for(self.request.block_ids, block_size, self.context_len, self.context_len + self.num_new_tokens)
@@ -90,10 +90,6 @@ class Scheduler:
                 f"request needs up to {worst} KV blocks but the cache has {self.allocator.num_blocks}", "max_tokens")
         self.requests[req.request_id] = req
         self.waiting.append(req)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

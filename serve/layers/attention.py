@@ -61,20 +61,30 @@ class AttentionMetadata:
     paged: PagedMeta | None
 
 
-def block_diagonal_causal_mask(seq_lens: list[int], capacity: int | None = None, device=None) -> torch.Tensor:
-    """bool [C, C]: token q may attend token k iff same prompt and k <= q.
-    Columns past sum(seq_lens) are padding that attends only to itself (never all-masked, so no NaN)."""
+def row_layout(row_cu_tokens: list[int], segment_ids: list[int], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows as tensors: (row_index [T]: flat token -> row * C + column, segments [R, C]).
+    Padding slots get a unique negative segment each, so a pad attends only to itself (never all-masked: no NaN)."""
+    R, C = len(row_cu_tokens) - 1, capacity
+    starts = torch.tensor(row_cu_tokens, dtype=torch.long)
+    row = torch.repeat_interleave(torch.arange(R), starts.diff())
+    col = torch.arange(int(starts[-1])) - starts[row]
+    seg = (-1 - torch.arange(C)).repeat(R, 1)
+    seg[row, col] = torch.tensor(segment_ids, dtype=torch.long)
+    return row * C + col, seg
+
+
+def segment_causal_mask(seg: torch.Tensor) -> torch.Tensor:
+    """bool [R, C, C]: token q may attend token k iff same segment (prompt) and k <= q."""
+    pos = torch.arange(seg.shape[-1])
+    return (seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+
+
+def block_diagonal_causal_mask(seq_lens: list[int], capacity: int | None = None) -> torch.Tensor:
+    """bool [C, C] of one packed row holding prompts of `seq_lens` (the mask the sdpa backend uses)."""
     n = sum(seq_lens)
-    cap = n if capacity is None else capacity
-    seg = torch.empty(cap, dtype=torch.long)
-    off = 0
-    for i, length in enumerate(seq_lens):
-        seg[off:off + length] = i
-        off += length
-    seg[n:] = -1 - torch.arange(cap - n)  # unique id per pad slot
-    pos = torch.arange(cap)
-    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
-    return mask.to(device) if device is not None else mask
+    segments = [i for i, length in enumerate(seq_lens) for _ in range(length)]
+    _, seg = row_layout([0, n], segments, n if capacity is None else capacity)
+    return segment_causal_mask(seg)[0]
 
 
 class AttentionBackend:

@@ -21,7 +21,7 @@ class LinearAttnMeta:
     cu_seqlens: torch.Tensor  # int32 [N + 1] on device, over the step's sequences in flat order
     cu_seqlens_host: list[int]
     state_slots: torch.Tensor  # long [N]
-    has_initial: torch.Tensor  # bool [N]: the sequence continues from its slot's state
+    keep_state: torch.Tensor  # fp32 [N]: 1 where the sequence continues from its slot's state, 0 for a fresh one
     all_decode: bool  # every sequence decodes exactly one token from a saved state
 
 
@@ -32,10 +32,6 @@ class StateCache:
         self.num_slots = num_slots
         self.S = torch.zeros(num_layers, num_slots, num_kv_heads, dk, dv, dtype=torch.float32, device=device)
         self.z = torch.zeros(num_layers, num_slots, num_kv_heads, dk, dtype=torch.float32, device=device)
-
-    @staticmethod
-    def bytes_per_slot(num_layers: int, num_kv_heads: int, dk: int, dv: int) -> int:
-        return num_layers * num_kv_heads * dk * (dv + 1) * 4
 
 
 class LinearAttention(nn.Module):
@@ -66,12 +62,12 @@ class LinearAttention(nn.Module):
         else:
             S0 = S_all.index_select(0, meta.state_slots)
             z0 = z_all.index_select(0, meta.state_slots)
-            # Fresh prompts start from zero whatever their slot held before.
-            keep = meta.has_initial.to(S0.dtype)
-            S0, z0 = S0 * keep.view(-1, 1, 1, 1), z0 * keep.view(-1, 1, 1)
+            # Fresh prompts start from zero whatever their slot held before (index_select made copies).
+            S0.mul_(meta.keep_state.view(-1, 1, 1, 1))
+            z0.mul_(meta.keep_state.view(-1, 1, 1))
             o, (S, z) = linear_attention_chunked(q, k, v, meta.cu_seqlens, normalize=self.normalize, eps=self.eps,
                                                  initial_state=(S0, z0), output_final_state=True,
                                                  feature_map=self.feature_map, cu_seqlens_cpu=meta.cu_seqlens_host)
-            S_all.index_copy_(0, meta.state_slots, S.to(S_all.dtype))
-            z_all.index_copy_(0, meta.state_slots, z.to(z_all.dtype))
+            S_all.index_copy_(0, meta.state_slots, S)  # states are fp32 on both sides
+            z_all.index_copy_(0, meta.state_slots, z)
         return self.o_proj(o.reshape(-1, self.q_size).to(x.dtype))

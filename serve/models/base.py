@@ -58,7 +58,8 @@ def rope_config(cfg: dict) -> dict:
 def load_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], rename, stacked: dict[str, tuple[str, str]],
               skip=lambda name: False) -> set[str]:
     """Copy checkpoint tensors into `model`. `rename` maps a checkpoint name to ours (or None to drop).
-    Fused modules expose `.load(param, tensor, shard)`. Returns the names of parameters loaded."""
+    Fused modules expose `.load(param, tensor, shard)` (shards load under the fused name). Raises KeyError
+    when a model parameter got no tensor. Returns the names of parameters loaded."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for raw_name, tensor in weights:
@@ -82,4 +83,7 @@ def load_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], ren
                 raise ValueError(f"{raw_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
             param.data.copy_(tensor)
         loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise KeyError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
     return loaded

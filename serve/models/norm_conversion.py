@@ -147,6 +147,3 @@ def convert_gpt2(state_dict: Mapping[str, torch.Tensor], mode: str,
     return ConvertedGPT2(tensors, mode, hidden_size=d, residual_width=d - 1 if crms else d, norm=mode,
                          num_layers=len(layers))
 
-
-# The name the GPT-2 model's load_weights imports.
-convert_gpt2_state_dict = convert_gpt2

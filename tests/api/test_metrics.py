@@ -72,3 +72,23 @@ def test_histograms_have_explicit_buckets(server):
     eff = [s.labels["le"] for s in fams["packserve:prefill_packing_efficiency"].samples
            if s.name.endswith("_bucket")]
     assert "0.95" in eff and "1.0" in eff
+
+
+def test_prefill_histograms_count_engine_steps_not_hook_calls(tiny_model):
+    """on_step also runs after aborts: a step's prefill is recorded once, however often the hook runs."""
+    from packserve.engine.engine import LLMEngine, engine_config
+    from packserve.engine.request import SamplingParams
+    from packserve.metrics import EngineMetrics
+
+    engine = LLMEngine(engine_config(tiny_model, device="cpu", dtype="float32"))
+    metrics = EngineMetrics("tiny")
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=8), request_id="a")
+    engine.add_request([9, 10], SamplingParams(max_tokens=8), request_id="b")
+    metrics.on_step(engine, engine.step())
+    metrics.on_step(engine, [engine.abort_request("a")])
+    metrics.on_step(engine, [engine.abort_request("b")])
+    text = metrics.render().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["packserve:prefill_tokens_per_step_count"] == 1
+    assert samples["packserve:prefill_tokens_per_step_sum"] == 6
+    assert samples["packserve:prefill_packing_efficiency_count"] == 1

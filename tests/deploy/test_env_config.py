@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import yaml
 from deploy_helpers import DEPLOY, K8S, env_pairs, manifest_files, of_kind, parse_dockerfile
 
-envs = pytest.importorskip("packserve.envs", reason="serve/envs.py (the PACKSERVE_* registry) is not there yet")
+from packserve import envs
 
 
 def _dockerfile_env() -> dict[str, str]:

@@ -90,7 +90,6 @@ def test_invalid_inputs():
 
 
 def test_block_diagonal_causal_mask():
-    torch = pytest.importorskip("torch")
     lens = [3, 1, 2]
     m = block_diagonal_causal_mask(lens, capacity=8)
     seg = [0, 0, 0, 1, 2, 2]

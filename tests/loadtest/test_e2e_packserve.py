@@ -4,7 +4,6 @@ Skips cleanly while packserve's HTTP server (packserve.api.app) does not exist y
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -13,15 +12,6 @@ from packserve.loadtest.cli import main
 from packserve.testing import ServerProcess
 
 
-def _has_server() -> bool:
-    try:
-        app = importlib.import_module("packserve.api.app")
-    except ImportError:
-        return False
-    return hasattr(app, "create_app") or hasattr(app, "app")
-
-
-pytestmark = pytest.mark.skipif(not _has_server(), reason="packserve.api.app (the HTTP server) is not built yet")
 
 
 @pytest.fixture(scope="module")

@@ -240,3 +240,13 @@ process_cpu_seconds_total {n}
     assert sm["deltas"] == {"vllm:prompt_tokens_total": 50.0, "vllm:e2e_request_latency_seconds_sum": 2.5,
                             "vllm:e2e_request_latency_seconds_count": 5.0}
     assert sm["highlights"] == {}
+
+
+def test_latency_stats_hand_computed():
+    """Known values (seconds in, milliseconds out), independent of summarize()."""
+    st = latency_stats([0.001, 0.002, 0.003, 0.004])
+    assert st["count"] == 4
+    assert st["mean"] == pytest.approx(2.5) and st["median"] == pytest.approx(2.5)
+    assert st["p90"] == pytest.approx(3.7) and st["p99"] == pytest.approx(3.97) and st["max"] == pytest.approx(4.0)
+    assert st["std"] == pytest.approx(math.sqrt(1.25))
+    assert latency_stats([])["mean"] is None
