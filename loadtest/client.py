@@ -140,7 +140,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict
         if res.ttft is None:
             res.error = "no_content"
             return
-        res.e2e = (last or res.chunk_times[-1]) - res.send_time
+        res.e2e = last - res.send_time  # set with the chunk that set ttft, or later
 
 
 async def send_request(client: httpx.AsyncClient, base_url: str, endpoint: str, body: dict,
@@ -152,17 +152,13 @@ async def send_request(client: httpx.AsyncClient, base_url: str, endpoint: str, 
     try:
         async with asyncio.timeout(timeout):  # whole-request bound; httpx's own timeouts are per read
             await _stream(client, url, body, headers, endpoint, res)
-    except TimeoutError:
-        res.error = "timeout"
-    except httpx.TimeoutException:
+    except (TimeoutError, httpx.TimeoutException):
         res.error = "timeout"
     except httpx.ConnectError as exc:
         res.error, res.error_detail = "connect_error", str(exc)[:200]
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
         res.error, res.error_detail = "protocol_error", str(exc)[:200]
-    except httpx.HTTPError as exc:
-        res.error, res.error_detail = type(exc).__name__, str(exc)[:200]
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (httpx.HTTPError, OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         res.error, res.error_detail = type(exc).__name__, str(exc)[:200]
     finalize_tokens(res, tokenizer)
     return res

@@ -196,7 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.inflight += 1
         handed_off = False
         try:
-            rs = await serving.submit(state, job)
+            rs = await serving.submit(state, job, stream)
             if stream:
                 def on_close():
                     rs.abort()

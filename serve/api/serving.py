@@ -203,9 +203,9 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
 
 
 # -- running ------------------------------------------------------------------------
-async def submit(state, job: Job) -> RequestStream:
+async def submit(state, job: Job, stream: bool = True) -> RequestStream:
     try:
-        return await state.engine.submit(job.requests)
+        return await state.engine.submit(job.requests, final_only=not stream)
     except QueueFull:
         raise APIError(429, "the server's request queue is full; retry later", None, "queue_full",
                        headers={"Retry-After": "1"}) from None

@@ -49,6 +49,7 @@ class _Submission:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     accepted: asyncio.Future
+    final_only: bool = False  # a non-streamed response: skip the per-token outputs
 
 
 class RequestStream:
@@ -125,12 +126,13 @@ class AsyncEngine:
         return self._started and self._thread.is_alive() and self.error is None and not self._stopping
 
     # -- API (event-loop side) ----------------------------------------------
-    async def submit(self, requests: Sequence[EngineRequest]) -> RequestStream:
-        """Queue all requests (or none); raises ParameterError / QueueFull / EngineDeadError."""
+    async def submit(self, requests: Sequence[EngineRequest], final_only: bool = False) -> RequestStream:
+        """Queue all requests (or none); raises ParameterError / QueueFull / EngineDeadError.
+        final_only: the stream yields only each request's finished output."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
-        sub = _Submission(list(requests), loop, asyncio.Queue(), loop.create_future())
+        sub = _Submission(list(requests), loop, asyncio.Queue(), loop.create_future(), final_only)
         self._put(("submit", sub))
         try:
             await sub.accepted
@@ -229,6 +231,8 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._subs[out.request_id]
+            elif sub.final_only:
+                continue
             batches.setdefault(sub.loop, []).append((sub.queue, out))
         for loop, items in batches.items():
             _call_soon(loop, _put_all, items)

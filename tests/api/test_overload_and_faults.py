@@ -81,8 +81,8 @@ class _FaultyStream:
 def _inject_faults(state):
     real_submit = state.engine.submit
 
-    async def submit(requests):
-        rs = await real_submit(requests)
+    async def submit(requests, **kw):
+        rs = await real_submit(requests, **kw)
         if requests[0].prompt and "FAULT" in requests[0].prompt:
             return _FaultyStream(rs, after=3)
         return rs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -44,7 +46,8 @@ def test_no_server_errors(fuzz_server, mode):
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         @given(case=strategy)
         def run(case):
-            headers = {"Authorization": "Bearer fuzz"} if hash(repr(case.body)) % 4 else {}
+            # crc32, not hash(): string hashing is salted per process, which would undo derandomize=True.
+            headers = {"Authorization": "Bearer fuzz"} if zlib.crc32(repr(case.body).encode()) % 4 else {}
             resp = case.call(base_url=url, headers=headers, timeout=60)
             statuses[(op.path, resp.status_code)] = statuses.get((op.path, resp.status_code), 0) + 1
             if resp.status_code >= 500:
@@ -61,7 +64,7 @@ def test_no_server_errors(fuzz_server, mode):
         assert statuses.get(("/v1/completions", 200), 0) + statuses.get(("/v1/chat/completions", 200), 0) > 0
     else:
         assert sum(v for (p, s), v in statuses.items() if s == 400) > 0
-    # The server is still healthy afterwards and holds no KV blocks.
+    # The server is still healthy afterwards.
     import httpx
 
     assert httpx.get(url + "/health").status_code == 200

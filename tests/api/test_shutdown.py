@@ -9,9 +9,9 @@ import httpx
 
 
 def _start(helpers, tiny_model, tmp_path, timeout: float):
-    return helpers["ServerProcess"](["--model", tiny_model, "--max-model-len", "1024", "--shutdown-timeout",
-                                     str(timeout), "--num-threads", "1", "--log-level", "info"],
-                                    tmp_path).wait_ready()
+    srv = helpers["ServerProcess"](["--model", tiny_model, "--max-model-len", "1024", "--shutdown-timeout",
+                                    str(timeout), "--num-threads", "1", "--log-level", "info"], tmp_path)
+    return srv.__enter__()  # waits for /health; stops the process if it never gets there
 
 
 def test_sigterm_drains_then_exits_0(tiny_model, helpers, tmp_path):

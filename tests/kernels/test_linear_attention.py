@@ -329,6 +329,9 @@ def test_decode_step_without_indices_and_wide_state():
     o_ref, S_ref, z_ref = lt.linear_attention_decode_step_torch(q, k, v, S0.clone(), z0.clone())
     o, S, z = tr.linear_attention_decode_step_triton(q, k, v, S0.clone(), z0.clone())
     assert rel_rmse(o, o_ref) < 1e-5 and rel_rmse(S, S_ref) < 1e-6 and rel_rmse(z, z_ref) < 1e-6
+    # And against the independent naive loop (B one-token sequences resuming from S0, z0).
+    o_nv, (S_nv, z_nv) = lt.linear_attention_naive(q, k, v, cu_of([1] * B), initial_state=(S0.clone(), z0.clone()))
+    assert rel_rmse(o, o_nv) < 1e-5 and rel_rmse(S, S_nv) < 1e-6 and rel_rmse(z, z_nv) < 1e-6
 
 
 # ---- feature maps and the public API ----------------------------------------------------------------
