@@ -24,6 +24,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,7 +42,7 @@ def main() -> int:
         t_hf, hf_tokens = hf_generate_padded(hf, prompts, args.new_tokens)
         L = max(map(len, prompts))
 
-        llm = LLM(tmp, backend="sdpa")
+        llm = LLM(tmp, backend=args.backend)
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
         t = time.perf_counter()

@@ -65,10 +65,11 @@ async def _all(url: str, prompts, new_tokens: int, stream: bool) -> tuple[float,
         return time.perf_counter() - t, sum(counts)
 
 
-def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bool, workdir: str) -> tuple[float, int]:
+def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bool, workdir: str,
+              backend: str) -> tuple[float, int]:
     from packserve.testing import ServerProcess
 
-    args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", "sdpa",
+    args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", backend,
             "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"]
     with ServerProcess(args, workdir, ready_timeout=180) as server:
         return asyncio.run(_all(server.url, prompts, new_tokens, stream))
@@ -79,6 +80,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
     ap.add_argument("--no-stream", action="store_true", help="non-streamed JSON responses instead of SSE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,7 +96,8 @@ def main() -> int:
 
         save_checkpoint(AutoModelForCausalLM.from_config(cfg).eval(), build_tokenizer(), model_dir)
         t_hf = transformers_baseline(model_dir, prompts, args.new_tokens)
-        t_srv, n_srv = serve_run(model_dir, prompts, args.new_tokens, args.threads, not args.no_stream, tmp)
+        t_srv, n_srv = serve_run(model_dir, prompts, args.new_tokens, args.threads, not args.no_stream, tmp,
+                                  args.backend)
     n_out = len(prompts) * args.new_tokens
     assert n_srv == n_out, (n_srv, n_out)
     mode = "JSON" if args.no_stream else "SSE"

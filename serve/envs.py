@@ -19,6 +19,15 @@ class EnvError(ValueError):
     pass
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {raw!r}")
+
+
 def _csv(raw: str) -> list[str]:
     return [s.strip() for s in raw.split(",") if s.strip()]
 
@@ -87,6 +96,9 @@ _VARS = [
            "--shutdown-timeout"),
     EnvVar("LOG_LEVEL", str, "info", "log level", "--log-level",
            choices=("critical", "error", "warning", "info", "debug")),
+    EnvVar("MALLOC_TUNING", _bool, True,
+           "on CPU, keep freed activation memory in glibc's heap instead of page-faulting it in every step "
+           "(packserve.host); 0 leaves malloc alone"),
     EnvVar("CACHE_DIR", str, None, "where the demo model is built (default: ~/.cache/packserve)", "--cache-dir"),
 ]
 

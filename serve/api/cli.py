@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    # torch's CPU thread pool belongs to the engine thread (see AsyncEngine): this thread only serves HTTP,
+    # and at one torch thread it never starts a second OpenMP pool.
+    num_threads = args.num_threads or torch.get_num_threads()
+    torch.set_num_threads(1)
 
     from packserve import demo
     from packserve.api.app import ServerState, create_app
@@ -78,18 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {model!r} is not a checkpoint folder", file=sys.stderr)
         return 2
     name = args.served_model_name or (demo.DEMO_MODEL_NAME if is_demo else os.path.basename(os.path.normpath(model)))
-    try:
-        engine = LLMEngine(engine_config(
+    def build() -> LLMEngine:
+        return LLMEngine(engine_config(
             model, backend=args.backend, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
             norm_mode=args.norm_mode, seed=args.seed))
+
+    metrics = EngineMetrics(name)
+    aengine = AsyncEngine(factory=build, num_threads=num_threads, on_step=metrics.on_step,
+                          on_idle=metrics.set_gauges)
+    try:
+        aengine.start()
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics = EngineMetrics(name)
-    aengine = AsyncEngine(engine, on_step=metrics.on_step, on_idle=metrics.set_gauges)
+    engine = aengine.engine
     state = ServerState(engine=aengine, model_name=name, metrics=metrics, max_waiting=args.max_waiting,
                         max_n=args.max_n, api_keys=tuple(args.api_key or ()),
                         allowed_origins=tuple(args.allowed_origin or ()), max_body_bytes=args.max_body_bytes,

@@ -97,8 +97,24 @@ StepHook = Callable[[LLMEngine, list[RequestOutput], float], None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: StepHook | None = None, on_idle: StepHook | None = None):
+    """`engine`: a built LLMEngine, or `factory` builds it inside the loop thread (the server's way).
+
+    Why build it there: libgomp gives every thread that runs a parallel region its own worker pool, and once
+    two pools exist on a machine with no spare cores, every worker falls back to a short spin before it
+    sleeps, so each of a decode step's ~700 small ops pays a futex wake-up. On the 2-core benchmark machine
+    that made a step ~40% slower when the weights were loaded on the main thread and the steps ran here. With
+    a factory, the loop thread is the only one that runs torch work, with `num_threads` threads; the caller
+    keeps its own thread at one torch thread (see packserve.api.cli)."""
+
+    def __init__(self, engine: LLMEngine | None = None, on_step: StepHook | None = None,
+                 on_idle: StepHook | None = None, *, factory: Callable[[], LLMEngine] | None = None,
+                 num_threads: int | None = None):
+        if (engine is None) == (factory is None):
+            raise ValueError("pass exactly one of engine and factory")
         self.engine = engine
+        self._factory = factory
+        self._num_threads = num_threads
+        self._built = threading.Event()
         self.on_step = on_step  # called in the loop thread after each step (metrics)
         self.on_idle = on_idle  # called in the loop thread after commands were applied with nothing to run
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -111,9 +127,14 @@ class AsyncEngine:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
+        """Start the loop thread; with a factory, wait until it built the engine (its exception is re-raised)."""
         if not self._started:
             self._started = True
             self._thread.start()
+            self._built.wait()
+            if self.engine is None:
+                self._thread.join()
+                raise self.error
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -156,6 +177,19 @@ class AsyncEngine:
     # -- the loop thread ----------------------------------------------------
     def _run(self) -> None:
         try:
+            if self._num_threads:
+                import torch
+
+                torch.set_num_threads(self._num_threads)
+            if self.engine is None:
+                try:
+                    self.engine = self._factory()
+                except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+                    self.error = exc
+                    return
+                finally:
+                    self._built.set()
+            self._built.set()
             while not self._stopping:
                 self._wake.clear()
                 applied = self._apply_commands()

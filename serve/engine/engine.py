@@ -56,6 +56,12 @@ class LLMEngine:
         torch.manual_seed(mc.seed)
         dev_name = mc.device if mc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev_name)
+        if self.device.type == "cpu":
+            from packserve import envs
+            from packserve.host import tune_malloc
+
+            if envs.get("MALLOC_TUNING"):
+                tune_malloc()
         hf_cfg = read_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, hf_cfg, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(mc.model)

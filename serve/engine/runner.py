@@ -130,6 +130,8 @@ class ModelRunner:
         valid_q = qi < torch.tensor(q_lens).view(B, 1, 1)
         mask = (kj <= ctx + qi) & valid_q
         mask |= (~valid_q) & (kj == 0)  # pad query rows look at slot 0 instead of nothing (no NaN)
+        # Additive float mask built once per step: SDPA would convert a bool mask in every layer.
+        mask = torch.zeros(mask.shape, dtype=self.kv_cache.data.dtype).masked_fill_(~mask, float("-inf"))
         dev = self.device
         return PagedGroup(
             token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long).to(dev),

@@ -61,7 +61,9 @@ class Sampler:
         tokens: list[int] = [0] * len(requests)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         if greedy:
-            ids = logits[greedy].argmax(dim=-1).tolist()
+            rows = logits if len(greedy) == len(requests) else logits[greedy]
+            # max(dim).indices is argmax (the first maximal index, like transformers) at a third of the cost on CPU.
+            ids = rows.max(dim=-1).indices.tolist()
             for i, t in zip(greedy, ids):
                 tokens[i] = t
         sampled = [i for i, r in enumerate(requests) if not r.params.greedy]

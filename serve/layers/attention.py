@@ -43,7 +43,7 @@ class PagedGroup:
     token_index: torch.Tensor | None  # long: positions of the group's query tokens in the paged segment
     q_index: torch.Tensor  # long [Tq_group]: token -> b * max_q + i
     block_table: torch.Tensor  # long [B, nb]: KV blocks of each request (padded with block 0)
-    mask: torch.Tensor  # bool [B, 1, max_q, nb * block_size]
+    mask: torch.Tensor  # additive (0 / -inf) [B, 1, max_q, nb * block_size], the KV cache's dtype
     batch: int
     max_q: int
 
@@ -171,11 +171,18 @@ class FlexBackend(AttentionBackend):
 
 
 class VarlenBackend(AttentionBackend):
-    """Flash attention over flat tokens with cu_seqlens: no rows, no mask (CUDA)."""
+    """Flat tokens + cu_seqlens: no rows, no mask, no padding anywhere.
+
+    On CUDA: torch's flash `varlen_attn`. On CPU, where torch has no varlen kernel, one causal SDPA call per
+    prompt over its slice of the flat tokens (the CPU flash kernel skips the blocks above the diagonal): it does
+    the sum of L^2/2 score work of the prompts instead of the rows x capacity^2 of the dense-mask rows."""
 
     name = "varlen"
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.on_cpu = device.type != "cuda"
+        if self.on_cpu:
+            return
         from torch.nn.attention.varlen import varlen_attn
 
         self.fn = varlen_attn
@@ -191,6 +198,8 @@ class VarlenBackend(AttentionBackend):
         self.has_scale = "scale" in params
 
     def packed(self, q, k, v, meta, scale):
+        if self.on_cpu:
+            return self._per_sequence(q, k, v, meta, scale)
         kw = dict(self.causal)
         if k.shape[1] != q.shape[1]:
             if self.has_gqa:
@@ -206,6 +215,20 @@ class VarlenBackend(AttentionBackend):
         # Flash kernels want dense [T, H, D]; q/k/v arrive as column slices of the fused QKV output.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return self.fn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
+
+    @staticmethod
+    def _per_sequence(q, k, v, meta, scale):
+        gqa = k.shape[1] != q.shape[1]
+        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D] views
+        out = q.new_empty(q.shape[1], q.shape[0], v.shape[-1])
+        start = 0
+        for n in meta.seq_lens:
+            end = start + n
+            out[:, start:end] = F.scaled_dot_product_attention(
+                qt[None, :, start:end], kt[None, :, start:end], vt[None, :, start:end], is_causal=True,
+                scale=scale, enable_gqa=gqa)[0]
+            start = end
+        return out.transpose(0, 1)
 
 
 class XformersBackend(AttentionBackend):
@@ -246,23 +269,19 @@ def _xformers_usable(device: torch.device) -> str | None:
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick an attention backend; 'auto' prefers varlen on CUDA and sdpa on CPU."""
+    """Pick an attention backend; 'auto' is varlen (falling back to sdpa where torch has no varlen_attn)."""
     if name == "auto":
-        name = "varlen" if device.type == "cuda" else "sdpa"
-        if name == "varlen":
-            try:
-                return VarlenBackend()
-            except Exception as exc:  # older torch without varlen_attn
-                log.warning("varlen attention unavailable (%s); using sdpa", exc)
-                return SdpaBackend()
+        try:
+            return VarlenBackend(device)
+        except Exception as exc:  # older torch without varlen_attn
+            log.warning("varlen attention unavailable (%s); using sdpa", exc)
+            return SdpaBackend()
     if name == "sdpa":
         return SdpaBackend()
     if name == "flex":
         return FlexBackend(device)
     if name == "varlen":
-        if device.type != "cuda":
-            raise ValueError("backend 'varlen' needs a CUDA device (torch varlen_attn is flash attention)")
-        return VarlenBackend()
+        return VarlenBackend(device)
     if name == "xformers":
         reason = _xformers_usable(device)
         if reason is not None:

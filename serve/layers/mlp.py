@@ -30,7 +30,16 @@ class GatedMLP(nn.Module):
         self.down_proj = RowLinear(intermediate, hidden, bias=bias)
         self.act = activation(act)
 
+    # On CPU, a long step runs in chunks of this many tokens: the [tokens, 2 x intermediate] temporaries then
+    # stay cache-sized and under glibc's mmap threshold (packserve.host) instead of being page-faulted in anew.
+    cpu_chunk = 1024
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.cpu_chunk and x.device.type == "cpu":
+            return torch.cat([self._forward(c) for c in x.split(self.cpu_chunk)])
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         # The activation in place on a contiguous copy: on CPU a strided elementwise op is ~2x slower.
         h = self.act(gate.contiguous())

@@ -47,13 +47,27 @@ class RotaryEmbedding(nn.Module):
         self.cos = freqs.cos() * scale
         self.sin = freqs.sin() * scale
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D]; positions: [T]."""
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin rows of `positions`: [T, 1, rot_dim / 2] each."""
         if self.cos.device != positions.device:
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, Hkv, D]; positions: [T]."""
+        cos, sin = self.tables(positions)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def rotate_(self, positions: torch.Tensor, x: torch.Tensor) -> None:
+        """In place on x: [T, heads, D] (may be a strided view, e.g. the q and k columns of a fused QKV output, so
+        q and k turn in one pass). fp32 only: other dtypes round the products differently; use forward."""
+        assert x.dtype == torch.float32
+        cos, sin = self.tables(positions)
+        half = self.rot_dim // 2
+        x1, x2 = x[..., :half], x[..., half:self.rot_dim]
+        x1_sin, x2_sin = x1 * sin, x2 * sin
+        x1.mul_(cos).sub_(x2_sin)  # x1 cos - x2 sin
+        x2.mul_(cos).add_(x1_sin)  # x2 cos + x1 sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]

@@ -36,13 +36,18 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        if self.q_norm is None and qkv.dtype == torch.float32:
+            # q and k are adjacent columns of the QKV output: rotate both in place, in one pass.
+            self.rotary.rotate_(positions, qkv[:, :self.q_size + self.kv_size].view(
+                -1, self.num_heads + self.num_kv_heads, self.head_dim))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.q_norm is not None or qkv.dtype != torch.float32:
+            q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, ctx)
         return self.o_proj(out.reshape(-1, self.q_size))
 

@@ -28,6 +28,23 @@ def test_greedy_is_argmax():
     assert set(draw(SamplingParams(temperature=0), 5)) == {0}
 
 
+def test_greedy_ties_take_the_first_index_like_argmax():
+    """Ties (e.g. rows banned to -inf but two survivors) resolve to the first maximal index, as torch.argmax
+    and transformers do, for an all-greedy batch and for greedy rows mixed with sampled ones."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 32000, generator=g)
+    cols = [(7, 31999), (31000, 12), (0, 5), (16000, 16001), (3, 30000), (29999, 2)]
+    for row, (a, b) in enumerate(cols):
+        logits[row, a] = logits[row, b] = 50.0
+    want = logits.argmax(-1).tolist()
+    assert want == [min(c) for c in cols]
+    greedy = [Request(f"g{i}", [1], SamplingParams(temperature=0)) for i in range(6)]
+    assert Sampler()(logits, greedy).token_ids == want
+    mixed = [Request(f"m{i}", [1], SamplingParams(temperature=0 if i % 2 else 1.0, seed=i)) for i in range(6)]
+    got = Sampler()(logits, mixed).token_ids
+    assert [got[i] for i in (1, 3, 5)] == [want[i] for i in (1, 3, 5)]
+
+
 def test_top_k_top_p_min_p_restrict_support():
     assert set(draw(SamplingParams(top_k=3))) <= {0, 1, 2}
     # top_p 0.6: the smallest prefix reaching 0.6 is {0, 1, 2} (0.30 + 0.25 + 0.15 = 0.70).

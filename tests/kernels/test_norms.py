@@ -291,7 +291,7 @@ def test_zero_rows():
     assert out.shape == res.shape == (0, 64)
 
 
-def test_dispatch_uses_reference_on_cpu():
+def test_cpu_dispatch_matches_reference_bitwise():
     x, r, w, b = (t.cpu() for t in inputs(7, 769, torch.float32))
     assert torch.equal(rmsnorm.rms_norm(x, w, EPS), rmsnorm.rms_norm_ref(x, w, EPS))
     assert torch.equal(rmsnorm.rms_norm(x, w, EPS, offset=1.0), rmsnorm.rms_norm_ref(x, w, EPS, offset=1.0))

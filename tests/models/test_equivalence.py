@@ -10,7 +10,7 @@ from packserve import LLM
 from packserve.models.registry import UnsupportedArchitecture
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
-BACKENDS = ("sdpa", "flex")
+BACKENDS = ("varlen", "sdpa", "flex")  # varlen on CPU: one causal SDPA call per prompt
 LENGTHS = [1, 2, 15, 63, 64, 65, 3, 100, 127, 128, 129, 200, 31, 7, 250, 300]  # 16 ragged prompts
 
 
@@ -90,8 +90,9 @@ def test_xformers_backend_falls_back_on_cpu(checkpoint_factory, caplog):
     assert "xformers" in caplog.text
 
 
-def test_varlen_backend_needs_cuda(checkpoint_factory):
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
-    with pytest.raises(ValueError, match="CUDA"):
-        LLM(checkpoint_factory("llama"), backend="varlen", device="cpu")
+def test_auto_backend_is_varlen():
+    """auto: varlen on CUDA and CPU alike (CPU: per-prompt causal SDPA over the flat tokens, no rows)."""
+    from packserve.layers.attention import VarlenBackend, select_backend
+
+    backend = select_backend("auto", torch.device("cpu"))
+    assert isinstance(backend, VarlenBackend) and not backend.uses_rows
