@@ -68,6 +68,9 @@ class ModelRunner:
         self.packing = packing
         self.pack_length = pack_length
         self.sampler = Sampler()
+        # All-decode steps on CPU (fp32) read the paged KV in place instead of gathering it.
+        self.use_cpu_decode_kernel = device.type == "cpu" and kv_cache.data.dtype == torch.float32 and \
+            _cpu_decode_kernel_available()
 
     def _packed_meta(self, fresh: list[ScheduledRequest]):
         batch = build_packed_batch([s.token_ids for s in fresh], [s.slot_mapping(self.block_size) for s in fresh],
@@ -95,6 +98,14 @@ class ModelRunner:
     def _paged_meta(self, cont: list[ScheduledRequest]) -> PagedMeta:
         q_lens = [s.num_new_tokens for s in cont]
         kv_lens = [s.context_len + s.num_new_tokens for s in cont]
+        if self.use_cpu_decode_kernel and max(q_lens) == 1:
+            nb = -(-max(kv_lens) // self.block_size)
+            table = torch.zeros(len(cont), nb, dtype=torch.long)
+            for b, s in enumerate(cont):
+                blocks = s.request.block_ids[:nb]
+                table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            return PagedMeta(len(cont), [], block_table=table, seq_lens=torch.tensor(kv_lens, dtype=torch.long),
+                             block_size=self.block_size)
         groups = length_groups(kv_lens)
         if len(groups) == 1:
             return PagedMeta(sum(q_lens), [self._paged_group(cont, list(range(len(cont))), None)])
@@ -265,3 +276,10 @@ class ModelRunner:
         hidden, last_index, _ = self._forward(sched)
         idx = torch.tensor([last_index[k] for k in range(len(prompts))], device=self.device)
         return self.model.compute_logits(hidden.index_select(0, idx))
+
+
+def _cpu_decode_kernel_available() -> bool:
+    from packserve import envs
+    from packserve.kernels import paged_decode_cpu
+
+    return envs.get("CPU_KERNELS") and paged_decode_cpu.available()

@@ -52,6 +52,11 @@ class PagedGroup:
 class PagedMeta:
     num_tokens: int
     groups: list[PagedGroup]
+    # Set instead of groups when every request decodes one token and the CPU decode kernel runs the step
+    # (packserve.kernels.paged_decode_cpu): int64 [B, max_blocks] and int64 [B] context lengths.
+    block_table: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    block_size: int = 0
 
 
 @dataclass
@@ -293,7 +298,12 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
                     scale: float) -> torch.Tensor:
-    """Queries with cached context: per group, gather each request's K/V by slot, then masked SDPA."""
+    """Queries with cached context: per group, gather each request's K/V by slot, then masked SDPA
+    (or, for an all-decode CPU step, the paged decode kernel reading the blocks in place)."""
+    if meta.block_table is not None:
+        from packserve.kernels.paged_decode_cpu import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size, scale)
     if len(meta.groups) == 1 and meta.groups[0].token_index is None:
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])

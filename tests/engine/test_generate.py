@@ -51,6 +51,19 @@ def test_greedy_matches_transformers(arch, checkpoint_factory):
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
 
 
+def test_greedy_matches_transformers_on_the_torch_decode_path(checkpoint_factory, monkeypatch):
+    """PACKSERVE_CPU_KERNELS=0: decode steps gather KV blocks and run SDPA instead of the C kernel."""
+    from packserve.kernels import paged_decode_cpu
+
+    path = checkpoint_factory("llama")
+    ps = prompts(seed=5)
+    assert LLM(path).engine.runner.use_cpu_decode_kernel == paged_decode_cpu.available()
+    monkeypatch.setenv("PACKSERVE_CPU_KERNELS", "0")
+    llm = LLM(path)
+    assert not llm.engine.runner.use_cpu_decode_kernel
+    assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == hf_greedy(path, ps)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_greedy_matches_transformers_other_families(arch, checkpoint_factory):
     path = checkpoint_factory(arch)
