@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from packserve.kernels import cpu_ops
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
                                           launch_config, load_row_input, stat_dtype, store_scaled, use_triton)
 
@@ -124,10 +125,12 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
                  offset: float = 0.0) -> torch.Tensor:
-    """fp32 off CUDA: torch's fused rms_norm (one pass instead of the reference's four; same math, and for
-    fp32 the same order of operations). Other dtypes keep the reference's explicit fp32 statistics."""
+    """fp32 off CUDA: packserve's C kernel (one pass), else torch's rms_norm (same math and, for fp32, the
+    same order of operations as the reference). Other dtypes keep the reference's explicit fp32 statistics."""
     if x.dtype != torch.float32:
         return rms_norm_ref(x, weight, eps, offset)
+    if cpu_ops.usable(x):
+        return cpu_ops.rms_norm(x, weight, eps, offset)
     if weight is not None and offset:
         weight = offset + weight
     return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
@@ -143,4 +146,6 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                        inplace: bool = False, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
         return fused_add_rms_norm_triton(x, residual, weight, eps, inplace, offset)
+    if not inplace and cpu_ops.usable(x, residual):
+        return cpu_ops.rms_norm(x, weight, eps, offset, residual=residual)
     return fused_add_ref(lambda h: rms_norm_cpu(h, weight, eps, offset), x, residual, inplace)

@@ -279,7 +279,6 @@ class ModelRunner:
 
 
 def _cpu_decode_kernel_available() -> bool:
-    from packserve import envs
-    from packserve.kernels import paged_decode_cpu
+    from packserve.kernels import cpu_ops
 
-    return envs.get("CPU_KERNELS") and paged_decode_cpu.available()
+    return cpu_ops.available()

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from packserve.kernels import cpu_ops
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ class PagedMeta:
     num_tokens: int
     groups: list[PagedGroup]
     # Set instead of groups when every request decodes one token and the CPU decode kernel runs the step
-    # (packserve.kernels.paged_decode_cpu): int64 [B, max_blocks] and int64 [B] context lengths.
+    # (packserve.kernels.cpu_ops): int64 [B, max_blocks] and int64 [B] context lengths.
     block_table: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     block_size: int = 0
@@ -301,9 +303,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Queries with cached context: per group, gather each request's K/V by slot, then masked SDPA
     (or, for an all-decode CPU step, the paged decode kernel reading the blocks in place)."""
     if meta.block_table is not None:
-        from packserve.kernels.paged_decode_cpu import paged_decode_attention
-
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size, scale)
+        return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size, scale)
     if len(meta.groups) == 1 and meta.groups[0].token_index is None:
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
@@ -345,8 +345,11 @@ class Attention(torch.nn.Module):
     def forward(self, q, k, v, ctx: "ForwardContext") -> torch.Tensor:
         meta = ctx.attn
         k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        if cpu_ops.usable(k, v, k_cache):
+            cpu_ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         parts = []
         P = meta.packed.num_tokens if meta.packed is not None else 0
         if meta.packed is not None:

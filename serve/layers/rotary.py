@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from packserve.kernels import cpu_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
 
 
@@ -62,6 +64,11 @@ class RotaryEmbedding(nn.Module):
         """In place on x: [T, heads, D] (may be a strided view, e.g. the q and k columns of a fused QKV output, so
         q and k turn in one pass). fp32 only: other dtypes round the products differently; use forward."""
         assert x.dtype == torch.float32
+        if self.cos.device != positions.device:
+            self.tables(positions)  # moves the tables
+        if cpu_ops.usable(x) and self.cos.dtype == torch.float32:
+            cpu_ops.rotary_(x, positions, self.cos, self.sin)
+            return
         cos, sin = self.tables(positions)
         half = self.rot_dim // 2
         x1, x2 = x[..., :half], x[..., half:self.rot_dim]

@@ -53,11 +53,11 @@ def test_greedy_matches_transformers(arch, checkpoint_factory):
 
 def test_greedy_matches_transformers_on_the_torch_decode_path(checkpoint_factory, monkeypatch):
     """PACKSERVE_CPU_KERNELS=0: decode steps gather KV blocks and run SDPA instead of the C kernel."""
-    from packserve.kernels import paged_decode_cpu
+    from packserve.kernels import cpu_ops
 
     path = checkpoint_factory("llama")
     ps = prompts(seed=5)
-    assert LLM(path).engine.runner.use_cpu_decode_kernel == paged_decode_cpu.available()
+    assert LLM(path).engine.runner.use_cpu_decode_kernel == cpu_ops.available()
     monkeypatch.setenv("PACKSERVE_CPU_KERNELS", "0")
     llm = LLM(path)
     assert not llm.engine.runner.use_cpu_decode_kernel

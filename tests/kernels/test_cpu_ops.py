@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from packserve.kernels import paged_decode_cpu as K
+from packserve.kernels import cpu_ops as K
 from packserve.layers.attention import PagedGroup, PagedMeta, paged_attention
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="no C compiler here")
@@ -70,3 +70,75 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         K.paged_decode_attention(q[:, :3], kc, vc, table, lens, 4, 0.25)
     assert K.paged_decode_attention(q[:0], kc, vc, table[:0], lens[:0], 4, 0.25).shape == (0, 4, 16)
+
+
+ROWS = [1, 2, 63, 64, 65, 300]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("cols", [1, 384, 769])
+def test_rms_norm_matches_reference(rows, cols):
+    from packserve.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
+
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    base = torch.randn(rows, cols + 5, generator=g)
+    x = base[:, 2:cols + 2]  # strided rows
+    r = torch.randn(rows, cols, generator=g)
+    w = torch.randn(cols, generator=g)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(K.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), **tol)
+    torch.testing.assert_close(K.rms_norm(x, None, 1e-6), rms_norm_ref(x, None, 1e-6), **tol)
+    torch.testing.assert_close(K.rms_norm(x, w, 1e-6, offset=1.0), rms_norm_ref(x, w, 1e-6, offset=1.0), **tol)
+    before = base.clone()
+    out, res = K.rms_norm(x, w, 1e-6, residual=r)
+    want_out, want_res = fused_add_rms_norm_ref(x, r, w, 1e-6)
+    torch.testing.assert_close(out, want_out, **tol)
+    assert torch.equal(res, want_res)
+    assert torch.equal(base, before)  # inputs untouched
+
+
+def test_rms_norm_dispatch_uses_the_kernel_for_3d_inputs():
+    from packserve.kernels.rmsnorm import rms_norm, rms_norm_ref
+
+    x = torch.randn(7, 3, 64)  # per-head norms (Qwen3 q/k norm) arrive as [T, heads, D]
+    w = torch.randn(64)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 2, 65, 300])
+@pytest.mark.parametrize("D,partial", [(64, 1.0), (80, 0.5)])
+def test_rotary_in_place_matches_torch(T, D, partial):
+    from packserve.layers.rotary import RotaryEmbedding
+
+    rot = RotaryEmbedding(D, 512, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial})
+    g = torch.Generator().manual_seed(T + D)
+    H, Hkv = 6, 2
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.randint(0, 512, (T,), generator=g)
+    q = qkv[:, :H * D].reshape(T, H, D)
+    k = qkv[:, H * D:(H + Hkv) * D].reshape(T, Hkv, D)
+    want_q, want_k = rot(positions, q, k)
+    v_before = qkv[:, (H + Hkv) * D:].clone()
+    K.rotary_(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), positions, rot.cos, rot.sin)
+    torch.testing.assert_close(qkv[:, :H * D].view(T, H, D), want_q, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), want_k, atol=1e-6, rtol=1e-5)
+    assert torch.equal(qkv[:, (H + Hkv) * D:], v_before)  # v untouched
+    with pytest.raises(ValueError, match="beyond"):
+        K.rotary_(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), positions + 512, rot.cos, rot.sin)
+
+
+@pytest.mark.parametrize("T", [1, 17, 300])
+def test_write_kv_matches_index_copy(T):
+    g = torch.Generator().manual_seed(T)
+    Hkv, D, slots_total = 2, 64, 1000
+    qkv = torch.randn(T, (6 + 2 * Hkv) * D, generator=g)
+    k = qkv[:, 6 * D:(6 + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (6 + Hkv) * D:].view(T, Hkv, D)
+    slots = torch.randperm(slots_total, generator=g)[:T]
+    got_k, got_v = torch.full((slots_total, Hkv, D), float("nan")), torch.full((slots_total, Hkv, D), float("nan"))
+    want_k, want_v = got_k.clone(), got_v.clone()
+    K.write_kv(k, v, got_k, got_v, slots)
+    want_k.index_copy_(0, slots, k)
+    want_v.index_copy_(0, slots, v)
+    assert torch.equal(got_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(got_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
