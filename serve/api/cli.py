@@ -80,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {model!r} is not a checkpoint folder", file=sys.stderr)
         return 2
     name = args.served_model_name or (demo.DEMO_MODEL_NAME if is_demo else os.path.basename(os.path.normpath(model)))
+
     def build() -> LLMEngine:
-        return LLMEngine(engine_config(
+        engine = LLMEngine(engine_config(
             model, backend=args.backend, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
             norm_mode=args.norm_mode, seed=args.seed))
+        engine.warm_up()
+        return engine
 
     metrics = EngineMetrics(name)
     aengine = AsyncEngine(factory=build, num_threads=num_threads, on_step=metrics.on_step,

@@ -129,6 +129,22 @@ class LLMEngine:
             raise RuntimeError("no memory left for the KV cache; lower max_model_len or raise the cache budget")
         return max(1, min(n, useful))
 
+    def warm_up(self) -> None:
+        """One dummy prefill of a full step's token budget on the idle engine (the server runs it before it
+        reports ready, as vLLM's start-up profile run does): allocators reach their high-water mark, lazy
+        kernels compile and the first real batch runs at steady-state speed."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up needs an idle engine")
+        sc = self.scheduler_config
+        budget = min(sc.max_num_batched_tokens, self.allocator.num_blocks * self.allocator.block_size)
+        lengths: list[int] = []
+        while budget > 0 and len(lengths) < sc.max_num_seqs:
+            lengths.append(min(budget, self.max_model_len))
+            budget -= lengths[-1]
+        if self.state_cache is not None:
+            lengths = lengths[:self.state_cache.num_slots]
+        self.runner.prefill_logits([[self.eos_token_ids[0] if self.eos_token_ids else 0] * n for n in lengths])
+
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
