@@ -100,8 +100,8 @@ _VARS = [
            "on CPU, keep freed activation memory in glibc's heap instead of page-faulting it in every step "
            "(packserve.host); 0 leaves malloc alone"),
     EnvVar("CPU_KERNELS", _bool, True,
-           "on CPU, compile packserve's C decode-attention kernel with gcc on first use (cached in the cache "
-           "folder); 0 keeps the pure-torch path"),
+           "CPU fp32 fast paths: packserve's C kernels (compiled with gcc on first use, cached in the cache "
+           "folder) and oneDNN-prepacked weights for decode (a second copy of the weights); 0 keeps plain torch"),
     EnvVar("CACHE_DIR", str, None, "where the demo model is built (default: ~/.cache/packserve)", "--cache-dir"),
 ]
 

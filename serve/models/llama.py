@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from packserve.layers.attention import Attention, ForwardContext
-from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
+from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear, linear, pack_for_cpu
 from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
 from packserve.layers.rotary import RotaryEmbedding
@@ -110,6 +110,7 @@ class LlamaForCausalLM(CausalLM):
                                 max_model_len)
         self.tie = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"])
+        self.tied_head_packed: torch.Tensor | None = None
         attn = self.model.layers[0].self_attn
         self.info = ModelInfo(
             architecture=type(self).__name__, num_layers=cfg["num_hidden_layers"], num_kv_heads=attn.num_kv_heads,
@@ -121,8 +122,15 @@ class LlamaForCausalLM(CausalLM):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden):
-        w = self.model.embed_tokens.weight if self.tie else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w)
+        if not self.tie:
+            return self.lm_head(hidden)
+        return linear(hidden, self.model.embed_tokens.weight, packed=self.tied_head_packed)
+
+    def prepack_lm_head(self) -> bool:
+        """The tied head's packed copy (an untied head is a ColumnLinear, packed with the others)."""
+        if self.tie:
+            self.tied_head_packed = pack_for_cpu(self.model.embed_tokens.weight)
+        return self.tie and self.tied_head_packed is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def rename(name: str) -> str | None:

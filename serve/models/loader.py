@@ -9,6 +9,8 @@ from typing import Iterator
 
 import torch
 
+from packserve import envs
+from packserve.layers.linear import prepack_cpu
 from packserve.models import registry
 
 log = logging.getLogger(__name__)
@@ -72,4 +74,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, max_m
     with torch.device("cpu"):
         model = cls(cfg, max_model_len, **kwargs)
     model.load_weights(iter_safetensors(path, torch.float64 if norm_mode != "native" else dtype))
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu" and dtype == torch.float32 and envs.get("CPU_KERNELS"):
+        n = prepack_cpu(model)
+        log.info("prepacked %d weights for CPU decode (oneDNN layout; a second copy in memory)", n)
+    return model
