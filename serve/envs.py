@@ -77,6 +77,9 @@ _VARS = [
     EnvVar("MAX_MODEL_LEN", int, None, "context length limit (default: the checkpoint's)", "--max-model-len"),
     EnvVar("MAX_NUM_SEQS", int, 128, "most requests running at once", "--max-num-seqs"),
     EnvVar("MAX_NUM_BATCHED_TOKENS", int, 8192, "token budget of one engine step", "--max-num-batched-tokens"),
+    EnvVar("BATCH_WINDOW_MS", float, 10.0,
+           "on an idle server, how long the first request may wait for more to arrive (until a 2 ms pause) so a "
+           "burst is packed into one prefill; 0 starts at once", "--batch-window-ms"),
     EnvVar("MAX_WAITING", int, 256, "bounded waiting queue; beyond it requests get 429", "--max-waiting"),
     EnvVar("NUM_KV_BLOCKS", int, None, "KV cache blocks (default: from the memory budget)", "--num-kv-blocks"),
     EnvVar("KV_CACHE_MEMORY_GIB", float, None, "KV cache memory budget in GiB", "--kv-cache-memory-gib"),

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("port", args.port), ("max_waiting", args.max_waiting), ("max_n", args.max_n),
-                        ("max_body_bytes", args.max_body_bytes)):
-        if value < (0 if name == "port" else 1):
+                        ("max_body_bytes", args.max_body_bytes), ("batch_window_ms", args.batch_window_ms)):
+        if value < (0 if name in ("port", "batch_window_ms") else 1):
             print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = EngineMetrics(name)
     aengine = AsyncEngine(factory=build, num_threads=num_threads, on_step=metrics.on_step,
-                          on_idle=metrics.set_gauges)
+                          on_idle=metrics.set_gauges, batch_window=args.batch_window_ms / 1000)
     try:
         aengine.start()
     except (ConfigError, ValueError) as exc:

@@ -95,6 +95,8 @@ class RequestStream:
 
 StepHook = Callable[[LLMEngine, list[RequestOutput], float], None]
 
+GATHER_GAP = 0.002  # seconds without a new arrival that end the batch window
+
 
 class AsyncEngine:
     """`engine`: a built LLMEngine, or `factory` builds it inside the loop thread (the server's way).
@@ -108,12 +110,16 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine | None = None, on_step: StepHook | None = None,
                  on_idle: StepHook | None = None, *, factory: Callable[[], LLMEngine] | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, batch_window: float = 0.0):
         if (engine is None) == (factory is None):
             raise ValueError("pass exactly one of engine and factory")
         self.engine = engine
         self._factory = factory
         self._num_threads = num_threads
+        # On an idle engine, the first arrival waits until arrivals pause (GATHER_GAP) or `batch_window`
+        # seconds pass, so a burst of requests is packed into one prefill step instead of the first request
+        # running alone while the rest queue behind it. 0 disables it.
+        self.batch_window = batch_window
         self._built = threading.Event()
         self.on_step = on_step  # called in the loop thread after each step (metrics)
         self.on_idle = on_idle  # called in the loop thread after commands were applied with nothing to run
@@ -192,7 +198,10 @@ class AsyncEngine:
             self._built.set()
             while not self._stopping:
                 self._wake.clear()
+                was_idle = not self.engine.has_unfinished()
                 applied = self._apply_commands()
+                if was_idle and applied and self.batch_window > 0 and self.engine.has_unfinished():
+                    self._gather(time.monotonic() + self.batch_window)
                 if not self.engine.has_unfinished():
                     if applied and self.on_idle is not None:
                         self.on_idle(self.engine, [], time.monotonic())
@@ -210,6 +219,16 @@ class AsyncEngine:
         finally:
             self._stopping = True
             self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    def _gather(self, deadline: float) -> None:
+        """Keep applying arrivals until none came for GATHER_GAP seconds or the deadline passed."""
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            if not self._apply_commands() and not self._wake.wait(min(GATHER_GAP, left)):
+                return
 
     def _apply_commands(self) -> bool:
         applied = False

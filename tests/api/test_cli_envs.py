@@ -128,3 +128,40 @@ def test_async_engine_idle_does_not_spin_and_submission_is_all_or_none(engine):
             await ae.submit([EngineRequest("z", ids, sp)])
 
     asyncio.run(after_stop())
+
+
+@pytest.mark.parametrize("window", [5.0, 0.0])
+def test_batch_window_packs_a_burst_into_one_prefill(tiny_model, monkeypatch, window):
+    """On an idle engine, requests arriving close together (here 20 ms apart, under a 200 ms gap) are packed
+    into the first prefill step; without a window the first one starts alone."""
+    from packserve.engine import async_engine
+    from packserve.engine.async_engine import AsyncEngine, EngineRequest
+    from packserve.engine.engine import LLMEngine, engine_config
+    from packserve.engine.request import SamplingParams
+
+    monkeypatch.setattr(async_engine, "GATHER_GAP", 0.2)
+    engine = LLMEngine(engine_config(tiny_model, device="cpu", dtype="float32", max_model_len=128, max_num_seqs=8))
+    packed = []
+    ae = AsyncEngine(engine, on_step=lambda e, outs, now: packed.append(e.stats.last_step.num_prompts_packed),
+                     batch_window=window)
+    ae.start()
+    try:
+        sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+        async def scenario():
+            for round_ in range(2):  # the second burst arrives at an idle engine again
+                streams = []
+                for i in range(5):
+                    streams.append(await ae.submit([EngineRequest(f"r{round_}-{i}", [5 + i] * (3 + i), sp)]))
+                    await asyncio.sleep(0.02)
+                for s in streams:
+                    assert [o async for o in s][-1].finished
+
+        asyncio.run(scenario())
+    finally:
+        ae.stop()
+    prefill_steps = [n for n in packed if n]
+    if window:
+        assert prefill_steps == [5, 5]
+    else:
+        assert prefill_steps[0] == 1 and len(prefill_steps) > 2
