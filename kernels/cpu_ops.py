@@ -49,53 +49,74 @@ C_SOURCE = r"""
 __attribute__((simd("notinbranch"))) float expf(float);
 #endif
 
+static const int64_t *sort_lens;  /* qsort has no context argument; set under the caller's lock */
+
+static int longer_first(const void *a, const void *b) {
+    const int64_t la = sort_lens[*(const int64_t *)a], lb = sort_lens[*(const int64_t *)b];
+    return (la < lb) - (la > lb);
+}
+
 /* q: row b, head h at q + b * q_stride + h * D.  Caches: [slots, Hkv, D], slot = block * bs + offset.
-   out: [B, H, D] contiguous.  Returns 0, or 1 if a scratch allocation failed. */
+   out: [B, H, D] contiguous.  Work items (requests) run longest first, so the dynamic schedule ends balanced.
+   Returns 0, or 1 if a scratch allocation failed. */
 int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                            const int64_t *block_table, int64_t max_blocks, const int64_t *seq_lens,
                            float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale) {
     const int64_t G = H / Hkv;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    int64_t *order = (int64_t *)malloc(sizeof(int64_t) * (size_t)B);
+    if (!order) return 1;
+    for (int64_t b = 0; b < B; b++) order[b] = b;
+    sort_lens = seq_lens;
+    qsort(order, (size_t)B, sizeof(int64_t), longer_first);
     int failed = 0;
-    #pragma omp parallel for schedule(dynamic, 1) reduction(|:failed)
-    for (int64_t item = 0; item < B * Hkv; item++) {
-        const int64_t b = item / Hkv, kvh = item % Hkv, len = seq_lens[b];
-        const int64_t *table = block_table + b * max_blocks;
-        float *s = (float *)malloc(sizeof(float) * (size_t)(G * len));
-        float *acc = (float *)calloc((size_t)(G * D), sizeof(float));
-        if (!s || !acc) { free(s); free(acc); failed = 1; continue; }
-        const float *qh = q + b * q_stride + kvh * G * D;
-        for (int64_t j = 0; j < len; j++) {
-            const float *k = k_cache + ((table[j / bs] * bs + j % bs) * Hkv + kvh) * D;
-            for (int64_t g = 0; g < G; g++) {
-                const float *qg = qh + g * D;
-                float dot = 0.f;
-                for (int64_t d = 0; d < D; d++) dot += qg[d] * k[d];
-                s[g * len + j] = dot * scale;
+    #pragma omp parallel reduction(|:failed)
+    {
+        /* One work item per request, all its KV heads: each cache slot row (Hkv x D) is streamed once, in
+           order, block after block. */
+        float *s = (float *)malloc(sizeof(float) * (size_t)(H * max_len));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(H * D));
+        if (!s || !acc) failed = 1;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B; item++) {
+            if (!s || !acc) continue;
+            const int64_t b = order[item], len = seq_lens[b];
+            const int64_t *table = block_table + b * max_blocks;
+            const float *qb = q + b * q_stride;
+            for (int64_t j = 0; j < len; j++) {
+                const float *k = k_cache + (table[j / bs] * bs + j % bs) * Hkv * D;
+                for (int64_t h = 0; h < H; h++) {
+                    const float *qh = qb + h * D, *kh = k + (h / G) * D;
+                    float dot = 0.f;
+                    for (int64_t d = 0; d < D; d++) dot += qh[d] * kh[d];
+                    s[h * len + j] = dot * scale;
+                }
             }
-        }
-        for (int64_t g = 0; g < G; g++) {
-            float *sg = s + g * len, m = -FLT_MAX, sum = 0.f;
-            for (int64_t j = 0; j < len; j++) m = sg[j] > m ? sg[j] : m;
-            #pragma omp simd reduction(+:sum)
-            for (int64_t j = 0; j < len; j++) { sg[j] = expf(sg[j] - m); sum += sg[j]; }
-            const float inv = 1.f / sum;
-            for (int64_t j = 0; j < len; j++) sg[j] *= inv;
-        }
-        for (int64_t j = 0; j < len; j++) {
-            const float *v = v_cache + ((table[j / bs] * bs + j % bs) * Hkv + kvh) * D;
-            for (int64_t g = 0; g < G; g++) {
-                const float p = s[g * len + j];
-                float *a = acc + g * D;
-                for (int64_t d = 0; d < D; d++) a[d] += p * v[d];
+            for (int64_t h = 0; h < H; h++) {
+                float *sh = s + h * len, m = -FLT_MAX, sum = 0.f;
+                for (int64_t j = 0; j < len; j++) m = sh[j] > m ? sh[j] : m;
+                #pragma omp simd reduction(+:sum)
+                for (int64_t j = 0; j < len; j++) { sh[j] = expf(sh[j] - m); sum += sh[j]; }
+                const float inv = 1.f / sum;
+                for (int64_t j = 0; j < len; j++) sh[j] *= inv;
             }
-        }
-        for (int64_t g = 0; g < G; g++) {
-            float *o = out + (b * H + kvh * G + g) * D;
-            for (int64_t d = 0; d < D; d++) o[d] = acc[g * D + d];
+            for (int64_t i = 0; i < H * D; i++) acc[i] = 0.f;
+            for (int64_t j = 0; j < len; j++) {
+                const float *v = v_cache + (table[j / bs] * bs + j % bs) * Hkv * D;
+                for (int64_t h = 0; h < H; h++) {
+                    const float p = s[h * len + j], *vh = v + (h / G) * D;
+                    float *a = acc + h * D;
+                    for (int64_t d = 0; d < D; d++) a[d] += p * vh[d];
+                }
+            }
+            float *o = out + b * H * D;
+            for (int64_t i = 0; i < H * D; i++) o[i] = acc[i];
         }
         free(s);
         free(acc);
     }
+    free(order);
     return failed;
 }
 
@@ -222,14 +243,29 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+_env_raw: str | None = None  # the PACKSERVE_CPU_KERNELS value last parsed, and its meaning
+_env_on = True
+
+
+def _enabled() -> bool:
+    """PACKSERVE_CPU_KERNELS, re-parsed only when its raw value changes (the dispatchers ask on every call)."""
+    global _env_raw, _env_on
+    raw = os.environ.get("PACKSERVE_CPU_KERNELS")
+    if raw != _env_raw:
+        from packserve import envs
+
+        _env_on, _env_raw = envs.get("CPU_KERNELS"), raw
+    return _env_on
+
+
 def available() -> bool:
     """Build (once per process; the library is cached across processes) and report whether it works here.
     PACKSERVE_CPU_KERNELS=0 turns the kernels off (the torch paths run instead)."""
-    from packserve import envs
-
-    if not envs.get("CPU_KERNELS"):
-        return False
     global _lib, _error
+    if not _enabled():
+        return False
+    if _lib is not None:
+        return True
     with _lock:
         if _lib is None and _error is None:
             try:
@@ -242,10 +278,11 @@ def available() -> bool:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                           scale: float) -> torch.Tensor:
+                           scale: float, check_values: bool = True) -> torch.Tensor:
     """q: [B, H, D] fp32 (rows may be strided, heads and dims contiguous); k/v_cache: [slots, Hkv, D] fp32
     contiguous, slot = block * block_size + offset; block_table: int64 [B, max_blocks]; seq_lens: int64 [B]
-    (context length including the current token). Returns [B, H, D]."""
+    (context length including the current token). Returns [B, H, D]. check_values=False skips the range
+    checks of seq_lens (the runner builds them in range; each check is a tensor reduction per layer)."""
     if not available():
         raise RuntimeError(f"packserve CPU kernels unavailable: {_error}")
     B, H, D = q.shape
@@ -260,16 +297,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     seq_lens = seq_lens.to(torch.int64).contiguous()
     if block_table.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError("block_table and seq_lens need one row per request")
-    if B and int(seq_lens.min()) < 1:
+    if check_values and B and int(seq_lens.min()) < 1:
         raise ValueError("every request attends at least one cached token")
-    if B and int(seq_lens.max()) > block_table.shape[1] * block_size:
+    if check_values and B and int(seq_lens.max()) > block_table.shape[1] * block_size:
         raise ValueError("a sequence is longer than its block table")
     out = torch.empty(B, H, D, dtype=torch.float32)
     if B == 0:
         return out
-    failed = _lib.paged_decode_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
-        block_table.shape[1], seq_lens.data_ptr(), out.data_ptr(), B, H, Hkv, D, block_size, scale)
+    with _lock:  # the kernel's sort uses a static
+        failed = _lib.paged_decode_attention(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+            block_table.shape[1], seq_lens.data_ptr(), out.data_ptr(), B, H, Hkv, D, block_size, scale)
     if failed:
         raise MemoryError("paged decode kernel: scratch allocation failed")
     return out
@@ -277,7 +315,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def usable(*tensors: torch.Tensor) -> bool:
     """The dispatchers' rule: CPU fp32 tensors and the kernels built."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+    for t in tensors:
+        if not t.is_cpu or t.dtype is not torch.float32:
+            return False
+    return available()
 
 
 def _rows(x: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
@@ -317,15 +358,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: f
     return out.view(shape), res_out.view(shape)
 
 
-def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """In place on x: [T, heads, D] (token stride free, heads and dims contiguous); cos/sin: [max_pos, rot/2]."""
+def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            check_values: bool = True) -> None:
+    """In place on x: [T, heads, D] (token stride free, heads and dims contiguous); cos/sin: [max_pos, rot/2].
+    check_values=False skips the positions range check (the runner keeps positions under max_model_len)."""
     T, heads, D = x.shape
     if x.stride(2) != 1 or x.stride(1) != D:
         raise ValueError("x heads and dims must be contiguous")
     if positions.dtype != torch.int64 or positions.shape != (T,):
         raise ValueError("positions must be int64 [T]")
     cos, sin = cos.contiguous(), sin.contiguous()
-    if T and int(positions.max()) >= cos.shape[0]:
+    if check_values and T and int(positions.max()) >= cos.shape[0]:
         raise ValueError("position beyond the rotary table")
     if T:
         _lib.rotary_f32(x.data_ptr(), x.stride(0), T, heads, D, positions.contiguous().data_ptr(), cos.data_ptr(),

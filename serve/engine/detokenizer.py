@@ -28,8 +28,14 @@ class IncrementalDetokenizer:
         self.tokens = list(tail)
         self.prefix_offset = 0
         self.read_offset = len(tail)
+        # A fast tokenizer's Rust backend decodes the same text (we never ask for the clean-up pass) without
+        # transformers' per-call argument conversion: two decodes per generated token add up in a step.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._backend_decode = getattr(backend, "decode", None)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 

@@ -73,6 +73,13 @@ def test_incremental_detokenizer_matches_full_decode():
     # Multi-byte characters really span several tokens here, so the test can fail.
     assert any(p == "" for p in pieces)
 
+    class DecodeOnly:  # a tokenizer without a Rust backend: the transformers decode() path
+        decode = tok.decode
+
+    slow = IncrementalDetokenizer(DecodeOnly(), prompt)
+    assert slow._backend_decode is None
+    assert [slow.add(t) for t in ids] == pieces
+
 
 def test_stop_string_helpers():
     assert find_stop("hello world", 6, ("wor", "zz")) == (6, "wor")
