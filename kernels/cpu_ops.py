@@ -335,6 +335,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: f
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x), or with residual (norm(x + residual), x + residual); fp32 CPU tensors, new outputs."""
     shape, cols = x.shape, x.shape[-1]
+    if (x.dim() == 2 and x.is_contiguous() and (weight is None or (weight.shape == (cols,) and weight.is_contiguous()))
+            and (residual is None or (residual.shape == shape and residual.is_contiguous()))):
+        # The common case (the residual stream), without the general layout handling below.
+        rows = shape[0]
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        res_out = None if residual is None else torch.empty(rows, cols, dtype=torch.float32)
+        if rows:
+            _lib.rms_norm_f32(x.data_ptr(), cols, None if residual is None else residual.data_ptr(), cols,
+                              None if res_out is None else res_out.data_ptr(), cols,
+                              None if weight is None else weight.data_ptr(), out.data_ptr(), cols, rows, cols,
+                              eps, offset)
+        return out if residual is None else (out, res_out)
     x2, sx = _rows(x, "x")
     rows = x2.shape[0]
     out = torch.empty(rows, cols, dtype=torch.float32)

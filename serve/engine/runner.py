@@ -100,10 +100,8 @@ class ModelRunner:
         kv_lens = [s.context_len + s.num_new_tokens for s in cont]
         if self.use_cpu_decode_kernel and max(q_lens) == 1:
             nb = -(-max(kv_lens) // self.block_size)
-            table = torch.zeros(len(cont), nb, dtype=torch.long)
-            for b, s in enumerate(cont):
-                blocks = s.request.block_ids[:nb]
-                table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            rows = [s.request.block_ids[:nb] for s in cont]
+            table = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long)
             return PagedMeta(len(cont), [], block_table=table, seq_lens=torch.tensor(kv_lens, dtype=torch.long),
                              block_size=self.block_size)
         groups = length_groups(kv_lens)
