@@ -4,7 +4,8 @@ Workload (DESIGN.md §9 "Serving"): the first 32 cpu-lognormal prompts (token id
 ignored, greedy; Llama shape hidden 384 / intermediate 1024 / 6 layers / 6 heads / 2 KV heads, fp32, 2 threads.
 The server is a `packserve serve` subprocess on a free port; the client streams every request over SSE
 (`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU.
-Prints output tokens/s of each and the ratio (one run).
+Each side runs `--repeats` times (default 3) in the same invocation: the baseline first, alone, then the server
+(warmed once). Prints the median time and output tokens/s of each, every run's time, and the ratio of medians.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -24,13 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts  # noqa: E402
 
 
-def transformers_baseline(model_dir: str, prompts: list[list[int]], new_tokens: int) -> float:
+def transformers_baseline(model_dir: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    elapsed, out = hf_generate_padded(hf, prompts, new_tokens)
-    assert all(len(o) == new_tokens for o in out)
-    return elapsed
+    times = []
+    for _ in range(repeats):
+        elapsed, out = hf_generate_padded(hf, prompts, new_tokens)
+        assert all(len(o) == new_tokens for o in out)
+        times.append(elapsed)
+    return times
 
 
 async def _one(client, body: dict, stream: bool) -> int:
@@ -52,7 +57,7 @@ async def _one(client, body: dict, stream: bool) -> int:
     return usage
 
 
-async def _all(url: str, prompts, new_tokens: int, stream: bool) -> tuple[float, int]:
+async def _all(url: str, prompts, new_tokens: int, stream: bool, repeats: int) -> list[tuple[float, int]]:
     import httpx
 
     limits = httpx.Limits(max_connections=len(prompts) + 4)
@@ -62,19 +67,22 @@ async def _all(url: str, prompts, new_tokens: int, stream: bool) -> tuple[float,
         warm = {"prompt": prompts[0][:16], "max_tokens": 4, "temperature": 0}
         await asyncio.gather(*(_one(client, warm, False) for _ in prompts))
         bodies = [{"prompt": p, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True} for p in prompts]
-        t = time.perf_counter()
-        counts = await asyncio.gather(*(_one(client, b, stream) for b in bodies))
-        return time.perf_counter() - t, sum(counts)
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            counts = await asyncio.gather(*(_one(client, b, stream) for b in bodies))
+            runs.append((time.perf_counter() - t, sum(counts)))
+        return runs
 
 
 def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bool, workdir: str,
-              backend: str) -> tuple[float, int]:
+              backend: str, repeats: int) -> list[tuple[float, int]]:
     from packserve.testing import ServerProcess
 
     args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", backend,
             "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"]
     with ServerProcess(args, workdir, ready_timeout=180) as server:
-        return asyncio.run(_all(server.url, prompts, new_tokens, stream))
+        return asyncio.run(_all(server.url, prompts, new_tokens, stream, repeats))
 
 
 def main() -> int:
@@ -84,6 +92,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
     ap.add_argument("--no-stream", action="store_true", help="non-streamed JSON responses instead of SSE")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (medians are compared)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,17 +106,20 @@ def main() -> int:
         from transformers import AutoModelForCausalLM
 
         save_checkpoint(AutoModelForCausalLM.from_config(cfg).eval(), build_tokenizer(), model_dir)
-        t_hf = transformers_baseline(model_dir, prompts, args.new_tokens)
-        t_srv, n_srv = serve_run(model_dir, prompts, args.new_tokens, args.threads, not args.no_stream, tmp,
-                                  args.backend)
+        hf_times = transformers_baseline(model_dir, prompts, args.new_tokens, args.repeats)
+        runs = serve_run(model_dir, prompts, args.new_tokens, args.threads, not args.no_stream, tmp, args.backend,
+                         args.repeats)
     n_out = len(prompts) * args.new_tokens
-    assert n_srv == n_out, (n_srv, n_out)
+    assert all(n == n_out for _, n in runs), runs
+    t_hf, t_srv = statistics.median(hf_times), statistics.median(t for t, _ in runs)
     mode = "JSON" if args.no_stream else "SSE"
     print(f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens, longest {max(map(len, prompts))}), "
-          f"{args.new_tokens} new tokens each, {args.threads} threads, fp32")
-    print(f"{'method':<44}{'time':>10}{'output tok/s':>15}")
-    print(f"{'transformers generate (one padded batch)':<44}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}")
-    print(f"{f'packserve serve, all in flight ({mode})':<44}{t_srv:>9.2f}s{n_out / t_srv:>15,.0f}")
+          f"{args.new_tokens} new tokens each, {args.threads} threads, fp32, median of {args.repeats} runs")
+    print(f"{'method':<44}{'time':>10}{'output tok/s':>15}   runs")
+    print(f"{'transformers generate (one padded batch)':<44}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}   "
+          + " ".join(f"{t:.2f}" for t in hf_times))
+    print(f"{f'packserve serve, all in flight ({mode})':<44}{t_srv:>9.2f}s{n_out / t_srv:>15,.0f}   "
+          + " ".join(f"{t:.2f}" for t, _ in runs))
     print(f"ratio packserve server / transformers: {t_hf / t_srv:.2f}x")
     return 0
 
