@@ -71,7 +71,7 @@ def packed_rows_forward(hf, prompts, device, dtype):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true", help="GPU workload (Llama-3.2-1B shape, bf16)")
-    ap.add_argument("--backend", default=None, help="packserve attention backend (default: sdpa on CPU, varlen on GPU)")
+    ap.add_argument("--backend", default="auto", help="packserve attention backend (default auto: varlen)")
     ap.add_argument("--prompts", type=int, default=None, help="number of prompts (default: the workload's)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -91,7 +91,7 @@ def main() -> int:
     prompts = lognormal_prompts(w, cfg.vocab_size, args.prompts)
     n_real = sum(len(p) for p in prompts)
     repeats = args.repeats or (10 if args.gpu else 3)
-    backend = args.backend or ("varlen" if args.gpu else "sdpa")
+    backend = args.backend
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

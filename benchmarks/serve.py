@@ -3,7 +3,8 @@
 Workload (DESIGN.md §9 "Serving"): the first 32 cpu-lognormal prompts (token ids), 64 new tokens each, EOS
 ignored, greedy; Llama shape hidden 384 / intermediate 1024 / 6 layers / 6 heads / 2 KV heads, fp32, 2 threads.
 The server is a `packserve serve` subprocess on a free port; the client streams every request over SSE
-(`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU.
+(`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU. The server tunes
+glibc malloc for itself (packserve.host); the baseline runs with stock malloc unless `--tuned-baseline`.
 Each side runs `--repeats` times (default 3) in the same invocation: the baseline first, alone, then the server
 (warmed once). Prints the median time and output tokens/s of each, every run's time, and the ratio of medians.
 """
@@ -93,8 +94,14 @@ def main() -> int:
     ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
     ap.add_argument("--no-stream", action="store_true", help="non-streamed JSON responses instead of SSE")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (medians are compared)")
+    ap.add_argument("--tuned-baseline", action="store_true",
+                    help="give the transformers run packserve's glibc malloc settings too (packserve.host)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tuned_baseline:
+        from packserve.host import tune_malloc
+
+        assert tune_malloc(), "glibc malloc tuning unavailable here"
 
     from packserve.checkpoints import build_tokenizer, save_checkpoint
 
@@ -116,7 +123,8 @@ def main() -> int:
     print(f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens, longest {max(map(len, prompts))}), "
           f"{args.new_tokens} new tokens each, {args.threads} threads, fp32, median of {args.repeats} runs")
     print(f"{'method':<44}{'time':>10}{'output tok/s':>15}   runs")
-    print(f"{'transformers generate (one padded batch)':<44}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}   "
+    base = "transformers generate, tuned malloc" if args.tuned_baseline else "transformers generate (one padded batch)"
+    print(f"{base:<44}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}   "
           + " ".join(f"{t:.2f}" for t in hf_times))
     print(f"{f'packserve serve, all in flight ({mode})':<44}{t_srv:>9.2f}s{n_out / t_srv:>15,.0f}   "
           + " ".join(f"{t:.2f}" for t, _ in runs))
