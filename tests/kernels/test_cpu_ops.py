@@ -142,3 +142,34 @@ def test_write_kv_matches_index_copy(T):
     want_v.index_copy_(0, slots, v)
     assert torch.equal(got_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
     assert torch.equal(got_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
+
+
+def test_without_a_compiler_the_engine_runs_on_torch_paths(tmp_path, checkpoint_factory):
+    """A failing compiler (CC=false) with an empty cache: the kernels report unavailable, a warning is logged, and
+    greedy generation gives the same tokens as with the kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = r"""
+import json, sys, logging
+logging.basicConfig(level=logging.WARNING)
+from packserve import LLM, SamplingParams
+from packserve.kernels import cpu_ops
+llm = LLM(sys.argv[1], device="cpu")
+out = llm.generate([[5, 6, 7], list(range(10, 90))], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+print(json.dumps({"available": cpu_ops.available(), "tokens": [o.outputs[0].token_ids for o in out]}))
+"""
+    path = checkpoint_factory("llama")
+    env = {**os.environ, "CC": "false", "PACKSERVE_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, env=env, check=True)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["available"] is False
+    assert "CPU kernels unavailable" in proc.stderr
+
+    from packserve import LLM, SamplingParams
+
+    want = LLM(path, device="cpu").generate([[5, 6, 7], list(range(10, 90))],
+                                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert got["tokens"] == [o.outputs[0].token_ids for o in want]
