@@ -8,8 +8,8 @@ one pass over the data:
 - `paged_decode_attention`: one query token per request; each cached K/V row is read once, in place in its
   block, for the G query heads that share it (GQA): s_j = scale * q . k_j (j < len), p = softmax(s),
   out = sum_j p_j v_j.
-- `rms_norm` / `fused_add_rms_norm`: Llama RMSNorm (fp32 statistics, then times weight or offset + weight),
-  optionally after the residual add, whose sum is also returned.
+- `rms_norm`: Llama RMSNorm (fp32 statistics, then times weight or offset + weight), optionally after the residual
+  add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
 - `write_kv`: each token's K and V rows into their cache slots.
 
@@ -18,7 +18,8 @@ cache folder and called through ctypes, which releases the GIL. Loops over rows 
 the library links libgomp.so.1, which resolves to the copy torch already loaded, so the kernels run on the
 calling thread's torch worker pool instead of starting a second pool. `available()` is False without a
 compiler; callers then keep their torch paths. Each kernel has a pure-torch reference the tests compare with
-(`paged_decode_ref` here; the norm, RoPE and activation references live with their layers/kernels).
+(`paged_decode_ref` here; the RMSNorm and RoPE references live in `packserve.kernels.rmsnorm` and
+`packserve.layers.rotary`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from packserve.engine.kv_cache import KVCache
 from packserve.engine.packing import build_packed_batch
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
+from packserve.kernels import cpu_ops
 from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, PagedGroup,
                                         PagedMeta, row_layout, segment_causal_mask)
 
@@ -70,7 +71,7 @@ class ModelRunner:
         self.sampler = Sampler()
         # All-decode steps on CPU (fp32) read the paged KV in place instead of gathering it.
         self.use_cpu_decode_kernel = device.type == "cpu" and kv_cache.data.dtype == torch.float32 and \
-            _cpu_decode_kernel_available()
+            cpu_ops.available()
 
     def _packed_meta(self, fresh: list[ScheduledRequest]):
         batch = build_packed_batch([s.token_ids for s in fresh], [s.slot_mapping(self.block_size) for s in fresh],
@@ -274,9 +275,3 @@ class ModelRunner:
         hidden, last_index, _ = self._forward(sched)
         idx = torch.tensor([last_index[k] for k in range(len(prompts))], device=self.device)
         return self.model.compute_logits(hidden.index_select(0, idx))
-
-
-def _cpu_decode_kernel_available() -> bool:
-    from packserve.kernels import cpu_ops
-
-    return cpu_ops.available()
