@@ -196,21 +196,26 @@ def _cache_dir() -> Path:
     return Path(root) / "cpu-kernels"
 
 
-def _cpu_key() -> str:
-    """-march=native code is only valid on the CPU that built it: key the library by the CPU's flags."""
+def _library_name() -> tuple[str, str]:
+    """(name, stale-pattern). -march=native code is only valid on the CPU that built it, so the name carries a
+    hash of the CPU's flags and one of the source and compiler flags; builds of older sources for the same CPU
+    are stale (a cache folder shared by different CPUs keeps one build per CPU)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha256((C_SOURCE + " ".join(CFLAGS) + flags).encode()).hexdigest()[:16]
+    cpu = hashlib.sha256(flags.encode()).hexdigest()[:8]
+    src = hashlib.sha256((C_SOURCE + " ".join(CFLAGS)).encode()).hexdigest()[:12]
+    return f"cpu_ops_{cpu}_{src}.so", f"cpu_ops_{cpu}_*.so"
 
 
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc) on PATH")
-    target = _cache_dir() / f"cpu_ops_{_cpu_key()}.so"
+    name, stale = _library_name()
+    target = _cache_dir() / name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -225,7 +230,7 @@ def _build() -> ctypes.CDLL:
             else:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
             os.replace(lib, target)  # atomic: concurrent builders never load a half-written file
-            for old in target.parent.glob("cpu_ops_*.so"):  # builds of older sources
+            for old in target.parent.glob(stale):  # this CPU's builds of older sources
                 if old != target:
                     old.unlink(missing_ok=True)
     # torch (imported above) already loaded libgomp.so.1: the library binds to that copy and its pools.

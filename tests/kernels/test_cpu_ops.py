@@ -173,3 +173,16 @@ print(json.dumps({"available": cpu_ops.available(), "tokens": [o.outputs[0].toke
     want = LLM(path, device="cpu").generate([[5, 6, 7], list(range(10, 90))],
                                             SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert got["tokens"] == [o.outputs[0].token_ids for o in want]
+
+
+def test_build_cache_replaces_stale_builds_for_this_cpu_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
+    name, _ = K._library_name()
+    cpu = name.split("_")[2]
+    folder = tmp_path / "cpu-kernels"
+    folder.mkdir()
+    (folder / f"cpu_ops_{cpu}_oldsource0000.so").write_bytes(b"stale")
+    (folder / "cpu_ops_othercpu_123456789abc.so").write_bytes(b"another machine's build")
+    lib = K._build()
+    assert lib.paged_decode_attention is not None
+    assert sorted(p.name for p in folder.iterdir()) == sorted([name, "cpu_ops_othercpu_123456789abc.so"])
