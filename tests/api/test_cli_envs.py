@@ -164,4 +164,4 @@ def test_batch_window_packs_a_burst_into_one_prefill(tiny_model, monkeypatch, wi
     if window:
         assert prefill_steps == [5, 5]
     else:
-        assert prefill_steps[0] == 1 and len(prefill_steps) > 2
+        assert prefill_steps[0] < 5 and len(prefill_steps) > 2  # started before the burst was complete
