@@ -35,6 +35,18 @@ def lognormal_prompts(w: Workload, vocab: int, num_prompts: int | None = None) -
     return prompts
 
 
+def serving_parser():
+    """Options shared by the serving-workload benchmarks (generate.py, serve.py); DESIGN.md §9 defaults."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
+    return ap
+
+
 def cpu_llama_config(vocab: int = 32000):
     from transformers import LlamaConfig
 

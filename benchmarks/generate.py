@@ -7,7 +7,6 @@ Prints output tokens/s of each and the ratio; checks that the greedy tokens agre
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -16,15 +15,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts  # noqa: E402
+from common import (CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts,  # noqa: E402
+                    serving_parser)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
+    ap = serving_parser()
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -11,7 +11,6 @@ Each side runs `--repeats` times (default 3) in the same invocation: the baselin
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts  # noqa: E402
+from common import (CPU_LOGNORMAL, cpu_llama_config, hf_generate_padded, lognormal_prompts,  # noqa: E402
+                    serving_parser)
 
 
 def transformers_baseline(model_dir: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> list[float]:
@@ -87,11 +87,7 @@ def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bo
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
+    ap = serving_parser()
     ap.add_argument("--no-stream", action="store_true", help="non-streamed JSON responses instead of SSE")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (medians are compared)")
     ap.add_argument("--tuned-baseline", action="store_true",

@@ -1,4 +1,5 @@
-"""Compressed RMSNorm (CRMSNorm, Jiang et al. 2023): Triton kernel, host wrappers, pure-torch reference.
+"""Compressed RMSNorm (CRMSNorm, Jiang et al. 2023): host wrappers over the RMSNorm Triton kernel in its compressed
+mode (packserve.kernels.rmsnorm), and the pure-torch reference.
 
 x holds the first d-1 coordinates of a zero-mean vector z of width d (the dropped one is
 z_d = -sum(x)), so with n = d - 1 = x.shape[-1]:
@@ -16,49 +17,10 @@ be stored zero-padded to an aligned width: zeros add nothing to either sum.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
-                                          launch_config, load_row_input, stat_dtype, store_scaled, use_triton)
-
-
-@triton.jit
-def _crms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, full_width, stride_x, stride_r, stride_y, stride_ro, eps,
-                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    row_ok = rows < n_rows
-    x_row, r_row, y_row, ro_row = X + rows * stride_x, R + rows * stride_r, Y + rows * stride_y, RO + rows * stride_ro
-    if SINGLE:
-        cols = tl.arange(0, BLOCK_N)[None, :]
-        col_ok = cols < n_cols
-        mask = row_ok & col_ok
-        x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
-        s = tl.sum(x, axis=1)
-        rstd = tl.rsqrt((tl.sum(x * x, axis=1) + s * s) / full_width + eps)[:, None]
-        store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, 0.0, HAS_WEIGHT, False)
-    else:
-        acc_sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)[None, :]
-            mask = row_ok & (cols < n_cols)
-            x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
-            acc += x
-            acc_sq += x * x
-        s = tl.sum(acc, axis=1)
-        rstd = tl.rsqrt((tl.sum(acc_sq, axis=1) + s * s) / full_width + eps)[:, None]
-        if HAS_RESIDUAL:
-            # Pass 2 re-reads the rounded sums (the inputs may be overwritten when in place).
-            tl.debug_barrier()
-            x_row = ro_row
-        for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)[None, :]
-            col_ok = cols < n_cols
-            mask = row_ok & col_ok
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-            store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, 0.0, HAS_WEIGHT, False)
+                                          stat_dtype, use_triton)
+from packserve.kernels.rmsnorm import launch as rms_launch
 
 
 def _full_width(width: int, full_width: int | None) -> int:
@@ -72,21 +34,8 @@ def _full_width(width: int, full_width: int | None) -> int:
 
 def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | None, y2: torch.Tensor,
             ro2: torch.Tensor | None, eps: float, full_width: int | None, block_n: int | None) -> None:
-    rows, width = x2.shape
-    if rows == 0:
-        return
-    full_width = _full_width(width, full_width)
-    block_m, block_n, num_warps, single = launch_config(rows, width, block_n)
-    has_residual = r2 is not None
-    # Unused pointer slots get a valid tensor; the constexpr flags keep them untouched.
-    r2 = x2 if r2 is None else r2
-    ro2 = y2 if ro2 is None else ro2
-    grid = (triton.cdiv(rows, block_m),)
-    _crms_norm_kernel[grid](
-        x2, r2, x2 if weight is None else weight, y2, ro2, rows, width, full_width,
-        x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps,
-        HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps)
+    """The RMSNorm kernel in its compressed mode (packserve.kernels.rmsnorm)."""
+    rms_launch(x2, r2, weight, y2, ro2, eps, 0.0, block_n, compressed_width=_full_width(x2.shape[1], full_width))
 
 
 def crms_norm_triton(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,

@@ -219,6 +219,20 @@ def linear_attention_chunked_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
 # ---- recurrent: one token at a time ----------------------------------------------------------------
 
 @triton.jit
+def _read_out(q_tok, o_tok, stride_qh, stride_oh, h, kk, k_ok, vv, v_ok, S, z, eps,
+              GROUP: tl.constexpr, NORMALIZE: tl.constexpr):
+    """One token's outputs for the GROUP query heads sharing K/V head h: o = q S, over (q . z + eps) if
+    NORMALIZE (S: [BK, BV] state block, z: [BK])."""
+    for g in tl.static_range(GROUP):
+        hq = h * GROUP + g
+        qt = tl.load(q_tok + hq * stride_qh + kk, mask=k_ok, other=0.0).to(tl.float32)
+        ot = tl.sum(qt[:, None] * S, axis=0)
+        if NORMALIZE:
+            ot = ot / (tl.sum(qt * z, axis=0) + eps)
+        tl.store(o_tok + hq * stride_oh + vv, ot.to(o_tok.dtype.element_ty), mask=v_ok)
+
+
+@triton.jit
 def _recurrent_kernel(Q, K, V, O, CU, S0, Z0, SF, ZF,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                       HKV, DK, DV, eps, GROUP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -245,13 +259,8 @@ def _recurrent_kernel(Q, K, V, O, CU, S0, Z0, SF, ZF,
         vt = tl.load(V + t * stride_vt + h * stride_vh + vv, mask=v_ok, other=0.0).to(tl.float32)
         S += kt[:, None] * vt[None, :]
         z += kt
-        for g in tl.static_range(GROUP):
-            hq = h * GROUP + g
-            qt = tl.load(Q + t * stride_qt + hq * stride_qh + kk, mask=k_ok, other=0.0).to(tl.float32)
-            ot = tl.sum(qt[:, None] * S, axis=0)
-            if NORMALIZE:
-                ot = ot / (tl.sum(qt * z, axis=0) + eps)
-            tl.store(O + t * stride_ot + hq * stride_oh + vv, ot.to(O.dtype.element_ty), mask=v_ok)
+        _read_out(Q + t * stride_qt, O + t * stride_ot, stride_qh, stride_oh, h, kk, k_ok, vv, v_ok, S, z, eps,
+                  GROUP, NORMALIZE)
     if STORE_FINAL:
         tl.store(SF + nh * DK * DV + s_off, S, mask=s_mask)
         if pid_v == 0:
@@ -315,13 +324,8 @@ def _decode_kernel(Q, K, V, O, S_IN, Z_IN, S_OUT, Z_OUT, IDX,
         vt = tl.load(V + b * stride_vb + h * stride_vh + vv, mask=v_ok, other=0.0).to(tl.float32)
         S = tl.load(s_in + s_off, mask=s_mask, other=0.0) + kt[:, None] * vt[None, :]
         tl.store(s_out + s_off, S, mask=s_mask)
-        for g in tl.static_range(GROUP):
-            hq = h * GROUP + g
-            qt = tl.load(Q + b * stride_qb + hq * stride_qh + kk, mask=k_ok, other=0.0).to(tl.float32)
-            ot = tl.sum(qt[:, None] * S, axis=0)
-            if NORMALIZE:
-                ot = ot / (tl.sum(qt * z, axis=0) + eps)
-            tl.store(O + b * stride_ob + hq * stride_oh + vv, ot.to(O.dtype.element_ty), mask=v_ok)
+        _read_out(Q + b * stride_qb, O + b * stride_ob, stride_qh, stride_oh, h, kk, k_ok, vv, v_ok, S, z, eps,
+                  GROUP, NORMALIZE)
 
 
 def linear_attention_decode_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tensor,

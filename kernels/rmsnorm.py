@@ -26,9 +26,12 @@ from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_y, stride_ro, eps, offset,
+def _rms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, width, stride_x, stride_r, stride_y, stride_ro, eps, offset,
                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, SCALE_IN_FP32: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+                     COMPRESSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
+    """RMSNorm over n_cols columns: mean square = sum(x^2) / width (width = n_cols). COMPRESSED is CRMSNorm
+    (packserve.kernels.crmsnorm): the row holds d-1 coordinates of a zero-mean vector of width d, so
+    mean square = (sum(x^2) + sum(x)^2) / width with width = d."""
     # int64 row offsets: rows x stride passes 2^31 elements for large batches.
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     row_ok = rows < n_rows
@@ -39,17 +42,28 @@ def _rms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_
         col_ok = cols < n_cols
         mask = row_ok & col_ok
         x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)[:, None]
+        sq = tl.sum(x * x, axis=1)
+        if COMPRESSED:
+            s = tl.sum(x, axis=1)
+            sq += s * s
+        rstd = tl.rsqrt(sq / width + eps)[:, None]
         store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, offset, HAS_WEIGHT, SCALE_IN_FP32)
     else:
-        # Wide rows: accumulate the sum of squares over column blocks, then normalize in a second pass.
+        # Wide rows: accumulate the sums over column blocks, then normalize in a second pass.
+        acc_sq = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)[None, :]
             mask = row_ok & (cols < n_cols)
             x = load_row_input(x_row + cols, r_row + cols, ro_row + cols, mask, HAS_RESIDUAL)
-            acc += x * x
-        rstd = tl.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)[:, None]
+            acc_sq += x * x
+            if COMPRESSED:
+                acc += x
+        sq = tl.sum(acc_sq, axis=1)
+        if COMPRESSED:
+            s = tl.sum(acc, axis=1)
+            sq += s * s
+        rstd = tl.rsqrt(sq / width + eps)[:, None]
         if HAS_RESIDUAL:
             # Pass 2 re-reads the rounded sums (the inputs may be overwritten when in place).
             tl.debug_barrier()
@@ -64,8 +78,10 @@ def _rms_norm_kernel(X, R, W, Y, RO, n_rows, n_cols, stride_x, stride_r, stride_
             store_scaled(y_row + cols, W + cols, x * rstd, mask, col_ok, offset, HAS_WEIGHT, SCALE_IN_FP32)
 
 
-def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | None, y2: torch.Tensor,
-            ro2: torch.Tensor | None, eps: float, offset: float, block_n: int | None) -> None:
+def launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | None, y2: torch.Tensor,
+           ro2: torch.Tensor | None, eps: float, offset: float, block_n: int | None,
+           compressed_width: int | None = None) -> None:
+    """Run the kernel on row views; compressed_width = d turns it into CRMSNorm."""
     rows, width = x2.shape
     if rows == 0:
         return
@@ -77,9 +93,11 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | No
     w = x2 if weight is None else weight
     grid = (triton.cdiv(rows, block_m),)
     _rms_norm_kernel[grid](
-        x2, r2, w, y2, ro2, rows, width, x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps, offset,
+        x2, r2, w, y2, ro2, rows, width, width if compressed_width is None else compressed_width,
+        x2.stride(0), r2.stride(0), y2.stride(0), ro2.stride(0), eps, offset,
         HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None, SCALE_IN_FP32=offset != 0.0,
-        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=num_warps)
+        COMPRESSED=compressed_width is not None, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single,
+        num_warps=num_warps)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0,
@@ -88,7 +106,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1
     check_param("weight", weight, x.shape[-1], x.device)
     check_out("out", out, x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
-    _launch(x2, None, weight, as_rows("out", out), None, float(eps), float(offset), block_n)
+    launch(x2, None, weight, as_rows("out", out), None, float(eps), float(offset), block_n)
     return out
 
 
@@ -101,8 +119,8 @@ def fused_add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: t
     check_same("residual", residual, x)
     check_param("weight", weight, x.shape[-1], x.device)
     out, residual_out = fused_outputs(x, residual, out, residual_out, inplace)
-    _launch(x2, as_rows("residual", residual), weight, as_rows("out", out), as_rows("residual_out", residual_out),
-            float(eps), float(offset), block_n)
+    launch(x2, as_rows("residual", residual), weight, as_rows("out", out), as_rows("residual_out", residual_out),
+           float(eps), float(offset), block_n)
     return out, residual_out
 
 

@@ -1,4 +1,5 @@
-"""Start a real `packserve serve` in a subprocess on a free localhost port (tests, benchmarks).
+"""Test and benchmark support: a real `packserve serve` in a subprocess on a free localhost port, and a driver
+that feeds an engine requests while others decode.
 
     with ServerProcess(["--model", path], workdir) as server:
         httpx.get(server.url + "/health")
@@ -89,3 +90,22 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_with_arrivals(engine, prompts: list[list[int]], params, every: int, per_arrival: int = 1,
+                      max_steps: int = 2000) -> list[list[int]]:
+    """Step `engine` until all `prompts` finished, adding `per_arrival` of them every `every` steps (continuous
+    batching: prompts join while others decode). Returns each prompt's generated token ids, in prompt order."""
+    pending, done, step = list(enumerate(prompts)), {}, 0
+    while pending or engine.has_unfinished():
+        if step % every == 0:
+            for _ in range(per_arrival):
+                if pending:
+                    i, p = pending.pop(0)
+                    engine.add_request(p, params, request_id=str(i))
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+        step += 1
+        assert step < max_steps, "the engine did not finish"
+    return [done[i] for i in range(len(prompts))]

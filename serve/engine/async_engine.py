@@ -187,15 +187,14 @@ class AsyncEngine:
                 import torch
 
                 torch.set_num_threads(self._num_threads)
-            if self.engine is None:
-                try:
+            try:
+                if self.engine is None:
                     self.engine = self._factory()
-                except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
-                    self.error = exc
-                    return
-                finally:
-                    self._built.set()
-            self._built.set()
+            except BaseException as exc:  # noqa: BLE001 - handed to start()'s caller
+                self.error = exc
+                return
+            finally:
+                self._built.set()
             while not self._stopping:
                 self._wake.clear()
                 was_idle = not self.engine.has_unfinished()

@@ -49,10 +49,14 @@ class RotaryEmbedding(nn.Module):
         self.cos = freqs.cos() * scale
         self.sin = freqs.sin() * scale
 
+    def _follow(self, device: torch.device) -> None:
+        """The tables live on the device of the positions they are indexed with."""
+        if self.cos.device != device:
+            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows of `positions`: [T, 1, rot_dim / 2] each."""
-        if self.cos.device != positions.device:
-            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
+        self._follow(positions.device)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,9 +68,8 @@ class RotaryEmbedding(nn.Module):
         """In place on x: [T, heads, D] (may be a strided view, e.g. the q and k columns of a fused QKV output, so
         q and k turn in one pass). fp32 only: other dtypes round the products differently; use forward."""
         assert x.dtype == torch.float32
-        if self.cos.device != positions.device:
-            self.tables(positions)  # moves the tables
-        if cpu_ops.usable(x) and self.cos.dtype == torch.float32:
+        if cpu_ops.usable(x):
+            self._follow(positions.device)
             cpu_ops.rotary_(x, positions, self.cos, self.sin, check_values=False)  # positions < max_model_len
             return
         cos, sin = self.tables(positions)

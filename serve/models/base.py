@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from packserve.layers.linear import linear, pack_for_cpu
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -31,8 +33,25 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         raise NotImplementedError
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    lm_head: nn.Module | None  # None when the head is tied to the input embedding
+    tied_head_packed: torch.Tensor | None = None  # prepack_lm_head's copy of the tied head
+
+    def tied_head_weight(self) -> torch.Tensor | None:
+        """The embedding matrix the LM head is tied to, or None for an untied head (self.lm_head)."""
         raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.tied_head_weight()
+        if w is None:
+            return self.lm_head(hidden)
+        return linear(hidden, w, packed=self.tied_head_packed)
+
+    def prepack_lm_head(self) -> bool:
+        """A oneDNN copy of a tied head for decode (an untied head is a ColumnLinear, packed with the others)."""
+        w = self.tied_head_weight()
+        if w is not None:
+            self.tied_head_packed = pack_for_cpu(w)
+        return self.tied_head_packed is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         raise NotImplementedError

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from packserve.layers.attention import Attention, ForwardContext
-from packserve.layers.linear import ColumnLinear, RowLinear, linear, pack_for_cpu
+from packserve.layers.linear import ColumnLinear, RowLinear
 from packserve.layers.mlp import PlainMLP
 from packserve.layers.norm import CRMSNorm, LayerNorm, PlainRMSNorm
 from packserve.models.base import CausalLM, ModelInfo, load_into
@@ -74,7 +74,6 @@ class GPT2LMHeadModel(CausalLM):
         self.ln_f = _norm(norm_mode, d, cfg.get("layer_norm_epsilon", 1e-5))
         # After conversion the LM head carries the folded ln_f gain and bias: untied, with a bias.
         self.lm_head = None if norm_mode == "native" else ColumnLinear(self.width, cfg["vocab_size"], bias=True)
-        self.tied_head_packed: torch.Tensor | None = None
         for p in self.parameters():
             p.requires_grad_(False)
         self.info = ModelInfo(
@@ -90,15 +89,8 @@ class GPT2LMHeadModel(CausalLM):
         x, _ = self.ln_f(x, residual)
         return x
 
-    def compute_logits(self, hidden):
-        if self.lm_head is None:
-            return linear(hidden, self.wte.weight, packed=self.tied_head_packed)
-        return self.lm_head(hidden)
-
-    def prepack_lm_head(self) -> bool:
-        if self.lm_head is None:
-            self.tied_head_packed = pack_for_cpu(self.wte.weight)
-        return self.lm_head is None and self.tied_head_packed is not None
+    def tied_head_weight(self):
+        return self.wte.weight if self.lm_head is None else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.norm_mode != "native":

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from packserve.layers.attention import Attention, ForwardContext
-from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear, linear, pack_for_cpu
+from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
 from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
 from packserve.layers.rotary import RotaryEmbedding
@@ -36,7 +36,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.q_norm is None and qkv.dtype == torch.float32:
+        rotate_in_place = self.q_norm is None and qkv.dtype == torch.float32
+        if rotate_in_place:
             # q and k are adjacent columns of the QKV output: rotate both in place, in one pass.
             self.rotary.rotate_(positions, qkv[:, :self.q_size + self.kv_size].view(
                 -1, self.num_heads + self.num_kv_heads, self.head_dim))
@@ -46,7 +47,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.q_norm is not None or qkv.dtype != torch.float32:
+        if not rotate_in_place:
             q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, ctx)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -110,7 +111,6 @@ class LlamaForCausalLM(CausalLM):
                                 max_model_len)
         self.tie = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"])
-        self.tied_head_packed: torch.Tensor | None = None
         attn = self.model.layers[0].self_attn
         self.info = ModelInfo(
             architecture=type(self).__name__, num_layers=cfg["num_hidden_layers"], num_kv_heads=attn.num_kv_heads,
@@ -121,16 +121,8 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids, positions, ctx):
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden):
-        if not self.tie:
-            return self.lm_head(hidden)
-        return linear(hidden, self.model.embed_tokens.weight, packed=self.tied_head_packed)
-
-    def prepack_lm_head(self) -> bool:
-        """The tied head's packed copy (an untied head is a ColumnLinear, packed with the others)."""
-        if self.tie:
-            self.tied_head_packed = pack_for_cpu(self.model.embed_tokens.weight)
-        return self.tie and self.tied_head_packed is not None
+    def tied_head_weight(self):
+        return self.model.embed_tokens.weight if self.tie else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def rename(name: str) -> str | None:

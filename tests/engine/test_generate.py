@@ -5,6 +5,7 @@ import torch
 
 from packserve import LLM, SamplingParams
 from packserve.engine.engine import LLMEngine, engine_config
+from packserve.testing import run_with_arrivals
 
 LENGTHS = [1, 2, 15, 63, 64, 65, 3, 100, 31, 7, 200, 48, 17, 5, 129, 90]  # 16 ragged prompts
 NEW = 32
@@ -77,23 +78,9 @@ def test_requests_arriving_while_others_decode(checkpoint_factory):
     path = checkpoint_factory("llama")
     ps = prompts(seed=1)
     engine = LLMEngine(engine_config(path, max_num_seqs=6, max_num_batched_tokens=256))
-    done = {}
-    pending = list(enumerate(ps))
-    step = 0
-    while pending or engine.has_unfinished():
-        # Two new requests every third step.
-        if step % 3 == 0:
-            for _ in range(2):
-                if pending:
-                    i, p = pending.pop(0)
-                    engine.add_request(p, GREEDY, request_id=str(i))
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id)] = out.outputs[0].token_ids
-        step += 1
-        assert step < 2000
-    refs = hf_greedy(path, ps)
-    assert [done[i] for i in range(len(ps))] == refs
+    # Two new requests every third step.
+    got = run_with_arrivals(engine, ps, GREEDY, every=3, per_arrival=2)
+    assert got == hf_greedy(path, ps)
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from packserve.kernels import cpu_ops as K
+from packserve.kernels import cpu_lib, cpu_ops as K
 from packserve.layers.attention import PagedGroup, PagedMeta, paged_attention
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="no C compiler here")
@@ -177,12 +177,12 @@ print(json.dumps({"available": cpu_ops.available(), "tokens": [o.outputs[0].toke
 
 def test_build_cache_replaces_stale_builds_for_this_cpu_only(tmp_path, monkeypatch):
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    name, _ = K._library_name()
+    name, _ = cpu_lib._library_name()
     cpu = name.split("_")[2]
     folder = tmp_path / "cpu-kernels"
     folder.mkdir()
     (folder / f"cpu_ops_{cpu}_oldsource0000.so").write_bytes(b"stale")
     (folder / "cpu_ops_othercpu_123456789abc.so").write_bytes(b"another machine's build")
-    lib = K._build()
+    lib = cpu_lib.build()
     assert lib.paged_decode_attention is not None
     assert sorted(p.name for p in folder.iterdir()) == sorted([name, "cpu_ops_othercpu_123456789abc.so"])

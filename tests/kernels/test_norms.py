@@ -113,18 +113,31 @@ def test_rms_norm(width, dtype):
             check(out, buf, ref_rms(x, weight, offset), dtype)
 
 
+# Each fused add + norm kernel (with any out / inplace / block_n options) and its fp64 reference of the sum.
+FUSED = {
+    "rms": (lambda x, r, w, b, **kw: rmsnorm.fused_add_rms_norm_triton(x, r, w, EPS, **kw),
+            lambda s, w, b: ref_rms(s, w)),
+    "ln": (lambda x, r, w, b, **kw: layernorm.fused_add_layer_norm_triton(x, r, w, b, EPS, **kw),
+           lambda s, w, b: ref_ln(s, w, b)),
+    "crms": (lambda x, r, w, b, **kw: crmsnorm.fused_add_crms_norm_triton(x, r, EPS, w, **kw),
+             lambda s, w, b: ref_crms(s, w)),
+}
+
+
+@pytest.mark.parametrize("norm", sorted(FUSED))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_fused_add_rms_norm(width, dtype):
+def test_fused_add_norm(width, dtype, norm):
+    kernel, ref = FUSED[norm]
     for rows in ROWS:
-        x, r, w, _ = inputs(rows, width, dtype)
+        x, r, w, b = inputs(rows, width, dtype)
         buf, out = poisoned(rows, width, dtype)
         rbuf, res_out = poisoned(rows, width, dtype)
-        rmsnorm.fused_add_rms_norm_triton(x, r, w, EPS, out=out, residual_out=res_out)
+        kernel(x, r, w, b, out=out, residual_out=res_out)
         # The new residual is exactly an eager add in the input dtype; the output is its norm.
         assert torch.equal(res_out, x + r)
         assert rbuf[:, width:].isnan().all()
-        check(out, buf, ref_rms(x + r, w), dtype)
+        check(out, buf, ref(x + r, w, b), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,31 +153,13 @@ def test_layer_norm(width, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_fused_add_layer_norm(width, dtype):
-    for rows in ROWS:
-        x, r, w, b = inputs(rows, width, dtype)
-        buf, out = poisoned(rows, width, dtype)
-        rbuf, res_out = poisoned(rows, width, dtype)
-        layernorm.fused_add_layer_norm_triton(x, r, w, b, EPS, out=out, residual_out=res_out)
-        assert torch.equal(res_out, x + r)
-        assert rbuf[:, width:].isnan().all()
-        check(out, buf, ref_ln(x + r, w, b), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", WIDTHS)
 def test_crms_norm(width, dtype):
     for rows in ROWS:
-        x, r, w, _ = inputs(rows, width, dtype)
+        x, _, w, _ = inputs(rows, width, dtype)
         for weight in (None, w):
             buf, out = poisoned(rows, width, dtype)
             crmsnorm.crms_norm_triton(x, EPS, weight, out=out)
             check(out, buf, ref_crms(x, weight), dtype)
-        buf, out = poisoned(rows, width, dtype)
-        rbuf, res_out = poisoned(rows, width, dtype)
-        crmsnorm.fused_add_crms_norm_triton(x, r, EPS, out=out, residual_out=res_out)
-        assert torch.equal(res_out, x + r)
-        check(out, buf, ref_crms(x + r, None), dtype)
 
 
 def test_crms_norm_equals_rms_norm_of_the_full_zero_mean_vector():
@@ -243,16 +238,6 @@ def test_rows_wider_than_the_largest_block_loop_by_default(dtype):
 
 
 # ---- in place ----------------------------------------------------------------------------
-
-FUSED = {
-    "rms": (lambda x, r, w, b, **kw: rmsnorm.fused_add_rms_norm_triton(x, r, w, EPS, **kw),
-            lambda s, w, b: ref_rms(s, w)),
-    "ln": (lambda x, r, w, b, **kw: layernorm.fused_add_layer_norm_triton(x, r, w, b, EPS, **kw),
-           lambda s, w, b: ref_ln(s, w, b)),
-    "crms": (lambda x, r, w, b, **kw: crmsnorm.fused_add_crms_norm_triton(x, r, EPS, w, **kw),
-             lambda s, w, b: ref_crms(s, w)),
-}
-
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)))
 @pytest.mark.parametrize("op", sorted(FUSED))

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from packserve.checkpoints import build_linear_attn_checkpoint
 from packserve.engine.engine import LLMEngine, engine_config
 from packserve.engine.request import SamplingParams
+from packserve.testing import run_with_arrivals
 
 
 def phi_ref(name: str, x: torch.Tensor, is_query: bool) -> torch.Tensor:
@@ -123,19 +124,11 @@ def prompts(seed=0):
 def run_engine(path, ps, arrive_every=2, **opts):
     engine = LLMEngine(engine_config(path, **opts))
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
-    pending, done, step = list(enumerate(ps)), {}, 0
-    while pending or engine.has_unfinished():
-        if step % arrive_every == 0 and pending:  # ragged prompts arriving while others decode
-            i, p = pending.pop(0)
-            engine.add_request(p, params, request_id=str(i))
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id)] = out.outputs[0].token_ids
-        step += 1
-        assert step < 1000
+    # Ragged prompts arriving while others decode.
+    got = run_with_arrivals(engine, ps, params, every=arrive_every, max_steps=1000)
     assert engine.allocator.num_used == 0 and engine.state_slots.num_free == engine.state_slots.num_slots
     run_engine.last = engine
-    return [done[i] for i in range(len(ps))]
+    return got
 
 
 def test_greedy_matches_token_by_token_reference(model):
