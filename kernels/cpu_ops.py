@@ -60,7 +60,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
         block_table.shape[1], seq_lens.data_ptr(), out.data_ptr(), B, H, Hkv, D, block_size, scale)
     if failed:
-        raise MemoryError("paged decode kernel: scratch allocation failed")
+        raise MemoryError("paged decode kernel: allocation failed")
     return out
 
 

@@ -34,7 +34,10 @@ def setup(lens, H, Hkv, D, bs, seed=0):
     return q, k_cache, v_cache, tables, table
 
 
-@pytest.mark.parametrize("H,Hkv,D,bs", [(6, 2, 64, 16), (4, 4, 32, 16), (8, 1, 80, 8), (2, 2, 64, 1)])
+# The kernel's paths: specialized vector code (D in 64/128, G in 1/2/3/4/8), the generic vector code (D a multiple
+# of 16 up to 256, G up to 8: 80, 48) and the scalar loops (D = 24; G = 12).
+@pytest.mark.parametrize("H,Hkv,D,bs", [(6, 2, 64, 16), (4, 4, 32, 16), (8, 1, 80, 8), (2, 2, 64, 1),
+                                        (8, 2, 128, 16), (6, 2, 48, 4), (4, 2, 24, 4), (12, 1, 64, 16)])
 def test_matches_naive_loop(H, Hkv, D, bs):
     q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs)
     assert not q.is_contiguous()
@@ -44,17 +47,41 @@ def test_matches_naive_loop(H, Hkv, D, bs):
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("H,Hkv,D", [(6, 2, 64), (4, 2, 24)])
+def test_online_softmax_rescales_across_tiles(H, Hkv, D):
+    """Large scores that vary across slots: the running max changes from tile to tile, so the accumulated sums are
+    rescaled many times. With scores this large fp32 itself loses digits, so the bound is the error of torch's
+    fp32 gather + SDPA path against the fp64 loop."""
+    bs = 16
+    q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs, seed=2)
+    kc = kc * (1 + torch.arange(kc.shape[0]) % 97 / 8.0).view(-1, 1, 1)
+    q = q * 4
+    lens = torch.tensor(LENS)
+    out = K.paged_decode_attention(q, kc, vc, table, lens, bs, D ** -0.5)
+    ref = K.paged_decode_ref(q, kc, vc, tables, LENS, bs, D ** -0.5)
+    torch_fp32 = _gather_sdpa(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), table, lens, bs, D ** -0.5)
+    assert torch.isfinite(out).all()
+    bound = (torch_fp32.double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 4 * bound + 1e-6  # a missed rescale errs by O(1)
+
+
+def _gather_sdpa(q, kc, vc, table, lens, bs, scale):
+    """packserve's torch paged path: gather the blocks, additive mask, SDPA."""
+    B, nb = len(lens), table.shape[1]
+    valid = torch.arange(nb * bs)[None, :] < lens[:, None]
+    mask = torch.zeros(B, 1, 1, nb * bs).masked_fill_(~valid.view(B, 1, 1, -1), float("-inf"))
+    group = PagedGroup(None, torch.arange(B), table, mask, B, 1)
+    return paged_attention(q, kc, vc, PagedMeta(B, [group]), scale)
+
+
 def test_matches_gather_sdpa_path():
     """The same step through packserve's torch paged path (one group, additive mask)."""
     H, Hkv, D, bs = 6, 2, 64, 16
     q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs, seed=1)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # the gather path reads whole blocks (masked afterwards)
-    B, nb = len(LENS), table.shape[1]
-    valid = torch.arange(nb * bs)[None, :] < torch.tensor(LENS)[:, None]
-    mask = torch.zeros(B, 1, 1, nb * bs).masked_fill_(~valid.view(B, 1, 1, -1), float("-inf"))
-    group = PagedGroup(None, torch.arange(B), table, mask, B, 1)
-    want = paged_attention(q, kc, vc, PagedMeta(B, [group]), D ** -0.5)
-    got = paged_attention(q, kc, vc, PagedMeta(B, [], table, torch.tensor(LENS), bs), D ** -0.5)
+    lens = torch.tensor(LENS)
+    want = _gather_sdpa(q, kc, vc, table, lens, bs, D ** -0.5)
+    got = paged_attention(q, kc, vc, PagedMeta(len(LENS), [], table, lens, bs), D ** -0.5)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
 
