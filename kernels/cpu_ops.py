@@ -12,6 +12,8 @@ one pass over the data:
   add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
 - `write_kv`: each token's K and V rows into their cache slots.
+- `pack_linear` / `linear_packed`: decode-sized linear layers (a few rows times every weight) on weights
+  prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied.
 
 The C source, and compiling, caching and loading it, live in packserve.kernels.cpu_lib; this module holds the
 checked Python entry points. `available()` is False without a compiler; callers then keep their torch paths.
@@ -21,11 +23,16 @@ Each kernel has a pure-torch reference the tests compare with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from packserve.kernels.cpu_lib import available, handle
 
-__all__ = ["available", "paged_decode_attention", "paged_decode_ref", "rms_norm", "rotary_", "usable", "write_kv"]
+__all__ = ["PanelWeight", "available", "linear_packed", "pack_linear", "paged_decode_attention", "paged_decode_ref",
+           "rms_norm", "rotary_", "usable", "write_kv"]
+
+PANEL = 32  # output features per weight panel (NR in the C source)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -136,6 +143,46 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if T:
         handle().write_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
                           v_cache.data_ptr(), slots.contiguous().data_ptr(), T, row)
+
+
+@dataclass(frozen=True)
+class PanelWeight:
+    """A linear weight [out, in] packed for `linear_packed`: panels [ceil(out / 32), in, 32] (the last one
+    zero-padded) and the bias zero-padded to the panels' width."""
+    panels: torch.Tensor
+    bias: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
+    """weight: fp32 CPU [out, in] (nn.Linear layout); bias: [out] or None. A copy: the originals stay."""
+    if weight.dim() != 2 or weight.dtype != torch.float32 or not weight.is_cpu:
+        raise ValueError("pack_linear takes a 2-D fp32 CPU weight")
+    n, k = weight.shape
+    if bias is not None and bias.shape != (n,):
+        raise ValueError("bias must have one value per output feature")
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k)
+    padded[:n] = weight
+    b = None
+    if bias is not None:
+        b = torch.zeros(panels * PANEL)
+        b[:n] = bias
+    return PanelWeight(padded.view(panels, PANEL, k).transpose(1, 2).contiguous(), b, n, k)
+
+
+def linear_packed(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+    """x [M, in] fp32 (rows may be strided) @ weight^T + bias -> new [M, out]."""
+    if x.dim() != 2 or x.shape[1] != w.in_features or x.dtype != torch.float32 or not x.is_cpu:
+        raise ValueError(f"x must be fp32 CPU [M, {w.in_features}]")
+    x, sx = _rows(x, "x")
+    out = torch.empty(x.shape[0], w.out_features, dtype=torch.float32)
+    if x.shape[0]:
+        handle().linear_panels_f32(x.data_ptr(), sx, w.panels.data_ptr(),
+                                   None if w.bias is None else w.bias.data_ptr(), out.data_ptr(), x.shape[0],
+                                   w.in_features, w.out_features)
+    return out
 
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[list[int]],

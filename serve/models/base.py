@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from packserve.layers.linear import linear, pack_for_cpu
+from packserve.layers.linear import CpuPacked, linear, pack_for_cpu
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     lm_head: nn.Module | None  # None when the head is tied to the input embedding
-    tied_head_packed: torch.Tensor | None = None  # prepack_lm_head's copy of the tied head
+    tied_head_packed: CpuPacked | None = None  # prepack_lm_head's copy of the tied head
 
     def tied_head_weight(self) -> torch.Tensor | None:
         """The embedding matrix the LM head is tied to, or None for an untied head (self.lm_head)."""
@@ -47,7 +47,7 @@ class CausalLM(nn.Module):
         return linear(hidden, w, packed=self.tied_head_packed)
 
     def prepack_lm_head(self) -> bool:
-        """A oneDNN copy of a tied head for decode (an untied head is a ColumnLinear, packed with the others)."""
+        """A prepacked copy of a tied head for decode (an untied head is a ColumnLinear, packed with the others)."""
         w = self.tied_head_weight()
         if w is not None:
             self.tied_head_packed = pack_for_cpu(w)

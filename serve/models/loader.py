@@ -77,5 +77,5 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, max_m
     model = model.to(device=device, dtype=dtype).eval()
     if device.type == "cpu" and dtype == torch.float32 and cpu_kernels_enabled():
         n = prepack_cpu(model)
-        log.info("prepacked %d weights for CPU decode (oneDNN layout; a second copy in memory)", n)
+        log.info("prepacked %d weights for CPU decode (a second copy in memory)", n)
     return model
