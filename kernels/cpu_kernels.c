@@ -301,3 +301,33 @@ void linear_panels_f32(const float *x, int64_t sx, const float *wp, const float 
         if (M - m >= 1) rows1(x + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t));
     }
 }
+
+/* Gated MLP activation: out [rows, I] = silu(gate) * up, gate_up [rows, 2I] (gate first, row stride s). One
+   pass instead of torch's copy, silu and multiply; exp through libmvec when available (vectorized). */
+void silu_mul_f32(const float *gate_up, int64_t s, float *out, int64_t rows, int64_t I) {
+    #pragma omp parallel for schedule(static) if (rows * I > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * s, *u = g + I;
+        float *o = out + r * I;
+        #pragma omp simd
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Greedy sampling: idx[r] = the first index of the largest value in row r of x [rows, n] (row stride s), or
+   of its first NaN, as torch.max(dim).indices. Two passes over a cache-resident row: a vector max, then the
+   first match. */
+void argmax_rows_f32(const float *x, int64_t s, int64_t rows, int64_t n, int64_t *idx) {
+    #pragma omp parallel for schedule(static) if (rows * n > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * s;
+        float m = -INFINITY;
+        int nan = 0;
+        #pragma omp simd reduction(max:m) reduction(|:nan)
+        for (int64_t j = 0; j < n; j++) { m = xr[j] > m ? xr[j] : m; nan |= xr[j] != xr[j]; }
+        int64_t j = 0;
+        if (nan) { while (xr[j] == xr[j]) j++; }
+        else { while (j < n - 1 && xr[j] != m) j++; }  /* an all -inf row: index 0 */
+        idx[r] = j;
+    }
+}

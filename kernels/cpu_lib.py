@@ -92,6 +92,8 @@ def build() -> ctypes.CDLL:
         "rotary_f32": ([ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64], None),
         "write_kv_f32": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64], None),
         "linear_panels_f32": ([ptr, i64, ptr, ptr, ptr, i64, i64, i64], None),
+        "silu_mul_f32": ([ptr, i64, ptr, i64, i64], None),
+        "argmax_rows_f32": ([ptr, i64, i64, i64, ptr], None),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)

@@ -12,6 +12,7 @@ one pass over the data:
   add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
 - `write_kv`: each token's K and V rows into their cache slots.
+- `silu_mul`: the gated MLP's silu(gate) * up in one pass; `argmax_rows`: greedy sampling's row argmax.
 - `pack_linear` / `linear_packed`: decode-sized linear layers (a few rows times every weight) on weights
   prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied.
 
@@ -29,8 +30,8 @@ import torch
 
 from packserve.kernels.cpu_lib import available, handle
 
-__all__ = ["PanelWeight", "available", "linear_packed", "pack_linear", "paged_decode_attention", "paged_decode_ref",
-           "rms_norm", "rotary_", "usable", "write_kv"]
+__all__ = ["PanelWeight", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
+           "paged_decode_ref", "rms_norm", "rotary_", "silu_mul", "usable", "write_kv"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
 
@@ -143,6 +144,30 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if T:
         handle().write_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
                           v_cache.data_ptr(), slots.contiguous().data_ptr(), T, row)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [rows, 2I] fp32 (gate first; rows may be strided) -> new [rows, I] = silu(gate) * up."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not usable(gate_up):
+        raise ValueError("gate_up must be fp32 CPU [rows, 2 * intermediate]")
+    x, s = _rows(gate_up, "gate_up")
+    rows, inter = x.shape[0], x.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=torch.float32)
+    if rows:
+        handle().silu_mul_f32(x.data_ptr(), s, out.data_ptr(), rows, inter)
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """Per row of x [rows, n] fp32 (n >= 1): the first index of its maximum (of its first NaN if any), as
+    torch.max(dim=-1).indices."""
+    if x.dim() != 2 or x.shape[1] < 1 or not usable(x):
+        raise ValueError("x must be fp32 CPU [rows, n >= 1]")
+    x, s = _rows(x, "x")
+    idx = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0]:
+        handle().argmax_rows_f32(x.data_ptr(), s, x.shape[0], x.shape[1], idx.data_ptr())
+    return idx.tolist()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""The C panel GEMM for decode-sized linear layers against an fp64 matmul, and the dispatch in layers.linear."""
+"""The C kernels of a decode step outside attention: the panel GEMM for decode-sized linear layers (against an
+fp64 matmul; its dispatch in layers.linear), the gated MLP's silu * up, and greedy sampling's row argmax."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops as K
 from packserve.layers.linear import PACKED_MAX_ROWS, ColumnLinear, RowLinear, linear, pack_for_cpu, prepack_cpu
@@ -71,3 +73,36 @@ def test_prepack_cpu_packs_every_linear_with_its_bias():
     want = _ref(torch.relu(_ref(x, model[0].weight, model[0].bias)).float(), model[1].weight, model[1].bias)
     got = model[1](torch.relu(model[0](x)))
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1), (3, 17), (32, 1024), (65, 40)])
+def test_silu_mul_matches_torch(rows, inter):
+    g = torch.Generator().manual_seed(rows + inter)
+    wide = torch.randn(rows, 2 * inter + 3, generator=g) * 6  # saturating inputs too (exp of +-large)
+    gate_up = wide[:, 1:1 + 2 * inter]  # strided rows
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    torch.testing.assert_close(K.silu_mul(gate_up).double(), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+
+
+def test_silu_mul_rejects_bad_input():
+    with pytest.raises(ValueError):
+        K.silu_mul(torch.randn(2, 5))
+    with pytest.raises(ValueError):
+        K.silu_mul(torch.randn(2, 4).double())
+
+
+def test_argmax_rows_matches_torch_max_including_ties_nan_and_inf():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 32000, generator=g)
+    x[1, 31999] = 99.0                                    # last column
+    x[2, [5, 70, 31000]] = 50.0                           # ties: the first index
+    x[3, :] = float("-inf")                               # all -inf: index 0, like torch
+    x[4, 123] = float("nan")                              # NaN propagates: its index
+    x[5, [10, 20]] = float("nan")
+    x[6, 17] = float("inf")
+    x[7, :] = 1.0                                         # constant row
+    wide = torch.cat([x, torch.zeros(9, 5)], dim=1)[:, :32000]  # strided rows
+    assert K.argmax_rows(wide) == torch.max(x, dim=-1).indices.tolist()
+    assert K.argmax_rows(x[:, :1]) == [0] * 9 and K.argmax_rows(x[:0]) == []
+    with pytest.raises(ValueError):
+        K.argmax_rows(torch.zeros(3, 0))
