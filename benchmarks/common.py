@@ -44,6 +44,7 @@ def serving_parser():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="auto", help="packserve attention backend (auto: varlen)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (medians are compared)")
     return ap
 
 

@@ -1,12 +1,15 @@
 """Offline generation throughput: transformers `generate` (one left-padded batch) vs packserve LLM.generate.
 
 Workload (DESIGN.md §9 "Serving"): the first 32 cpu-lognormal prompts, 64 new tokens each, EOS ignored, greedy.
-Prints output tokens/s of each and the ratio; checks that the greedy tokens agree for most prompts
-(padded batches change rounding, so a few late divergences are expected on random weights).
+Each side runs `--repeats` times (default 3; packserve after a small warm-up generate, as transformers gets one);
+prints the median time and output tokens/s of each, every run's time, and the ratio of medians; checks that the
+greedy tokens agree for most prompts (padded batches change rounding, so a few late divergences are expected on
+random weights).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -35,22 +38,28 @@ def main() -> int:
         torch.manual_seed(0)
         hf = AutoModelForCausalLM.from_config(cfg).eval()
         save_checkpoint(hf, build_tokenizer(), tmp)
-        t_hf, hf_tokens = hf_generate_padded(hf, prompts, args.new_tokens)
+        hf_runs = [hf_generate_padded(hf, prompts, args.new_tokens) for _ in range(args.repeats)]
+        hf_tokens = hf_runs[0][1]
         L = max(map(len, prompts))
 
         llm = LLM(tmp, backend=args.backend)
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-        t = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        t_ours = time.perf_counter() - t
+        ours_runs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            ours_runs.append(time.perf_counter() - t)
+    t_hf, t_ours = statistics.median(t for t, _ in hf_runs), statistics.median(ours_runs)
     n_out = len(prompts) * args.new_tokens
     same = sum(o.outputs[0].token_ids == h for o, h in zip(outs, hf_tokens))
     print(f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens, longest {L}), {args.new_tokens} new tokens each; "
           f"greedy outputs identical for {same}/{len(prompts)} prompts")
-    print(f"{'method':<34}{'time':>10}{'output tok/s':>15}")
-    print(f"{'transformers generate (padded)':<34}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}")
-    print(f"{'packserve LLM.generate':<34}{t_ours:>9.2f}s{n_out / t_ours:>15,.0f}")
+    print(f"{'method':<34}{'time':>10}{'output tok/s':>15}   runs (median of {args.repeats})")
+    print(f"{'transformers generate (padded)':<34}{t_hf:>9.2f}s{n_out / t_hf:>15,.0f}   "
+          + " ".join(f"{t:.2f}" for t, _ in hf_runs))
+    print(f"{'packserve LLM.generate':<34}{t_ours:>9.2f}s{n_out / t_ours:>15,.0f}   "
+          + " ".join(f"{t:.2f}" for t in ours_runs))
     print(f"ratio packserve / transformers: {t_hf / t_ours:.2f}x")
     return 0
 

@@ -89,7 +89,6 @@ def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bo
 def main() -> int:
     ap = serving_parser()
     ap.add_argument("--no-stream", action="store_true", help="non-streamed JSON responses instead of SSE")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (medians are compared)")
     ap.add_argument("--tuned-baseline", action="store_true",
                     help="give the transformers run packserve's glibc malloc settings too (packserve.host)")
     args = ap.parse_args()
