@@ -16,11 +16,10 @@ one pass over the data:
 - `pack_linear` / `linear_packed`: decode-sized linear layers (a few rows times every weight) on weights
   prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied.
 
-The C source, and compiling, caching and loading it, live in packserve.kernels.cpu_lib; this module holds the
-checked Python entry points. `available()` is False without a compiler; callers then keep their torch paths.
+The C source is kernels/cpu_kernels.c; compiling, caching and loading it live in packserve.kernels.cpu_lib; this
+module holds the checked Python entry points. `available()` is False without a compiler; callers then keep their torch paths.
 Each kernel has a pure-torch reference the tests compare with
-(`paged_decode_ref` here; the RMSNorm and RoPE references live in `packserve.kernels.rmsnorm` and
-`packserve.layers.rotary`).
+(`packserve.kernels.paged_attention.paged_decode_ref`, `packserve.kernels.rmsnorm` and `packserve.layers.rotary`).
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ import torch
 from packserve.kernels.cpu_lib import available, handle
 
 __all__ = ["PanelWeight", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
-           "paged_decode_ref", "rms_norm", "rotary_", "silu_mul", "usable", "write_kv"]
+           "rms_norm", "rotary_", "silu_mul", "usable", "write_kv"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
 
@@ -207,20 +206,4 @@ def linear_packed(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
         handle().linear_panels_f32(x.data_ptr(), sx, w.panels.data_ptr(),
                                    None if w.bias is None else w.bias.data_ptr(), out.data_ptr(), x.shape[0],
                                    w.in_features, w.out_features)
-    return out
-
-
-def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[list[int]],
-                     seq_lens: list[int], block_size: int, scale: float) -> torch.Tensor:
-    """Naive fp64 reference: per request and head, look up each cached token's slot, softmax, weighted sum."""
-    B, H, D = q.shape
-    G = H // k_cache.shape[1]
-    out = torch.empty(B, H, D, dtype=torch.float64)
-    for b in range(B):
-        slots = [block_table[b][j // block_size] * block_size + j % block_size for j in range(seq_lens[b])]
-        for h in range(H):
-            k = k_cache[slots, h // G].double()
-            v = v_cache[slots, h // G].double()
-            p = torch.softmax(k @ q[b, h].double() * scale, dim=0)
-            out[b, h] = p @ v
     return out

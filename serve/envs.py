@@ -104,7 +104,10 @@ _VARS = [
            "(packserve.host); 0 leaves malloc alone"),
     EnvVar("CPU_KERNELS", _bool, True,
            "CPU fp32 fast paths: packserve's C kernels (compiled with gcc on first use, cached in the cache "
-           "folder) and oneDNN-prepacked weights for decode (a second copy of the weights); 0 keeps plain torch"),
+           "folder) and prepacked weights for decode (a second copy of the weights); 0 keeps plain torch"),
+    EnvVar("GPU_DECODE_KERNEL", _bool, True,
+           "on CUDA, decode steps read the paged KV cache in place with packserve's Triton kernel "
+           "(packserve.kernels.paged_attention); 0 gathers the blocks and runs SDPA instead"),
     EnvVar("CACHE_DIR", str, None, "where the demo model is built (default: ~/.cache/packserve)", "--cache-dir"),
 ]
 

@@ -29,3 +29,22 @@ def test_readme_commands_match_ci():
     assert test in ci, "CI must run the README's test command"
     pip_args = re.search(r"pip install (.+?) &&", install).group(1)
     assert f"pip install -q {pip_args}" in ci, "CI must install what the README installs"
+
+
+def test_wheel_ships_every_non_python_file_the_code_reads(tmp_path):
+    """A non-editable install (the Docker image) needs the CPU kernels' C source next to cpu_lib.py."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import pytest
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip("the build needs setuptools>=68 (pyproject.toml); .ci/run installs it")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("packserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "packserve/kernels/cpu_kernels.c" in names and "packserve/kernels/cpu_lib.py" in names

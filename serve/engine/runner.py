@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from packserve import envs
 from packserve.engine.kv_cache import KVCache
 from packserve.engine.packing import build_packed_batch
 from packserve.engine.sampler import SampleResult, Sampler
@@ -69,9 +70,13 @@ class ModelRunner:
         self.packing = packing
         self.pack_length = pack_length
         self.sampler = Sampler()
-        # All-decode steps on CPU (fp32) read the paged KV in place instead of gathering it.
-        self.use_cpu_decode_kernel = device.type == "cpu" and kv_cache.data.dtype == torch.float32 and \
-            cpu_ops.available()
+        # All-decode steps read the paged KV in place instead of gathering it: the C kernel on CPU (fp32), the
+        # Triton kernel on CUDA; None keeps the gather + SDPA path.
+        self.decode_kernel: str | None = None
+        if device.type == "cpu" and kv_cache.data.dtype == torch.float32 and cpu_ops.available():
+            self.decode_kernel = "cpu"
+        elif device.type == "cuda" and envs.get("GPU_DECODE_KERNEL"):
+            self.decode_kernel = "triton"
 
     def _packed_meta(self, fresh: list[ScheduledRequest]):
         batch = build_packed_batch([s.token_ids for s in fresh], [s.slot_mapping(self.block_size) for s in fresh],
@@ -99,12 +104,15 @@ class ModelRunner:
     def _paged_meta(self, cont: list[ScheduledRequest]) -> PagedMeta:
         q_lens = [s.num_new_tokens for s in cont]
         kv_lens = [s.context_len + s.num_new_tokens for s in cont]
-        if self.use_cpu_decode_kernel and max(q_lens) == 1:
+        if self.decode_kernel is not None and max(q_lens) == 1:
             nb = -(-max(kv_lens) // self.block_size)
             rows = [s.request.block_ids[:nb] for s in cont]
             table = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long)
-            return PagedMeta(len(cont), [], block_table=table, seq_lens=torch.tensor(kv_lens, dtype=torch.long),
-                             block_size=self.block_size)
+            seq_lens = torch.tensor(kv_lens, dtype=torch.long)
+            if self.device.type != "cpu":
+                table, seq_lens = (t.to(self.device, non_blocking=True) for t in (table, seq_lens))
+            return PagedMeta(len(cont), [], block_table=table, seq_lens=seq_lens, block_size=self.block_size,
+                             max_seq_len=max(kv_lens), kernel=self.decode_kernel)
         groups = length_groups(kv_lens)
         if len(groups) == 1:
             return PagedMeta(sum(q_lens), [self._paged_group(cont, list(range(len(cont))), None)])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
+from packserve.kernels.paged_attention import paged_decode_attention_triton
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,14 @@ class PagedGroup:
 class PagedMeta:
     num_tokens: int
     groups: list[PagedGroup]
-    # Set instead of groups when every request decodes one token and the CPU decode kernel runs the step
-    # (packserve.kernels.cpu_ops): int64 [B, max_blocks] and int64 [B] context lengths.
+    # Set instead of groups when every request decodes one token and a decode kernel runs the step (the C kernel
+    # in packserve.kernels.cpu_ops on CPU, the Triton one in packserve.kernels.paged_attention on CUDA):
+    # int64 [B, max_blocks], int64 [B] context lengths, and their maximum known on the host.
     block_table: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     block_size: int = 0
+    max_seq_len: int = 0
+    kernel: str = "cpu"  # "cpu" or "triton" (the runner's choice; Triton also runs on CPU in the interpreter)
 
 
 @dataclass
@@ -301,7 +305,10 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
                     scale: float) -> torch.Tensor:
     """Queries with cached context: per group, gather each request's K/V by slot, then masked SDPA
-    (or, for an all-decode CPU step, the paged decode kernel reading the blocks in place)."""
+    (or, for an all-decode step, a paged decode kernel reading the blocks in place)."""
+    if meta.block_table is not None and meta.kernel == "triton":
+        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
+                                             scale, meta.max_seq_len)
     if meta.block_table is not None:
         return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
                                               scale, check_values=False)

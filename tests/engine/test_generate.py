@@ -58,11 +58,36 @@ def test_greedy_matches_transformers_on_the_torch_decode_path(checkpoint_factory
 
     path = checkpoint_factory("llama")
     ps = prompts(seed=5)
-    assert LLM(path).engine.runner.use_cpu_decode_kernel == cpu_ops.available()
+    assert LLM(path).engine.runner.decode_kernel == ("cpu" if cpu_ops.available() else None)
     monkeypatch.setenv("PACKSERVE_CPU_KERNELS", "0")
     llm = LLM(path)
-    assert not llm.engine.runner.use_cpu_decode_kernel
+    assert llm.engine.runner.decode_kernel is None
     assert [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)] == hf_greedy(path, ps)
+
+
+def test_greedy_matches_transformers_on_the_triton_decode_path(checkpoint_factory, monkeypatch):
+    """The GPU decode path, the Triton paged kernel: fed by the runner's block tables and context lengths, the
+    greedy tokens match transformers. On a GPU host in fp32 on CUDA; elsewhere in the Triton interpreter on CPU
+    tensors (the runner told to use it)."""
+    import triton.language as tl
+
+    path = checkpoint_factory("llama")
+    ps = prompts(seed=6)[:5]
+    if torch.cuda.is_available():
+        llm = LLM(path, device="cuda", dtype="float32")
+        assert llm.engine.runner.decode_kernel == "triton"
+    else:
+        if type(tl.standard.sum).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported without TRITON_INTERPRET")
+        llm = LLM(path)
+        llm.engine.runner.decode_kernel = "triton"
+    import packserve.layers.attention as attention
+
+    calls, real = [], attention.paged_decode_attention_triton
+    monkeypatch.setattr(attention, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = llm.generate(ps, GREEDY)
+    assert calls  # the decode steps went through the Triton kernel
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from packserve.kernels import cpu_lib, cpu_ops as K
+from packserve.kernels.paged_attention import paged_decode_ref
 from packserve.layers.attention import PagedGroup, PagedMeta, paged_attention
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="no C compiler here")
@@ -42,7 +43,7 @@ def test_matches_naive_loop(H, Hkv, D, bs):
     q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs)
     assert not q.is_contiguous()
     out = K.paged_decode_attention(q, kc, vc, table, torch.tensor(LENS), bs, D ** -0.5)
-    ref = K.paged_decode_ref(q, kc, vc, tables, LENS, bs, D ** -0.5)
+    ref = paged_decode_ref(q, kc, vc, tables, LENS, bs, D ** -0.5)
     assert out.shape == (len(LENS), H, D) and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-5)
 
@@ -58,7 +59,7 @@ def test_online_softmax_rescales_across_tiles(H, Hkv, D):
     q = q * 4
     lens = torch.tensor(LENS)
     out = K.paged_decode_attention(q, kc, vc, table, lens, bs, D ** -0.5)
-    ref = K.paged_decode_ref(q, kc, vc, tables, LENS, bs, D ** -0.5)
+    ref = paged_decode_ref(q, kc, vc, tables, LENS, bs, D ** -0.5)
     torch_fp32 = _gather_sdpa(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), table, lens, bs, D ** -0.5)
     assert torch.isfinite(out).all()
     bound = (torch_fp32.double() - ref).abs().max().item()
