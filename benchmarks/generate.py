@@ -1,7 +1,8 @@
 """Offline generation throughput: transformers `generate` (one left-padded batch) vs packserve LLM.generate.
 
 Workload (DESIGN.md §9 "Serving"): the first 32 cpu-lognormal prompts, 64 new tokens each, EOS ignored, greedy.
-Each side runs `--repeats` times (default 3; packserve after a small warm-up generate, as transformers gets one);
+Each side runs `--repeats` times (default 3; packserve after a small warm-up generate, as transformers gets one;
+prefix caching off, or the repeats would find their prompts cached);
 prints the median time and output tokens/s of each, every run's time, and the ratio of medians; checks that the
 greedy tokens agree for most prompts (padded batches change rounding, so a few late divergences are expected on
 random weights).
@@ -42,7 +43,7 @@ def main() -> int:
         hf_tokens = hf_runs[0][1]
         L = max(map(len, prompts))
 
-        llm = LLM(tmp, backend=args.backend)
+        llm = LLM(tmp, backend=args.backend, prefix_caching=False)  # repeats must not reuse the last run's KV
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
         ours_runs = []

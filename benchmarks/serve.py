@@ -6,7 +6,8 @@ The server is a `packserve serve` subprocess on a free port; the client streams 
 (`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU. The server tunes
 glibc malloc for itself (packserve.host); the baseline runs with stock malloc unless `--tuned-baseline`.
 Each side runs `--repeats` times (default 3) in the same invocation: the baseline first, alone, then the server
-(warmed once). Prints the median time and output tokens/s of each, every run's time, and the ratio of medians.
+(warmed once; prefix caching off, or the repeats would find their prompts cached). Prints the median time and
+output tokens/s of each, every run's time, and the ratio of medians.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bo
     from packserve.testing import ServerProcess
 
     args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", backend,
-            "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning"]
+            "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning",
+            "--prefix-caching", "off"]  # the repeats send the same prompts: each run must prefill them
     with ServerProcess(args, workdir, ready_timeout=180) as server:
         return asyncio.run(_all(server.url, prompts, new_tokens, stream, repeats))
 

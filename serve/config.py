@@ -44,6 +44,9 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # explicit count wins over the memory budget
     memory_gib: float | None = None  # None: a device-dependent default (see runner)
+    # Reuse the KV blocks of prompt prefixes seen before (packserve.engine.kv_cache); off for models with
+    # linear-attention layers, whose per-request state is not made of blocks.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size must be a power of 2")

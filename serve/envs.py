@@ -85,6 +85,8 @@ _VARS = [
     EnvVar("KV_CACHE_MEMORY_GIB", float, None, "KV cache memory budget in GiB", "--kv-cache-memory-gib"),
     EnvVar("BLOCK_SIZE", int, 16, "tokens per KV block", "--block-size"),
     EnvVar("PACKING", str, "ffd", "prefill bin-packing algorithm", "--packing", choices=("ffd", "bfd")),
+    EnvVar("PREFIX_CACHING", _bool, True, "reuse the KV blocks of prompt prefixes seen before (on/off)",
+           "--prefix-caching"),
     EnvVar("NORM_MODE", str, "native", "GPT-2 norm conversion", "--norm-mode",
            choices=("native", "rmsnorm", "crmsnorm")),
     EnvVar("SEED", int, 0, "engine seed", "--seed"),

@@ -40,6 +40,7 @@ MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 class _Choice:
     index: int
     prompt_text: str  # echoed text (empty unless echo)
+    prompt_index: int = 0  # which of the request's prompts
     sent_text: int = 0
     sent_tokens: int = 0
     started: bool = False
@@ -132,7 +133,7 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
                                prompt_logprobs=logprobs if (echo and logprobs is not None) else None)
             rid = f"{jid}-{p_idx * req.n + j}"
             reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
-            choices[rid] = _Choice(p_idx * req.n + j, echoed)
+            choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return Job(kind, jid, state.model_name, int(time.time()), reqs, choices, total_prompt, logprobs,
                include_usage, echo)
@@ -287,8 +288,13 @@ def chat_logprobs(state, entries) -> dict:
 
 def _usage(job: Job, outs) -> dict:
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
+    cached: dict[int, int] = {}  # per prompt: its tokens served from the prefix cache (n choices share a prompt)
+    for o in outs:
+        p = job.choices[o.request_id].prompt_index
+        cached[p] = max(cached.get(p, 0), o.num_cached_tokens)
     return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": job.prompt_tokens + completion}
+            "total_tokens": job.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:

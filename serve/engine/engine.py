@@ -30,6 +30,8 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int = 0  # of those, tokens found (their prefill skipped)
     prompt_tokens: int = 0
     generation_tokens: int = 0
     padding_avoided: int = 0
@@ -73,7 +75,9 @@ class LLMEngine:
 
         cc = config.cache
         num_blocks = self._num_blocks(cc, config.scheduler)
-        self.allocator = BlockAllocator(num_blocks, cc.block_size)
+        self.allocator = BlockAllocator(num_blocks, cc.block_size,
+                                        prefix_caching=cc.prefix_caching and not getattr(self.model,
+                                                                                          "num_linear_layers", 0))
         self.kv_cache = KVCache(self.info.num_layers, num_blocks, cc.block_size, self.info.num_kv_heads,
                                 self.info.head_dim, self.dtype, self.device)
         sc = config.scheduler
@@ -207,6 +211,8 @@ class LLMEngine:
         s.num_waiting = len(self.scheduler.waiting)
         s.kv_cache_usage = self.allocator.usage
         s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_queries = self.scheduler.prefix_cache_queries
+        s.prefix_cache_hits = self.scheduler.prefix_cache_hits
         s.last_step = step_stats
 
     def _on_token(self, req: Request, logprob) -> RequestOutput:
@@ -256,7 +262,7 @@ class LLMEngine:
                              prompt_logprobs=req.prompt_logprobs,
                              arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
                              first_token_time=req.first_token_time, finished_time=track.finished_time,
-                             num_preemptions=req.num_preemptions)
+                             num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens)
 
 
 def _context_limit(cfg: dict) -> int:
@@ -286,7 +292,7 @@ def engine_config(model: str, **kw) -> EngineConfig:
                      backend=kw.pop("backend", "auto"), max_model_len=kw.pop("max_model_len", None),
                      norm_mode=kw.pop("norm_mode", "native"), seed=kw.pop("seed", 0))
     cc = CacheConfig(block_size=kw.pop("block_size", 16), num_blocks=kw.pop("num_kv_blocks", None),
-                     memory_gib=kw.pop("kv_cache_memory_gib", None))
+                     memory_gib=kw.pop("kv_cache_memory_gib", None), prefix_caching=kw.pop("prefix_caching", True))
     sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 128),
                          max_num_batched_tokens=kw.pop("max_num_batched_tokens", 8192),
                          max_model_len=max(2, mc.max_model_len or 2), packing=kw.pop("packing", "ffd"),

@@ -130,6 +130,11 @@ class Request:
     # Tokens whose K/V are in the cache (for this admission; reset on preemption).
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Prefix caching: hashes of full blocks of all_token_ids (content-based, kept across preemptions), how many
+    # of this admission's blocks are registered in the cache, and the prompt tokens found cached at admission.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
     state_slot: int | None = None  # linear-attention state slot while running
     # Filled during prefill when params.prompt_logprobs is set: one entry per prompt token, None first.
     prompt_logprobs: list | None = None
@@ -197,6 +202,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (first admission)
 
 
 def validate_request(token_ids: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:

@@ -14,13 +14,20 @@ Contract
        budget, `max_num_seqs` and free blocks allow; a prompt longer than the
        remaining budget is prefilled in chunks over several steps.
   Requests with no computed tokens form the packed prefill of the step.
+  With prefix caching, a request admitted with nothing computed first takes the
+  cached blocks of its longest cached prefix (whole blocks, leaving at least one
+  token to compute: its logits give the first output token); it then continues
+  from there like a chunked prefill. Requests that score their prompt
+  (prompt_logprobs) compute every token.
 - `update(out, sampled)` applies the step's sampled token ids
   (request_id -> token id, only for entries with `sample=True`), advances
-  computed-token counts, and finishes requests on EOS / stop token / max_tokens.
+  computed-token counts, registers newly full blocks in the prefix cache, and
+  finishes requests on EOS / stop token / max_tokens.
 - `finish(request_id, reason)` ends a request early (stop string, abort):
   its blocks go back to the allocator at once.
-Invariant: a block is owned by exactly one unfinished request; when no request
-is unfinished every block is free.
+Invariant: every block a request holds is ref counted (prefix blocks shared by
+several); when no request is unfinished every block is free (cached blocks stay
+evictable, which counts as free).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from packserve.config import SchedulerConfig
-from packserve.engine.kv_cache import BlockAllocator, StateSlotAllocator, slots_for
+from packserve.engine.kv_cache import BlockAllocator, StateSlotAllocator, block_hashes, slots_for
 from packserve.engine.request import FinishReason, ParameterError, Request, RequestStatus
 
 
@@ -77,6 +84,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the prefix cache
+        self.prefix_cache_hits = 0  # tokens found there
 
     # -- queue management -------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -118,11 +127,19 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
                 if self.state_slots is not None and self.state_slots.num_free == 0:
                     break
+                cached = self._take_cached_prefix(req)
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
                 if not self._grow(req, req.num_computed_tokens + num_new):
+                    self._release(req)  # give the cached prefix back too: admission is all or nothing
+                    req.num_computed_tokens = 0
                     break
+                if self.allocator.prefix_caching and cached is not None:
+                    self.prefix_cache_queries += req.num_tokens
+                    self.prefix_cache_hits += cached
+                    if req.num_preemptions == 0:
+                        req.num_cached_tokens = cached
                 if self.state_slots is not None:
                     req.state_slot = self.state_slots.allocate()
                 self.waiting.popleft()
@@ -131,6 +148,33 @@ class Scheduler:
                 out.scheduled.append(self._entry(req, num_new))
                 budget -= num_new
         return out
+
+    def _take_cached_prefix(self, req: Request) -> int | None:
+        """On admission from scratch: own the cached blocks of req's longest cached prefix and count them as
+        computed. Returns the cached token count, or None when the cache was not consulted."""
+        if not self.allocator.prefix_caching or req.num_computed_tokens or req.params.prompt_logprobs is not None:
+            return None
+        limit = (req.num_tokens - 1) // self.allocator.block_size  # keep >= 1 token to compute
+        blocks = self.allocator.match(self._hashes(req, limit))
+        req.block_ids = blocks
+        req.num_registered_blocks = len(blocks)
+        req.num_computed_tokens = len(blocks) * self.allocator.block_size
+        return req.num_computed_tokens
+
+    def _hashes(self, req: Request, n: int) -> list[bytes]:
+        """Hashes of req's first n full blocks (computed once, kept on the request)."""
+        hs = req.block_hashes
+        if len(hs) < n:
+            hs.extend(block_hashes(req.all_token_ids, self.allocator.block_size, len(hs), n, hs[-1] if hs else b""))
+        return hs[:n]
+
+    def _register_full_blocks(self, req: Request) -> None:
+        full = req.num_computed_tokens // self.allocator.block_size
+        if full > req.num_registered_blocks:
+            hs = self._hashes(req, full)
+            for i in range(req.num_registered_blocks, full):
+                self.allocator.register(req.block_ids[i], hs[i])
+            req.num_registered_blocks = full
 
     def _entry(self, req: Request, num_new: int) -> ScheduledRequest:
         ctx = req.num_computed_tokens
@@ -146,8 +190,11 @@ class Scheduler:
         return True
 
     def _release(self, req: Request) -> None:
-        self.allocator.free(req.block_ids)
+        # Last block first: among cached blocks, a prefix's tail is then evicted before its head (a head
+        # evicted first would leave the rest of the chain unreachable).
+        self.allocator.free(req.block_ids[::-1])
         req.block_ids = []
+        req.num_registered_blocks = 0
         if req.state_slot is not None:
             self.state_slots.free(req.state_slot)
             req.state_slot = None
@@ -170,6 +217,8 @@ class Scheduler:
             if req.is_finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += entry.num_new_tokens
+            if self.allocator.prefix_caching:
+                self._register_full_blocks(req)
             if not entry.sample:
                 continue
             if req.params.max_tokens == 0:  # prompt scoring only: nothing is generated

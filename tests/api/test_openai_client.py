@@ -151,3 +151,18 @@ def test_unknown_fields_are_ignored(server, auth):
     r = httpx.post(server.url + "/v1/completions", headers=auth,
                    json={"prompt": "Hi", "max_tokens": 2, "temperature": 0, "some_future_field": {"x": 1}})
     assert r.status_code == 200, r.text
+
+
+def test_repeated_prompt_is_served_from_the_prefix_cache(openai_client, offline_llm, server, helpers):
+    """The second request with the same 40-token prompt reuses its first two KV blocks: usage reports them as
+    cached (OpenAI's prompt_tokens_details.cached_tokens), the hit counter moves, and the text is unchanged."""
+    ids = offline_llm.tokenizer.encode("A long shared system prompt: " + "zebra quartz " * 12,
+                                       add_special_tokens=False)[:40]
+    assert len(ids) == 40
+    hits0 = helpers["metric_values"](server.url).get("packserve:prefix_cache_hits_total", 0.0)
+    first = openai_client.completions.create(model="llama", prompt=ids, max_tokens=6, temperature=0)
+    second = openai_client.completions.create(model="llama", prompt=ids, max_tokens=6, temperature=0)
+    assert second.choices[0].text == first.choices[0].text
+    assert second.usage.prompt_tokens_details.cached_tokens == 32  # two full 16-token blocks
+    assert second.usage.prompt_tokens == 40
+    assert helpers["metric_values"](server.url)["packserve:prefix_cache_hits_total"] >= hits0 + 32

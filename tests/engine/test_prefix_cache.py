@@ -1,0 +1,184 @@
+"""Prefix caching: the allocator's cache (hash chain, sharing, LRU eviction), the scheduler's admission from a
+cached prefix, and the engine end to end (greedy tokens equal to an engine without the cache and to
+transformers, across preemption and multi-turn prompts, no block leaks)."""
+
+import pytest
+
+from packserve import LLM, SamplingParams
+from packserve.config import SchedulerConfig
+from packserve.engine.kv_cache import BlockAllocator, block_hashes
+from packserve.engine.request import Request
+from packserve.engine.scheduler import Scheduler
+
+BS = 4
+
+
+def test_block_hashes_chain_the_whole_prefix():
+    a = block_hashes(list(range(10)), BS, 0, 2)
+    assert len(a) == 2 and a[0] != a[1]
+    assert block_hashes(list(range(10)) + [99], BS, 0, 2) == a  # the partial third block does not count
+    other_head = block_hashes([5] + list(range(1, 10)), BS, 0, 2)
+    assert other_head[0] != a[0] and other_head[1] != a[1]  # same block-1 tokens, different prefix
+    assert block_hashes(list(range(10)), BS, 1, 2, prev=a[0]) == a[1:]  # resumable
+
+
+def test_match_shares_registered_blocks_and_evictable_blocks_count_as_free():
+    al = BlockAllocator(6, BS, prefix_caching=True)
+    hs = block_hashes(list(range(12)), BS, 0, 3)
+    blocks = al.allocate(3)
+    for b, h in zip(blocks, hs):
+        al.register(b, h)
+    al.free(blocks[::-1])
+    assert al.num_free == 6 and al.usage == 0.0 and al.num_cached == 3
+    other = block_hashes([1, 2, 3, 4] + list(range(4, 12)), BS, 0, 3)
+    assert al.match(other) == []  # first block differs: nothing
+    got = al.match(hs[:2] + other[2:])
+    assert got == blocks[:2] and al.num_free == 4
+    assert al.match(hs) == blocks and al.num_free == 3  # shared: owned twice now
+    al.free(got)
+    al.free(blocks)
+    assert al.num_free == 6
+
+
+def test_eviction_takes_never_used_blocks_first_then_least_recently_freed():
+    al = BlockAllocator(4, BS, prefix_caching=True)
+    first = al.allocate(2)
+    hs = block_hashes(list(range(8)), BS, 0, 2)
+    for b, h in zip(first, hs):
+        al.register(b, h)
+    al.free(first[::-1])  # tail freed first: evicted first
+    fresh = al.allocate(2)
+    assert set(fresh).isdisjoint(first) and al.num_cached == 2  # the two never-used blocks
+    evicted = al.allocate(1)
+    assert evicted == [first[1]] and al.num_cached == 1  # the chain's tail goes first
+    assert al.match(hs) == [first[0]]  # the head is still cached
+    with pytest.raises(Exception):
+        al.allocate(1)
+
+
+def test_duplicate_content_keeps_the_first_copy_and_off_means_off():
+    al = BlockAllocator(4, BS, prefix_caching=True)
+    h = block_hashes([1, 2, 3, 4], BS, 0, 1)[0]
+    a, b = al.allocate(2)
+    al.register(a, h)
+    al.register(b, h)
+    al.free([a, b])
+    assert al.num_cached == 1 and al.match([h]) == [a]
+    off = BlockAllocator(4, BS)
+    c = off.allocate(1)[0]
+    off.register(c, h)
+    off.free([c])
+    assert off.match([h]) == [] and off.num_cached == 0
+
+
+def _sched(num_blocks=32, **kw):
+    cfg = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, **kw})
+    return Scheduler(cfg, BlockAllocator(num_blocks, BS, prefix_caching=True))
+
+
+def _req(rid, tokens, max_tokens=3, **kw):
+    return Request(rid, list(tokens), SamplingParams(max_tokens=max_tokens, temperature=0, **kw), eos_token_ids=(0,))
+
+
+def _finish_all(s, token=7):
+    while s.has_unfinished():
+        out = s.schedule()
+        s.update(out, {e.request.request_id: token for e in out.scheduled if e.sample})
+
+
+def test_admission_takes_the_cached_prefix_and_computes_the_rest():
+    s = _sched()
+    s.add_request(_req("a", range(10, 23)))  # 13 tokens: 3 full blocks after prefill
+    _finish_all(s)
+    assert s.allocator.num_free == 32 and s.allocator.num_cached == 3  # 13 prompt + 2 output tokens computed
+    s.add_request(_req("b", list(range(10, 20)) + [5, 6, 7, 8]))  # shares 10 tokens: 2 full blocks
+    out = s.schedule()
+    (e,) = out.scheduled
+    assert (e.context_len, e.num_new_tokens, e.sample) == (8, 6, True)
+    b = e.request
+    assert b.num_cached_tokens == 8 and (s.prefix_cache_queries, s.prefix_cache_hits) == (13 + 14, 8)
+    assert e.slot_mapping(BS)[0] == b.block_ids[2] * BS  # writes start in a block of its own
+    _finish_all(s)
+    assert s.allocator.num_free == 32
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    s = _sched()
+    s.add_request(_req("a", range(10, 18)))  # 8 tokens = 2 full blocks
+    _finish_all(s)
+    s.add_request(_req("b", range(10, 18)))
+    (e,) = s.schedule().scheduled
+    assert (e.context_len, e.num_new_tokens) == (4, 4)  # the last block is recomputed, its logits sampled
+
+
+def test_prompt_scoring_requests_compute_every_token():
+    s = _sched()
+    s.add_request(_req("a", range(10, 22)))
+    _finish_all(s)
+    s.add_request(_req("b", range(10, 22), prompt_logprobs=0))
+    (e,) = s.schedule().scheduled
+    assert e.context_len == 0 and e.request.num_cached_tokens == 0
+
+
+def test_failed_admission_gives_the_cached_prefix_back():
+    s = _sched(num_blocks=8)
+    s.add_request(_req("a", range(10, 22), max_tokens=1))  # 12 tokens: 3 blocks, cached afterwards
+    _finish_all(s)
+    s.add_request(_req("hog", range(100, 120), max_tokens=2))  # 20 tokens: the 5 never-used blocks
+    run_one = s.schedule()
+    s.update(run_one, {"hog": 7})
+    s.add_request(_req("b", list(range(10, 22)) + list(range(40, 52)), max_tokens=1))
+    out = s.schedule()  # hog's next token evicts a's tail block; b matches 2 blocks but needs 4 more: refused
+    assert [e.request.request_id for e in out.scheduled] == ["hog"]
+    b = s.requests["b"]
+    assert b.block_ids == [] and b.num_computed_tokens == 0 and s.prefix_cache_hits == 0
+    # evictable again: a's first two blocks; hog's 5 full blocks are registered too (owned)
+    assert s.allocator.num_free == 2 and s.allocator.num_cached == 2 + 5
+    s.update(out, {"hog": 7})
+    _finish_all(s)
+    assert s.allocator.num_free == 8 and not s.has_unfinished()
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _prompts():
+    import random
+
+    rng = random.Random(0)
+    system = [rng.randrange(3, 500) for _ in range(37)]  # a shared "system prompt" of 2+ blocks
+    return system, [system + [rng.randrange(3, 500) for _ in range(n)] for n in (1, 9, 16, 30)]
+
+
+def test_engine_greedy_outputs_equal_with_and_without_the_cache(checkpoint_factory):
+    path = checkpoint_factory("llama")
+    system, ps = _prompts()
+    plain = LLM(path, prefix_caching=False)
+    cached = LLM(path)
+    want = [o.outputs[0].token_ids for o in plain.generate(ps, GREEDY)]
+    first = cached.generate(ps[:1], GREEDY)
+    rest = cached.generate(ps[1:], GREEDY)  # all four share the system prompt with the first
+    assert [o.outputs[0].token_ids for o in first + rest] == want
+    stats = cached.engine.stats
+    assert stats.prefix_cache_hits >= 3 * (len(system) // 16) * 16
+    assert all(o.num_cached_tokens >= 32 for o in rest) and first[0].num_cached_tokens == 0
+    assert cached.engine.allocator.num_free == cached.engine.allocator.num_blocks  # nothing leaked
+    assert plain.engine.stats.prefix_cache_hits == 0
+
+
+def test_engine_multi_turn_and_preemption_with_the_cache(checkpoint_factory):
+    """Turn 2's prompt is turn 1's prompt + answer + a follow-up: the answer's full blocks are cached too. A
+    small cache forces preemption and eviction on the way; tokens still equal the cache-free engine's."""
+    path = checkpoint_factory("llama")
+    system, ps = _prompts()
+    plain = LLM(path, prefix_caching=False)
+    cached = LLM(path, num_kv_blocks=14)
+    turn1 = cached.generate(ps, GREEDY)
+    assert [o.outputs[0].token_ids for o in turn1] == [o.outputs[0].token_ids for o in plain.generate(ps, GREEDY)]
+    turn2 = [p + o.outputs[0].token_ids + [7, 8, 9] for p, o in zip(ps, turn1)]
+    hits = cached.engine.stats.prefix_cache_hits
+    got = [o.outputs[0].token_ids for o in cached.generate(turn2, GREEDY)]
+    assert got == [o.outputs[0].token_ids for o in plain.generate(turn2, GREEDY)]
+    assert cached.engine.stats.prefix_cache_hits > hits
+    assert cached.engine.stats.num_preemptions > 0
+    assert cached.engine.allocator.num_free == cached.engine.allocator.num_blocks
