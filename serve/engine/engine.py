@@ -99,7 +99,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, state_slots)
         self.backend = select_backend(mc.backend, self.device)
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
-                                  state_cache=self.state_cache)
+                                  state_cache=self.state_cache, allocator=self.allocator)
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:

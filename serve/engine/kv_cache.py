@@ -102,6 +102,16 @@ class BlockAllocator:
                     self._free.append(b)
 
     # -- prefix caching ------------------------------------------------------
+    def num_matching(self, hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of `hashes` are cached (nothing is taken)."""
+        n = 0
+        if self.prefix_caching:
+            for h in hashes:
+                if h not in self._cached:
+                    break
+                n += 1
+        return n
+
     def match(self, hashes: Sequence[bytes]) -> list[int]:
         """The registered blocks of the longest prefix of `hashes` (consecutive block hashes from block 0),
         now also owned by the caller (free them like allocated blocks)."""
@@ -117,6 +127,16 @@ class BlockAllocator:
             self._refs[b] += 1
             out.append(b)
         return out
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered block (they become plain free blocks). Only with no block owned: for code that
+        writes cache slots without allocating them (ModelRunner.prefill_logits)."""
+        if any(self._refs):
+            raise RuntimeError("blocks are in use: reset the prefix cache only on an idle engine")
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._hash_of.clear()
 
     def register(self, block_id: int, block_hash: bytes) -> None:
         """Offer an owned, full, computed block under its hash; no-op when off, when the block is registered

@@ -60,8 +60,9 @@ def length_groups(lengths: list[int], max_groups: int = 4, min_saving: int = 512
 
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
-                 packing: str = "ffd", pack_length: int | None = None, state_cache=None):
+                 packing: str = "ffd", pack_length: int | None = None, state_cache=None, allocator=None):
         self.model = model
+        self.allocator = allocator  # the engine's BlockAllocator (prefill_logits bypasses it)
         self.state_cache = state_cache  # linear-attention states (None for pure softmax models)
         self.backend = backend
         self.kv_cache = kv_cache
@@ -263,9 +264,12 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """Last-token logits of fresh prompts in one packed step (benchmarks and tests).
-        Uses throwaway slots 0..T-1 of the cache, so call it only on an idle engine."""
+        Uses throwaway slots 0..T-1 of the cache, so call it only on an idle engine; it first empties the prefix
+        cache, whose blocks those writes would overwrite."""
         from packserve.engine.request import Request, SamplingParams
 
+        if self.allocator is not None:
+            self.allocator.reset_prefix_cache()
         sched, start = SchedulerOutput(), 0
         for i, p in enumerate(prompts):
             req = Request(f"_p{i}", list(p), SamplingParams(max_tokens=1))

@@ -52,7 +52,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     carries its own copy of the bias)."""
     if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and x.stride(-1) == 1:
         if isinstance(packed, cpu_ops.PanelWeight):
-            return cpu_ops.linear_packed(x, packed)
+            if x.shape[0] <= 1 or x.stride(0) >= x.shape[1]:  # a row layout (not e.g. an expanded view)
+                return cpu_ops.linear_packed(x, packed)
+            return F.linear(x, weight, bias)
         if x.is_contiguous():
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -45,7 +45,7 @@ class GatedMLP(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.act is F.silu and cpu_ops.usable(gate_up):
+        if self.act is F.silu and gate_up.dim() == 2 and cpu_ops.usable(gate_up):
             return self.down_proj(cpu_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         # The activation in place on a contiguous copy: on CPU a strided elementwise op is ~2x slower.

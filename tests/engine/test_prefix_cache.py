@@ -111,6 +111,30 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     assert (e.context_len, e.num_new_tokens) == (4, 4)  # the last block is recomputed, its logits sampled
 
 
+def test_a_small_cached_fraction_is_recomputed_in_the_packed_prefill():
+    """8 of 20 tokens cached (< MIN_CACHED_FRACTION): the request is prefilled whole, nothing counted as a hit."""
+    s = _sched()
+    s.add_request(_req("a", range(10, 19)))
+    _finish_all(s)
+    s.add_request(_req("b", list(range(10, 18)) + list(range(50, 62))))
+    (e,) = s.schedule().scheduled
+    assert e.context_len == 0 and e.num_new_tokens == 20 and e.request.num_cached_tokens == 0
+    assert s.prefix_cache_hits == 0
+
+
+def test_prefill_logits_on_an_idle_engine_empties_the_cache_it_overwrites(checkpoint_factory):
+    """prefill_logits (and warm_up) write slots 0.. without allocating them: cached blocks must not survive it."""
+    path = checkpoint_factory("llama")
+    _, ps = _prompts()
+    llm = LLM(path)
+    before = llm.generate(ps[:1], GREEDY)[0].outputs[0].token_ids
+    assert llm.engine.allocator.num_cached > 0
+    llm.engine.warm_up()
+    assert llm.engine.allocator.num_cached == 0
+    again = llm.generate(ps[:1], GREEDY)[0]
+    assert again.outputs[0].token_ids == before and again.num_cached_tokens == 0
+
+
 def test_prompt_scoring_requests_compute_every_token():
     s = _sched()
     s.add_request(_req("a", range(10, 22)))
@@ -146,7 +170,7 @@ def _prompts():
     import random
 
     rng = random.Random(0)
-    system = [rng.randrange(3, 500) for _ in range(37)]  # a shared "system prompt" of 2+ blocks
+    system = [rng.randrange(3, 500) for _ in range(60)]  # a shared "system prompt" of 3+ blocks
     return system, [system + [rng.randrange(3, 500) for _ in range(n)] for n in (1, 9, 16, 30)]
 
 
@@ -160,8 +184,8 @@ def test_engine_greedy_outputs_equal_with_and_without_the_cache(checkpoint_facto
     rest = cached.generate(ps[1:], GREEDY)  # all four share the system prompt with the first
     assert [o.outputs[0].token_ids for o in first + rest] == want
     stats = cached.engine.stats
-    assert stats.prefix_cache_hits >= 3 * (len(system) // 16) * 16
-    assert all(o.num_cached_tokens >= 32 for o in rest) and first[0].num_cached_tokens == 0
+    assert stats.prefix_cache_hits >= 3 * 48
+    assert all(o.num_cached_tokens >= 48 for o in rest) and first[0].num_cached_tokens == 0
     assert cached.engine.allocator.num_free == cached.engine.allocator.num_blocks  # nothing leaked
     assert plain.engine.stats.prefix_cache_hits == 0
 

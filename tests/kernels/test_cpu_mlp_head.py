@@ -106,3 +106,10 @@ def test_argmax_rows_matches_torch_max_including_ties_nan_and_inf():
     assert K.argmax_rows(x[:, :1]) == [0] * 9 and K.argmax_rows(x[:0]) == []
     with pytest.raises(ValueError):
         K.argmax_rows(torch.zeros(3, 0))
+
+
+def test_linear_falls_back_for_inputs_without_a_row_layout():
+    """An expanded input (row stride 0) is not something the C kernel reads: F.linear runs instead."""
+    w, b = torch.randn(40, 8), torch.randn(40)
+    x = torch.randn(1, 8).expand(5, 8)
+    torch.testing.assert_close(linear(x, w, b, pack_for_cpu(w, b)).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
