@@ -7,7 +7,8 @@ again in every layer. This kernel streams each request's K/V rows once, flash-de
 
   1. `_decode_kernel`, one program per (request, KV head, split): the G = H / Hkv query heads that share the KV
      head form the rows of one tile (padded to 16 for tl.dot); the split's tokens are walked in BLOCK_N-token
-     tiles (block ids looked up per token, so any power-of-two block size works) with an online softmax.
+     tiles (64 tokens; 32 or 16 for fp32 caches, see _block_n; block ids looked up per token, so any
+     power-of-two block size works) with an online softmax.
      Without splits it writes the normalized output; with splits, each split's running max, sum and unnormalized
      accumulator.
   2. `_combine_kernel` (splits only), one program per (request, head): rescales the splits to their common max
@@ -29,7 +30,15 @@ import triton.language as tl
 
 from packserve.kernels.norm_utils import interpreting
 
-BLOCK_N = 64  # tokens per tile
+BLOCK_N = 64  # tokens per tile (half-precision caches; see _block_n)
+
+
+def _block_n(dtype: torch.dtype, head_dim: int) -> int:
+    """Tokens per tile. fp32 dots in IEEE mode stage far more shared memory (64 x 256 fp32 tiles: ~150 KB, over
+    an sm_86/89 block's ~100 KB), so fp32 caches take smaller tiles: 32 up to head dim 128, else 16 (~50 KB)."""
+    if dtype != torch.float32:
+        return BLOCK_N
+    return 32 if head_dim <= 128 else 16
 
 
 @triton.jit
@@ -115,12 +124,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+def num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = BLOCK_N) -> int:
     """Splits per (request, KV head): enough programs for ~2 waves of the GPU's SMs, each split at least 4
     tiles long (shorter ones cost more in the combine than they save). 1 in the interpreter."""
     if device.type != "cuda" or interpreting():
         return 1
-    tiles = -(-max_seq_len // BLOCK_N)
+    tiles = -(-max_seq_len // block_n)
     want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
     return max(1, min(want, tiles // 4, 32))
 
@@ -145,11 +154,12 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if B == 0:
         return out
     block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
-    S = splits or num_splits(B, Hkv, max_seq_len, q.device)
-    tiles = -(-max(1, max_seq_len) // BLOCK_N)
+    block_n = _block_n(k_cache.dtype, D)
+    S = splits or num_splits(B, Hkv, max_seq_len, q.device, block_n)
+    tiles = -(-max(1, max_seq_len) // block_n)
     tiles_per_split = -(-tiles // S)
     G = H // Hkv
-    common = dict(G=G, D=D, BLOCK_G=_pow2(G), BLOCK_D=_pow2(D), BLOCK_N=BLOCK_N, BS=block_size,
+    common = dict(G=G, D=D, BLOCK_G=_pow2(G), BLOCK_D=_pow2(D), BLOCK_N=block_n, BS=block_size,
                   IEEE=k_cache.dtype == torch.float32)
     if S == 1:
         _decode_kernel[(B, Hkv, 1)](q, k_cache, v_cache, block_table, seq_lens, out, out, out, q.stride(0),

@@ -82,7 +82,7 @@ def run(q, kc, vc, table, lens, bs, splits):
 
 @in_process
 @pytest.mark.parametrize("H,Hkv,D,bs", [(6, 2, 64, 16), (4, 4, 32, 16), (8, 1, 80, 8), (2, 2, 64, 1),
-                                        (12, 1, 24, 32), (4, 2, 16, 64)])
+                                        (12, 1, 24, 32), (4, 2, 16, 64), (2, 1, 160, 16)])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_matches_naive_loop_fp32(H, Hkv, D, bs, splits):
     q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs)
