@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sweep-rates", default=None, help="comma-separated rates (inf allowed): one run each, plus a curve")
     a("--input-len", default="128", help="N | uniform:LO:HI | lognormal:MEDIAN:SIGMA[:LO:HI] (prompt tokens)")
     a("--output-len", default="128", help="same forms, sent as max_tokens")
+    a("--prefix-len", type=int, default=0, help="a shared prefix of N tokens (words without --tokenizer) "
+                                                 "before every synthetic prompt, for prefix caches")
     a("--dataset", default=None, help="JSONL of {'prompt': ...} or ShareGPT {'conversations': [...]}")
     a("--tokenizer", default=None, help="local HF tokenizer folder: exact-length prompts, token counts")
     a("--seed", type=int, default=0)
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             RunConfig(**{**cfg.__dict__, "arrival": ArrivalConfig(r, args.burstiness)})
         if args.dataset and not Path(args.dataset).is_file():
             raise ValueError(f"--dataset {args.dataset}: no such file")
+        if args.prefix_len < 0 or (args.prefix_len and args.dataset):
+            raise ValueError("--prefix-len must be >= 0 and applies to synthetic prompts (not --dataset)")
     except (ValueError, json.JSONDecodeError) as exc:
         console.print(f"[red]packserve loadtest: {exc}")
         return 2
@@ -201,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     def make_specs() -> Iterator[RequestSpec]:
         if args.dataset:
             return dataset_requests(args.dataset, output_len, args.seed, tokenizer)
-        return synthetic_requests(input_len, output_len, args.seed, tokenizer)
+        return synthetic_requests(input_len, output_len, args.seed, tokenizer, args.prefix_len)
 
     workload = {"input_len": None if args.dataset else input_len.describe(), "output_len": output_len.describe(),
-                "dataset": args.dataset, "tokenizer": args.tokenizer}
+                "prefix_len": args.prefix_len, "dataset": args.dataset, "tokenizer": args.tokenizer}
     out = Path(args.out or time.strftime("loadtest-%Y%m%d-%H%M%S"))
     try:
         return asyncio.run(_amain(args, cfg, rates, slos, make_specs, tokenizer, out, workload, console))

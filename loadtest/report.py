@@ -10,7 +10,7 @@ stats when every request produced one token, goodput without SLOs).
     interrupted       true when Ctrl-C ended the run (the report then covers what had finished)
     config            {base_url, endpoint, model, num_requests, duration_s, request_rate ("inf" or number),
                        burstiness, arrival ("all-at-once"|"poisson"|"gamma"), max_concurrency, timeout_s,
-                       warmup, seed, ignore_eos, input_len, output_len, dataset, tokenizer}
+                       warmup, seed, ignore_eos, input_len, output_len, prefix_len, dataset, tokenizer}
     metrics           {duration_s, sent, completed, failed, cancelled, errors: {kind: count},
                        total_input_tokens, total_output_tokens, request_throughput,
                        output_token_throughput, total_token_throughput, goodput, good_requests,

@@ -148,14 +148,21 @@ class PromptBuilder:
 
 
 def synthetic_requests(
-    input_len: LengthDist, output_len: LengthDist, seed: int = 0, tokenizer: Any | None = None
+    input_len: LengthDist, output_len: LengthDist, seed: int = 0, tokenizer: Any | None = None, prefix_len: int = 0
 ) -> Iterator[RequestSpec]:
-    """An endless, seeded stream of synthetic requests."""
+    """An endless, seeded stream of synthetic requests. With prefix_len, every prompt starts with the same
+    prefix of that length (a shared system prompt: what a server's prefix cache is for; vLLM's
+    --random-prefix-len), followed by its own part of input_len."""
+    if prefix_len < 0:
+        raise ValueError("prefix_len must be >= 0")
     rng = np.random.default_rng(seed)
     builder = PromptBuilder(tokenizer)
+    prefix = builder.build(prefix_len, np.random.default_rng([seed, 1])) + " " if prefix_len else ""
     while True:
         n_in, n_out = input_len.sample(rng), output_len.sample(rng)
-        yield RequestSpec(prompt=builder.build(n_in, rng), output_len=n_out, prompt_len=n_in)
+        prompt = prefix + builder.build(n_in, rng)
+        n = builder.count(prompt) if tokenizer is not None else prefix_len + n_in  # the junction may merge tokens
+        yield RequestSpec(prompt=prompt, output_len=n_out, prompt_len=n)
 
 
 def _prompt_of(obj: dict) -> str | None:

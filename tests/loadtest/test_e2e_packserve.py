@@ -47,3 +47,19 @@ def test_loadtest_against_packserve(packserve_server, tmp_path, endpoint):
     for png in ("latency_cdf.png", "throughput.png"):
         path = out / png
         assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shared_prefix_workload_hits_packserve_prefix_cache(packserve_server, tmp_path):
+    """--prefix-len: every prompt opens with the same 40 tokens, so after the first wave the server takes them
+    from its prefix cache; the hit counter's delta shows in the report's server metrics."""
+    url, ckpt = packserve_server
+    out = tmp_path / "prefix"
+    rc = main(["--base-url", url, "--num-requests", "6", "--max-concurrency", "1", "--prefix-len", "40",
+               "--input-len", "8", "--output-len", "2", "--ignore-eos", "--tokenizer", str(ckpt), "--timeout", "60",
+               "--out", str(out), "--no-progress", "--no-plots"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["prefix_len"] == 40 and rep["metrics"]["completed"] == 6
+    assert all(r["prompt_tokens"] >= 46 for r in rep["requests"])  # 40 + 8, give or take the junction token
+    # Requests 2..6 each find the prefix's two full 16-token blocks cached.
+    assert rep["server_metrics"]["deltas"]["packserve:prefix_cache_hits_total"] >= 5 * 32

@@ -87,3 +87,19 @@ def test_payloads():
     ch = build_payload(spec, "chat", "m", ignore_eos=False, include_usage=False, extra={"top_p": 0.5})
     assert ch["messages"] == [{"role": "user", "content": "hi there"}] and "prompt" not in ch
     assert "ignore_eos" not in ch and "stream_options" not in ch and ch["top_p"] == 0.5
+
+
+def test_synthetic_shared_prefix(tokenizer):
+    """--prefix-len: one seeded prefix opens every prompt; the rest differs; counts include it."""
+    it = synthetic_requests(LengthDist.parse("uniform:4:12"), LengthDist.parse("8"), seed=2, prefix_len=30)
+    reqs = list(itertools.islice(it, 10))
+    prefix = " ".join(reqs[0].prompt.split()[:30])
+    assert all(r.prompt.startswith(prefix + " ") for r in reqs) and len({r.prompt for r in reqs}) == 10
+    assert all(r.prompt_len == len(r.prompt.split()) for r in reqs)
+    tok = list(itertools.islice(synthetic_requests(LengthDist.parse("uniform:4:12"), LengthDist.parse("8"), seed=2,
+                                                   tokenizer=tokenizer, prefix_len=30), 10))
+    assert all(len(tokenizer.encode(r.prompt, add_special_tokens=False)) == r.prompt_len for r in tok)
+    heads = {tuple(tokenizer.encode(r.prompt, add_special_tokens=False)[:29]) for r in tok}
+    assert len(heads) == 1  # the same leading tokens (the junction token may merge)
+    with pytest.raises(ValueError):
+        next(synthetic_requests(LengthDist.parse("4"), LengthDist.parse("8"), prefix_len=-1))
