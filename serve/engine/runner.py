@@ -17,8 +17,9 @@ from packserve.engine.packing import build_packed_batch
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
 from packserve.kernels import cpu_ops
-from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, PagedGroup,
-                                        PagedMeta, row_layout, segment_causal_mask)
+from packserve.layers.attention import (MASK_MAX_ELEMENTS, AttentionBackend, AttentionMetadata, ForwardContext,
+                                        PackedMeta, PagedGroup, PagedMeta, paged_mask, row_layout,
+                                        segment_causal_mask)
 
 
 @dataclass(frozen=True)
@@ -142,21 +143,20 @@ class ModelRunner:
             table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
             q_index.extend(range(b * Q, b * Q + q_lens[b]))
         # Whole blocks are gathered (token j of a request sits at block_table[j // bs], offset j % bs);
-        # positions past a request's length are masked below (table padding points at block 0: valid memory).
-        ctx = torch.tensor([s.context_len for s in seqs]).view(B, 1, 1)
-        qi = torch.arange(Q).view(1, Q, 1)
-        kj = torch.arange(nb * bs).view(1, 1, nb * bs)
-        valid_q = qi < torch.tensor(q_lens).view(B, 1, 1)
-        mask = (kj <= ctx + qi) & valid_q
-        mask |= (~valid_q) & (kj == 0)  # pad query rows look at slot 0 instead of nothing (no NaN)
-        # Additive float mask built once per step: SDPA would convert a bool mask in every layer.
-        mask = torch.zeros(mask.shape, dtype=self.kv_cache.data.dtype).masked_fill_(~mask, float("-inf"))
+        # positions past a request's length are masked (table padding points at block 0: valid memory).
+        # The additive float mask is built once per step (SDPA would convert a bool mask in every layer), unless
+        # it is too big to hold: then attention builds it per slice of query rows.
         dev = self.device
+        ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.long).to(dev, non_blocking=True)
+        qlen = torch.tensor(q_lens, dtype=torch.long).to(dev, non_blocking=True)
+        mask = None
+        if B * Q * nb * bs <= MASK_MAX_ELEMENTS:
+            mask = paged_mask(ctx, qlen, range(Q), nb * bs, self.kv_cache.data.dtype)
         return PagedGroup(
             token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long).to(dev),
             q_index=torch.tensor(q_index, dtype=torch.long).to(dev, non_blocking=True),
-            block_table=table.to(dev, non_blocking=True), mask=mask.unsqueeze(1).to(dev, non_blocking=True),
-            batch=B, max_q=Q)
+            block_table=table.to(dev, non_blocking=True), mask=mask, ctx_lens=ctx, q_lens=qlen,
+            batch=B, max_q=Q, block_size=bs)
 
     def _linear_meta(self, seqs: list[ScheduledRequest]):
         from packserve.layers.linear_attention import LinearAttnMeta

@@ -118,6 +118,25 @@ def test_chunked_prefill_long_prompts(checkpoint_factory):
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps)
 
 
+def test_chunked_prefill_with_masks_built_per_slice(checkpoint_factory, monkeypatch):
+    """The same chunked prefill with the paged-attention mask limit at 500 elements: every later chunk's mask is
+    built per layer in slices of query rows instead of once per step (what keeps a long prompt's 8192 x 32k
+    mask out of memory); the greedy tokens still match transformers."""
+    import packserve.engine.runner as runner
+    import packserve.layers.attention as attention
+
+    built = []
+    real = attention.paged_mask
+    monkeypatch.setattr(attention, "paged_mask", lambda *a: built.append(len(a[2])) or real(*a))
+    for module in (attention, runner):
+        monkeypatch.setattr(module, "MASK_MAX_ELEMENTS", 500)
+    path = checkpoint_factory("qwen3")
+    ps = prompts(seed=2, lengths=[300, 129, 64, 65, 1, 250])
+    outs = LLM(path, max_num_batched_tokens=48, max_num_seqs=4).generate(ps, GREEDY)
+    assert built and max(built) < 48  # slices of rows, built inside attention
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps)
+
+
 def test_tiny_kv_cache_forces_preemption(checkpoint_factory):
     path = checkpoint_factory("llama")
     ps = prompts(seed=4)
