@@ -215,15 +215,25 @@ def create_app(state: ServerState) -> FastAPI:
             if not handed_off:
                 state.release()
 
+    async def prepare(fn, body, has_text: bool) -> serving.Job:
+        """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the
+        GIL, and a multi-megabyte prompt takes seconds, during which the event loop must keep every other
+        stream going. Token-id prompts need no tokenizer and stay on the loop."""
+        if has_text:
+            return await anyio.to_thread.run_sync(fn, state, body)
+        return fn(state, body)
+
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request):
         admit()
-        return await generate(request, serving.prepare_completion(state, body), body.stream)
+        p = body.prompt
+        has_text = isinstance(p, str) or (isinstance(p, list) and any(isinstance(x, str) for x in p))
+        return await generate(request, await prepare(serving.prepare_completion, body, has_text), body.stream)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         admit()
-        return await generate(request, serving.prepare_chat(state, body), body.stream)
+        return await generate(request, await prepare(serving.prepare_chat, body, True), body.stream)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():
