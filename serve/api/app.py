@@ -154,6 +154,20 @@ class BodyLimitMiddleware:
         await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+BIG_TEXT_CHARS = 1 << 20  # prompts with more characters are tokenized under a limiter (create_app)
+
+
+def _chat_chars(body: ChatCompletionRequest) -> int:
+    n = 0
+    for m in body.messages:
+        c = m.content
+        if isinstance(c, str):
+            n += len(c)
+        elif isinstance(c, list):
+            n += sum(len(part.text or "") for part in c)
+    return n
+
+
 def create_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.engine.start()
@@ -192,10 +206,11 @@ def create_app(state: ServerState) -> FastAPI:
         if not state.engine.alive:
             raise APIError(503, "the engine is not running", None, "engine_unavailable")
 
-    async def generate(request: Request, job: serving.Job, stream: bool):
-        state.inflight += 1
+    async def generate(request: Request, prepare_job, stream: bool):
+        state.inflight += 1  # before preparing: a drain must wait for a request that is still being tokenized
         handed_off = False
         try:
+            job = await prepare_job()
             rs = await serving.submit(state, job, stream)
             if stream:
                 def on_close():
@@ -215,25 +230,31 @@ def create_app(state: ServerState) -> FastAPI:
             if not handed_off:
                 state.release()
 
-    async def prepare(fn, body, has_text: bool) -> serving.Job:
+    # Tokenizing a text prompt of several MB takes seconds and about 200x its size in memory: at most two of
+    # those at once. Shorter texts (the usual case) use anyio's shared worker threads and never wait behind them.
+    big_texts = anyio.CapacityLimiter(2)
+
+    def prepare(fn, body, text_chars: int):
         """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the
-        GIL, and a multi-megabyte prompt takes seconds, during which the event loop must keep every other
-        stream going. Token-id prompts need no tokenizer and stay on the loop."""
-        if has_text:
-            return await anyio.to_thread.run_sync(fn, state, body)
-        return fn(state, body)
+        GIL, and the event loop keeps every other stream going meanwhile. Token-id prompts stay on the loop."""
+        async def run() -> serving.Job:
+            if not text_chars:
+                return fn(state, body)
+            limiter = big_texts if text_chars > BIG_TEXT_CHARS else None
+            return await anyio.to_thread.run_sync(fn, state, body, limiter=limiter)
+        return run
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request):
         admit()
         p = body.prompt
-        has_text = isinstance(p, str) or (isinstance(p, list) and any(isinstance(x, str) for x in p))
-        return await generate(request, await prepare(serving.prepare_completion, body, has_text), body.stream)
+        chars = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str)) if p else 0
+        return await generate(request, prepare(serving.prepare_completion, body, chars), body.stream)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         admit()
-        return await generate(request, await prepare(serving.prepare_chat, body, True), body.stream)
+        return await generate(request, prepare(serving.prepare_chat, body, 1 + _chat_chars(body)), body.stream)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():

@@ -131,6 +131,8 @@ class BlockAllocator:
     def reset_prefix_cache(self) -> None:
         """Forget every registered block (they become plain free blocks). Only with no block owned: for code that
         writes cache slots without allocating them (ModelRunner.prefill_logits)."""
+        if not self._hash_of:
+            return
         if any(self._refs):
             raise RuntimeError("blocks are in use: reset the prefix cache only on an idle engine")
         self._free.extend(self._evictable)

@@ -147,3 +147,127 @@ def test_dead_engine_loop_gives_503(tiny_model, helpers):
         assert json.loads(r.text)["error"]["type"] == "server_error"
     finally:
         srv.stop()
+
+
+def test_drain_waits_for_a_request_still_being_tokenized(tiny_model, helpers):
+    """Tokenizing runs in a worker thread, outside the engine: a request caught there when the server starts
+    draining still counts as in flight, so the drain waits for it and it completes (200, not 503)."""
+    import asyncio
+
+    srv = helpers["InProcessServer"](tiny_model, max_model_len=256)
+    entered, release = threading.Event(), threading.Event()
+    tok = srv.state.tokenizer
+    real_encode = tok.encode
+
+    def held_encode(*args, **kwargs):  # the tokenizer itself, held at a point the test controls
+        entered.set()
+        release.wait(30)
+        return real_encode(*args, **kwargs)
+
+    tok.encode = held_encode
+    result = {}
+
+    def send():
+        result["r"] = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hello there", "max_tokens": 4},
+                                 timeout=60)
+
+    client = threading.Thread(target=send)
+    try:
+        client.start()
+        assert entered.wait(30)
+        assert srv.state.inflight == 1  # counted before tokenization finished
+
+        async def drain_while_held():
+            task = asyncio.ensure_future(srv.state.drain(30.0))
+            await asyncio.sleep(0.3)
+            early = task.done()
+            release.set()
+            await task
+            return early
+
+        assert not asyncio.run(drain_while_held())  # it waited for the request
+        client.join(30)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 4
+    finally:
+        release.set()
+        tok.encode = real_encode
+        srv.stop()
+
+
+def test_huge_prompts_tokenize_two_at_a_time_and_small_ones_never_wait(tiny_model, helpers):
+    """Prompts over BIG_TEXT_CHARS share two tokenizer threads (each takes ~200x its size in memory); a short
+    prompt sent while both are busy is served at once."""
+    from packserve.api.app import BIG_TEXT_CHARS
+
+    srv = helpers["InProcessServer"](tiny_model, max_model_len=256)
+    tok = srv.state.tokenizer
+    real_encode = tok.encode
+    lock, inside, release = threading.Lock(), [0], threading.Event()
+    both = threading.Event()
+
+    def held_encode(text, *args, **kwargs):
+        if len(text) > BIG_TEXT_CHARS:
+            with lock:
+                inside[0] += 1
+                if inside[0] == 2:
+                    both.set()
+            release.wait(60)
+        return real_encode(text, *args, **kwargs)
+
+    tok.encode = held_encode
+    statuses = []
+    big = "zebra " * (BIG_TEXT_CHARS // 6 + 10)
+
+    def send_big():
+        statuses.append(httpx.post(srv.url + "/v1/completions", json={"prompt": big, "max_tokens": 1},
+                                   timeout=120).status_code)
+
+    clients = [threading.Thread(target=send_big) for _ in range(3)]
+    try:
+        for c in clients:
+            c.start()
+        assert both.wait(60)
+        small = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert small.status_code == 200  # not queued behind the held big ones
+        time.sleep(0.3)
+        assert inside[0] == 2  # the third big prompt waits for a tokenizer slot
+        release.set()
+        for c in clients:
+            c.join(120)
+        assert statuses == [400, 400, 400] and inside[0] == 3  # each tokenized, then over --max-model-len
+    finally:
+        release.set()
+        tok.encode = real_encode
+        srv.stop()
+
+
+def test_tokenizing_runs_off_the_event_loop(tiny_model, helpers):
+    """While a text prompt is being tokenized (held inside the tokenizer here, as a multi-megabyte prompt would
+    be for seconds), the event loop still answers: /health, and a token-id request end to end."""
+    srv = helpers["InProcessServer"](tiny_model, max_model_len=256)
+    tok = srv.state.tokenizer
+    real_encode = tok.encode
+    entered, release = threading.Event(), threading.Event()
+
+    def held_encode(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return real_encode(*args, **kwargs)
+
+    tok.encode = held_encode
+    result = {}
+    client = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+        srv.url + "/v1/completions", json={"prompt": "Hello there", "max_tokens": 3}, timeout=60)))
+    try:
+        client.start()
+        assert entered.wait(30)
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        ids = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}, timeout=10)
+        assert ids.status_code == 200 and ids.json()["usage"]["completion_tokens"] == 2
+        release.set()
+        client.join(30)
+        assert result["r"].status_code == 200
+    finally:
+        release.set()
+        tok.encode = real_encode
+        srv.stop()
