@@ -19,6 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench  # noqa: E402
 
+from packserve.layers.paged import paged_attention  # noqa: E402
+from packserve.testing import gather_decode_meta  # noqa: E402
+
 
 def case(B: int, ctx: int, H: int, Hkv: int, D: int, bs: int, dtype: torch.dtype, dev: torch.device):
     nb = -(-ctx // bs)
@@ -28,17 +31,6 @@ def case(B: int, ctx: int, H: int, Hkv: int, D: int, bs: int, dtype: torch.dtype
     v = torch.randn_like(k)
     q = torch.randn(B, H, D, dtype=dtype, device=dev)
     return q, k, v, blocks.to(dev), torch.full((B,), ctx, dtype=torch.long, device=dev)
-
-
-def torch_path(q, k, v, table, lens, bs, scale):
-    from packserve.layers.attention import PagedGroup, PagedMeta, paged_attention
-
-    B, nb = table.shape
-    valid = torch.arange(nb * bs, device=q.device)[None, :] < lens[:, None]
-    mask = torch.zeros(B, 1, 1, nb * bs, dtype=q.dtype, device=q.device)
-    mask.masked_fill_(~valid.view(B, 1, 1, -1), float("-inf"))
-    meta = PagedMeta(B, [PagedGroup(None, torch.arange(B, device=q.device), table, mask, B, 1)])
-    return lambda: paged_attention(q, k, v, meta, scale)
 
 
 def main() -> int:
@@ -74,7 +66,8 @@ def main() -> int:
         else:
             splits = 1
             ours = lambda: cpu_ops.paged_decode_attention(q, k, v, table, lens, bs, scale)  # noqa: E731
-        ref = torch_path(q, k, v, table, lens, bs, scale)
+        meta = gather_decode_meta(table, lens, bs, dtype)  # built once per step in the engine too
+        ref = lambda: paged_attention(q, k, v, meta, scale)  # noqa: E731
         err = (ours().float() - ref().float()).abs().max().item()
         assert err < (2e-2 if dtype != torch.float32 else 1e-4), f"kernel and torch path disagree: {err}"
         t_ours, t_ref = bench(ours, dev), bench(ref, dev)

@@ -17,9 +17,9 @@ one pass over the data:
   prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied.
 
 The C source is kernels/cpu_kernels.c; compiling, caching and loading it live in packserve.kernels.cpu_lib; this
-module holds the checked Python entry points. `available()` is False without a compiler; callers then keep their torch paths.
-Each kernel has a pure-torch reference the tests compare with
-(`packserve.kernels.paged_attention.paged_decode_ref`, `packserve.kernels.rmsnorm` and `packserve.layers.rotary`).
+module holds the checked Python entry points. `available()` is False without a compiler; callers then keep their
+torch paths. Each kernel has a pure-torch reference the tests compare with
+(`packserve.kernels.paged_attention.paged_decode_ref`, `packserve.kernels.rmsnorm`, `packserve.layers.rotary`).
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [rows, 2I] fp32 (gate first; rows may be strided) -> new [rows, I] = silu(gate) * up."""
-    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not usable(gate_up):
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.dtype != torch.float32 or not gate_up.is_cpu:
         raise ValueError("gate_up must be fp32 CPU [rows, 2 * intermediate]")
     x, s = _rows(gate_up, "gate_up")
     rows, inter = x.shape[0], x.shape[1] // 2
@@ -160,7 +160,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def argmax_rows(x: torch.Tensor) -> list[int]:
     """Per row of x [rows, n] fp32 (n >= 1): the first index of its maximum (of its first NaN if any), as
     torch.max(dim=-1).indices."""
-    if x.dim() != 2 or x.shape[1] < 1 or not usable(x):
+    if x.dim() != 2 or x.shape[1] < 1 or x.dtype != torch.float32 or not x.is_cpu:
         raise ValueError("x must be fp32 CPU [rows, n >= 1]")
     x, s = _rows(x, "x")
     idx = torch.empty(x.shape[0], dtype=torch.int64)

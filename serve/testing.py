@@ -109,3 +109,84 @@ def run_with_arrivals(engine, prompts: list[list[int]], params, every: int, per_
         step += 1
         assert step < max_steps, "the engine did not finish"
     return [done[i] for i in range(len(prompts))]
+
+
+# -- paged attention cases (the decode kernels' tests and benchmark) ------------------------------------------
+def paged_case(lens: list[int], H: int, Hkv: int, D: int, block_size: int, seed: int = 0, dtype=None,
+               device="cpu", table_dtype=None):
+    """One decode step over a paged cache: (q, k_cache, v_cache, block tables as lists, block table tensor).
+    Only the requests' slots are written (random); every other slot is NaN, so a kernel that reads outside a
+    context shows. Blocks are shuffled (non-contiguous tables, padded with block 0), and q is a strided view
+    (the query rows of a fused QKV output)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    nblocks = sum(-(-n // block_size) for n in lens) + 7
+    k_cache = torch.full((nblocks * block_size, Hkv, D), float("nan"))
+    v_cache = torch.full((nblocks * block_size, Hkv, D), float("nan"))
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    tables, i = [], 0
+    for n in lens:
+        nb = -(-n // block_size)
+        tables.append(perm[i:i + nb])
+        i += nb
+        for j in range(n):
+            slot = tables[-1][j // block_size] * block_size + j % block_size
+            k_cache[slot] = torch.randn(Hkv, D, generator=g)
+            v_cache[slot] = torch.randn(Hkv, D, generator=g)
+    width = max(map(len, tables))
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=table_dtype or torch.long)
+    q = torch.randn(len(lens), H + 2 * Hkv, D, generator=g)[:, :H]
+    to = dict(device=device, dtype=dtype or torch.float32)
+    return q.to(**to), k_cache.to(**to), v_cache.to(**to), tables, table.to(device)
+
+
+def gather_decode_meta(table, lens, block_size: int, dtype):
+    """The torch paged path's metadata for one decode step: one group, each request's blocks gathered, an
+    additive mask over its context (what the decode kernels replace; the runner builds the same)."""
+    import torch
+
+    from packserve.layers.paged import PagedGroup, PagedMeta, paged_mask
+
+    B, nb = table.shape
+    ctx = lens.to(table.device) - 1  # the query is the context's last token
+    mask = paged_mask(ctx, torch.ones_like(ctx), range(1), nb * block_size, dtype)
+    return PagedMeta(B, [PagedGroup(None, torch.arange(B, device=table.device), table.long(), mask, B, 1,
+                                    block_size)])
+
+
+def gather_sdpa_decode(q, k_cache, v_cache, table, lens, block_size: int, scale: float):
+    """One decode step through the torch paged path (gather + mask + SDPA). NaN slots inside gathered blocks
+    would poison it: pass caches without NaN."""
+    from packserve.layers.paged import paged_attention
+
+    return paged_attention(q, k_cache, v_cache, gather_decode_meta(table, lens, block_size, q.dtype), scale)
+
+
+# -- Triton interpreter --------------------------------------------------------------------------------------
+def triton_interpreted() -> bool:
+    """Whether triton.language was imported in interpreter mode (TRITON_INTERPRET=1 set before its first
+    import: its library functions are decorated then)."""
+    import triton.language as tl
+
+    return type(tl.standard.sum).__name__ == "InterpretedFunction"
+
+
+def interpreted_module(name: str, kernel: str):
+    """Import module `name`; in interpreter mode, reload it if its `kernel` was decorated before the flag was on."""
+    import importlib
+
+    mod = importlib.import_module(name)
+    if triton_interpreted() and type(getattr(mod, kernel)).__name__ != "InterpretedFunction":
+        mod = importlib.reload(mod)
+    return mod
+
+
+def run_tests_in_interpreter(test_file: str | Path) -> None:
+    """Run a kernel test file in a fresh pytest process with TRITON_INTERPRET=1 (for when this process imported
+    triton without it); raises AssertionError with the output when a test fails or none ran."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+                        str(Path(test_file).resolve())], env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "test_interpreter_checks_in_subprocess" not in r.stdout

@@ -234,11 +234,12 @@ def create_app(state: ServerState) -> FastAPI:
     # those at once. Shorter texts (the usual case) use anyio's shared worker threads and never wait behind them.
     big_texts = anyio.CapacityLimiter(2)
 
-    def prepare(fn, body, text_chars: int):
+    def prepare(fn, body, text_chars: int | None):
         """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the
-        GIL, and the event loop keeps every other stream going meanwhile. Token-id prompts stay on the loop."""
+        GIL, and the event loop keeps every other stream going meanwhile. Token-id prompts (text_chars None)
+        stay on the loop."""
         async def run() -> serving.Job:
-            if not text_chars:
+            if text_chars is None:
                 return fn(state, body)
             limiter = big_texts if text_chars > BIG_TEXT_CHARS else None
             return await anyio.to_thread.run_sync(fn, state, body, limiter=limiter)
@@ -248,13 +249,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         admit()
         p = body.prompt
-        chars = len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str)) if p else 0
+        texts = [p] if isinstance(p, str) else [x for x in p if isinstance(x, str)]
+        chars = sum(map(len, texts)) if texts else None
         return await generate(request, prepare(serving.prepare_completion, body, chars), body.stream)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         admit()
-        return await generate(request, prepare(serving.prepare_chat, body, 1 + _chat_chars(body)), body.stream)
+        return await generate(request, prepare(serving.prepare_chat, body, _chat_chars(body)), body.stream)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models():

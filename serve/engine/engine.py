@@ -75,9 +75,9 @@ class LLMEngine:
 
         cc = config.cache
         num_blocks = self._num_blocks(cc, config.scheduler)
-        self.allocator = BlockAllocator(num_blocks, cc.block_size,
-                                        prefix_caching=cc.prefix_caching and not getattr(self.model,
-                                                                                          "num_linear_layers", 0))
+        n_lin = getattr(self.model, "num_linear_layers", 0)
+        # Linear-attention state is per request, not per block: such models run without prefix caching.
+        self.allocator = BlockAllocator(num_blocks, cc.block_size, prefix_caching=cc.prefix_caching and not n_lin)
         self.kv_cache = KVCache(self.info.num_layers, num_blocks, cc.block_size, self.info.num_kv_heads,
                                 self.info.head_dim, self.dtype, self.device)
         sc = config.scheduler
@@ -87,7 +87,6 @@ class LLMEngine:
             max_waiting=sc.max_waiting)
         # Linear-attention layers keep a fixed-size state per running request: one slot each.
         self.state_cache, state_slots = None, None
-        n_lin = getattr(self.model, "num_linear_layers", 0)
         if n_lin:
             from packserve.engine.kv_cache import StateSlotAllocator
             from packserve.layers.linear_attention import StateCache

@@ -17,9 +17,10 @@ from packserve.engine.packing import build_packed_batch
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
 from packserve.kernels import cpu_ops
-from packserve.layers.attention import (MASK_MAX_ELEMENTS, AttentionBackend, AttentionMetadata, ForwardContext,
-                                        PackedMeta, PagedGroup, PagedMeta, paged_mask, row_layout,
+from packserve.layers import paged
+from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, row_layout,
                                         segment_causal_mask)
+from packserve.layers.paged import PagedGroup, PagedMeta
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,8 @@ class ModelRunner:
         ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.long).to(dev, non_blocking=True)
         qlen = torch.tensor(q_lens, dtype=torch.long).to(dev, non_blocking=True)
         mask = None
-        if B * Q * nb * bs <= MASK_MAX_ELEMENTS:
-            mask = paged_mask(ctx, qlen, range(Q), nb * bs, self.kv_cache.data.dtype)
+        if B * Q * nb * bs <= paged.MASK_MAX_ELEMENTS:
+            mask = paged.paged_mask(ctx, qlen, range(Q), nb * bs, self.kv_cache.data.dtype)
         return PagedGroup(
             token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long).to(dev),
             q_index=torch.tensor(q_index, dtype=torch.long).to(dev, non_blocking=True),

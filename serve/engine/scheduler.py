@@ -146,7 +146,7 @@ class Scheduler:
                     self._release(req)  # give the cached prefix back too: admission is all or nothing
                     req.num_computed_tokens = 0
                     break
-                if self.allocator.prefix_caching and cached is not None:
+                if cached is not None:
                     self.prefix_cache_queries += req.num_tokens
                     self.prefix_cache_hits += cached
                     if req.num_preemptions == 0:

@@ -81,10 +81,10 @@ def test_greedy_matches_transformers_on_the_triton_decode_path(checkpoint_factor
             pytest.skip("triton was imported without TRITON_INTERPRET")
         llm = LLM(path)
         llm.engine.runner.decode_kernel = "triton"
-    import packserve.layers.attention as attention
+    import packserve.layers.paged as paged
 
-    calls, real = [], attention.paged_decode_attention_triton
-    monkeypatch.setattr(attention, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], paged.paged_decode_attention_triton
+    monkeypatch.setattr(paged, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     outs = llm.generate(ps, GREEDY)
     assert calls  # the decode steps went through the Triton kernel
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps)
@@ -122,14 +122,12 @@ def test_chunked_prefill_with_masks_built_per_slice(checkpoint_factory, monkeypa
     """The same chunked prefill with the paged-attention mask limit at 500 elements: every later chunk's mask is
     built per layer in slices of query rows instead of once per step (what keeps a long prompt's 8192 x 32k
     mask out of memory); the greedy tokens still match transformers."""
-    import packserve.engine.runner as runner
-    import packserve.layers.attention as attention
+    import packserve.layers.paged as paged
 
     built = []
-    real = attention.paged_mask
-    monkeypatch.setattr(attention, "paged_mask", lambda *a: built.append(len(a[2])) or real(*a))
-    for module in (attention, runner):
-        monkeypatch.setattr(module, "MASK_MAX_ELEMENTS", 500)
+    real = paged.paged_mask
+    monkeypatch.setattr(paged, "paged_mask", lambda *a: built.append(len(a[2])) or real(*a))
+    monkeypatch.setattr(paged, "MASK_MAX_ELEMENTS", 500)
     path = checkpoint_factory("qwen3")
     ps = prompts(seed=2, lengths=[300, 129, 64, 65, 1, 250])
     outs = LLM(path, max_num_batched_tokens=48, max_num_seqs=4).generate(ps, GREEDY)

@@ -1,6 +1,6 @@
 """Prefix caching: the allocator's cache (hash chain, sharing, LRU eviction), the scheduler's admission from a
-cached prefix, and the engine end to end (greedy tokens equal to an engine without the cache and to
-transformers, across preemption and multi-turn prompts, no block leaks)."""
+cached prefix, and the engine end to end (greedy tokens equal to an engine without the cache, whose tokens
+test_generate checks against transformers; across preemption and multi-turn prompts; no block leaks)."""
 
 import pytest
 

@@ -5,34 +5,12 @@ import torch
 
 from packserve.kernels import cpu_lib, cpu_ops as K
 from packserve.kernels.paged_attention import paged_decode_ref
-from packserve.layers.attention import PagedGroup, PagedMeta, paged_attention
+from packserve.layers.paged import PagedMeta, paged_attention
+from packserve.testing import gather_sdpa_decode, paged_case as setup
 
 pytestmark = pytest.mark.skipif(not K.available(), reason="no C compiler here")
 
 LENS = [1, 2, 15, 16, 17, 63, 64, 65, 300, 3]
-
-
-def setup(lens, H, Hkv, D, bs, seed=0):
-    """A NaN-poisoned cache with only the requests' slots written, non-contiguous shuffled block tables, and
-    q as a strided view (rows of a fused QKV output)."""
-    g = torch.Generator().manual_seed(seed)
-    nblocks = sum(-(-n // bs) for n in lens) + 7
-    k_cache = torch.full((nblocks * bs, Hkv, D), float("nan"))
-    v_cache = torch.full((nblocks * bs, Hkv, D), float("nan"))
-    perm = torch.randperm(nblocks, generator=g).tolist()
-    tables, i = [], 0
-    for n in lens:
-        nb = -(-n // bs)
-        tables.append(perm[i:i + nb])
-        i += nb
-        for j in range(n):
-            slot = tables[-1][j // bs] * bs + j % bs
-            k_cache[slot] = torch.randn(Hkv, D, generator=g)
-            v_cache[slot] = torch.randn(Hkv, D, generator=g)
-    width = max(map(len, tables))
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    q = torch.randn(len(lens), H + 2 * Hkv, D, generator=g)[:, :H]
-    return q, k_cache, v_cache, tables, table
 
 
 # The kernel's paths: specialized vector code (D in 64/128, G in 1/2/3/4/8), the generic vector code (D a multiple
@@ -60,19 +38,10 @@ def test_online_softmax_rescales_across_tiles(H, Hkv, D):
     lens = torch.tensor(LENS)
     out = K.paged_decode_attention(q, kc, vc, table, lens, bs, D ** -0.5)
     ref = paged_decode_ref(q, kc, vc, tables, LENS, bs, D ** -0.5)
-    torch_fp32 = _gather_sdpa(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), table, lens, bs, D ** -0.5)
+    torch_fp32 = gather_sdpa_decode(q, kc.nan_to_num(0.0), vc.nan_to_num(0.0), table, lens, bs, D ** -0.5)
     assert torch.isfinite(out).all()
     bound = (torch_fp32.double() - ref).abs().max().item()
     assert (out.double() - ref).abs().max().item() <= 4 * bound + 1e-6  # a missed rescale errs by O(1)
-
-
-def _gather_sdpa(q, kc, vc, table, lens, bs, scale):
-    """packserve's torch paged path: gather the blocks, additive mask, SDPA."""
-    B, nb = len(lens), table.shape[1]
-    valid = torch.arange(nb * bs)[None, :] < lens[:, None]
-    mask = torch.zeros(B, 1, 1, nb * bs).masked_fill_(~valid.view(B, 1, 1, -1), float("-inf"))
-    group = PagedGroup(None, torch.arange(B), table, mask, B, 1)
-    return paged_attention(q, kc, vc, PagedMeta(B, [group]), scale)
 
 
 def test_matches_gather_sdpa_path():
@@ -81,7 +50,7 @@ def test_matches_gather_sdpa_path():
     q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs, seed=1)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # the gather path reads whole blocks (masked afterwards)
     lens = torch.tensor(LENS)
-    want = _gather_sdpa(q, kc, vc, table, lens, bs, D ** -0.5)
+    want = gather_sdpa_decode(q, kc, vc, table, lens, bs, D ** -0.5)
     got = paged_attention(q, kc, vc, PagedMeta(len(LENS), [], table, lens, bs), D ** -0.5)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 

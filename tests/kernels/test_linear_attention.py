@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,32 +22,19 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import triton.language as tl  # noqa: E402  (after the flag, on purpose)
+from packserve.testing import interpreted_module, run_tests_in_interpreter, triton_interpreted  # noqa: E402
 
-IN_PROCESS = ON_GPU or type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
-def _import_kernels():
-    la = importlib.import_module("packserve.kernels.linear_attention")
-    lt = importlib.import_module("packserve.kernels.linear_attention_torch")
-    tr = importlib.import_module("packserve.kernels.linear_attention_triton")
-    if not ON_GPU and IN_PROCESS and type(tr._chunk_state_kernel).__name__ != "InterpretedFunction":
-        tr = importlib.reload(sys.modules["packserve.kernels.linear_attention_triton"])
-    return la, lt, tr
-
-
-la, lt, tr = _import_kernels()
+IN_PROCESS = ON_GPU or triton_interpreted()
+la = importlib.import_module("packserve.kernels.linear_attention")
+lt = importlib.import_module("packserve.kernels.linear_attention_torch")
+tr = interpreted_module("packserve.kernels.linear_attention_triton", "_chunk_state_kernel")
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET; "
                                                        "test_interpreter_checks_in_subprocess runs these")
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the checks run in this process")
 def test_interpreter_checks_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                        str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "test_interpreter_checks_in_subprocess" not in r.stdout
+    run_tests_in_interpreter(__file__)
 
 
 DEV = torch.device("cuda" if ON_GPU else "cpu")

@@ -9,11 +9,7 @@ fresh interpreter). fp32 and fp16 here; bf16 only on a GPU (DESIGN.md §9).
 
 from __future__ import annotations
 
-import importlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,30 +18,18 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import triton.language as tl  # noqa: E402  (after the flag, on purpose)
+from packserve.testing import (gather_sdpa_decode, interpreted_module, paged_case,  # noqa: E402  (after the flag)
+                               run_tests_in_interpreter, triton_interpreted)
 
-IN_PROCESS = ON_GPU or type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
-def _import_kernel():
-    pa = importlib.import_module("packserve.kernels.paged_attention")
-    if not ON_GPU and IN_PROCESS and type(pa._decode_kernel).__name__ != "InterpretedFunction":
-        pa = importlib.reload(sys.modules["packserve.kernels.paged_attention"])
-    return pa
-
-
-pa = _import_kernel()
+IN_PROCESS = ON_GPU or triton_interpreted()
+pa = interpreted_module("packserve.kernels.paged_attention", "_decode_kernel")
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET; "
                                                        "test_interpreter_checks_in_subprocess runs these")
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the checks run in this process")
 def test_interpreter_checks_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONSAFEPATH="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-                        str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "test_interpreter_checks_in_subprocess" not in r.stdout
+    run_tests_in_interpreter(__file__)
 
 
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -53,26 +37,8 @@ LENS = [1, 2, 15, 16, 17, 63, 64, 65, 300, 3]
 
 
 def setup(lens, H, Hkv, D, bs, dtype=torch.float32, seed=0):
-    """NaN outside the requests' slots, shuffled non-contiguous block tables, q a strided view (fused QKV rows)."""
-    g = torch.Generator().manual_seed(seed)
-    nblocks = sum(-(-n // bs) for n in lens) + 7
-    k_cache = torch.full((nblocks * bs, Hkv, D), float("nan"))
-    v_cache = torch.full((nblocks * bs, Hkv, D), float("nan"))
-    perm = torch.randperm(nblocks, generator=g).tolist()
-    tables, i = [], 0
-    for n in lens:
-        nb = -(-n // bs)
-        tables.append(perm[i:i + nb])
-        i += nb
-        for j in range(n):
-            slot = tables[-1][j // bs] * bs + j % bs
-            k_cache[slot] = torch.randn(Hkv, D, generator=g)
-            v_cache[slot] = torch.randn(Hkv, D, generator=g)
-    width = max(map(len, tables))
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    q = torch.randn(len(lens), H + 2 * Hkv, D, generator=g)[:, :H]
-    to = dict(device=DEV, dtype=dtype)
-    return q.to(**to), k_cache.to(**to), v_cache.to(**to), tables, table.to(DEV)
+    """packserve.testing.paged_case on DEV with an int32 block table (the kernel takes either width)."""
+    return paged_case(lens, H, Hkv, D, bs, seed=seed, dtype=dtype, device=DEV, table_dtype=torch.int32)
 
 
 def run(q, kc, vc, table, lens, bs, splits):
@@ -111,16 +77,10 @@ def test_half_precision(splits, dtype):
 def test_matches_torch_gather_path_and_splits_agree():
     """The engine's torch paged path (gather + additive mask + SDPA) on the same step; 1 and 5 splits agree (the
     5-split run has splits past the end of every short request: empty splits carry no weight)."""
-    from packserve.layers.attention import PagedGroup, PagedMeta, paged_attention
-
     H, Hkv, D, bs = 6, 2, 64, 16
     q, kc, vc, tables, table = setup(LENS, H, Hkv, D, bs, seed=1)
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # the gather path reads whole blocks (masked afterwards)
-    B, nb = len(LENS), table.shape[1]
-    valid = torch.arange(nb * bs, device=DEV)[None, :] < torch.tensor(LENS, device=DEV)[:, None]
-    mask = torch.zeros(B, 1, 1, nb * bs, device=DEV).masked_fill_(~valid.view(B, 1, 1, -1), float("-inf"))
-    group = PagedGroup(None, torch.arange(B, device=DEV), table.long(), mask, B, 1)
-    want = paged_attention(q, kc, vc, PagedMeta(B, [group]), D ** -0.5)
+    want = gather_sdpa_decode(q, kc, vc, table, torch.tensor(LENS, device=DEV), bs, D ** -0.5)
     one, five = run(q, kc, vc, table, LENS, bs, 1), run(q, kc, vc, table, LENS, bs, 5)
     torch.testing.assert_close(one, want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(five, one, atol=2e-6, rtol=2e-6)
