@@ -1,4 +1,4 @@
-"""`packserve serve | generate | bench | loadtest`: one console script, one module per command."""
+"""`packserve serve | generate | loadtest | build-kernels`: one console script, one module per command."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ def main(argv: list[str] | None = None) -> int:
         "serve": "packserve.api.cli",
         "generate": "packserve.engine.cli",
         "loadtest": "packserve.loadtest.cli",
+        "build-kernels": "packserve.kernels.cpu_build",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: packserve {serve,generate,loadtest} [options]   (packserve CMD --help for each)")
+        print("usage: packserve {serve,generate,loadtest,build-kernels} [options]   (packserve CMD --help for each)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 

@@ -105,12 +105,16 @@ _VARS = [
            "on CPU, keep freed activation memory in glibc's heap instead of page-faulting it in every step "
            "(packserve.host); 0 leaves malloc alone"),
     EnvVar("CPU_KERNELS", _bool, True,
-           "CPU fp32 fast paths: packserve's C kernels (compiled with gcc on first use, cached in the cache "
-           "folder) and prepacked weights for decode (a second copy of the weights); 0 keeps plain torch"),
+           "CPU fp32 fast paths: packserve's C kernels (built with gcc once per ISA and cached in the cache folder; "
+           "`packserve build-kernels` builds them ahead, else the first start builds them in the background while "
+           "the torch paths serve); 0 keeps plain torch"),
+    EnvVar("CPU_ISA", str, "auto",
+           "which build of the C kernels to run: auto (the best this CPU runs), avx512 or avx2 (e.g. the AVX2 "
+           "build on an AVX-512 CPU)", choices=("auto", "avx512", "avx2")),
     EnvVar("GPU_DECODE_KERNEL", _bool, True,
            "on CUDA, decode steps read the paged KV cache in place with packserve's Triton kernel "
            "(packserve.kernels.paged_attention); 0 gathers the blocks and runs SDPA instead"),
-    EnvVar("CACHE_DIR", str, None, "where the demo model is built (default: ~/.cache/packserve)", "--cache-dir"),
+    EnvVar("CACHE_DIR", str, None, "where the demo model and the CPU kernels are built (default: ~/.cache/packserve)", "--cache-dir"),
 ]
 
 REGISTRY: dict[str, EnvVar] = {v.name: v for v in _VARS}

@@ -23,6 +23,17 @@ def _set_triton_interpreter() -> None:
 
 _set_triton_interpreter()
 
+
+def _build_cpu_kernels() -> None:
+    """The C kernels build in the background on first use; the suite waits for them once, up front, so every
+    engine test runs the default (kernel) paths from its first step."""
+    from packserve.kernels import cpu_lib
+
+    cpu_lib.wait()
+
+
+_build_cpu_kernels()
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 

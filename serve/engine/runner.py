@@ -18,6 +18,7 @@ from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
 from packserve.kernels import cpu_ops
 from packserve.layers import paged
+from packserve.layers.linear import prepack_cpu
 from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, row_layout,
                                         segment_causal_mask)
 from packserve.layers.paged import PagedGroup, PagedMeta
@@ -76,10 +77,19 @@ class ModelRunner:
         # All-decode steps read the paged KV in place instead of gathering it: the C kernel on CPU (fp32), the
         # Triton kernel on CUDA; None keeps the gather + SDPA path.
         self.decode_kernel: str | None = None
-        if device.type == "cpu" and kv_cache.data.dtype == torch.float32 and cpu_ops.available():
-            self.decode_kernel = "cpu"
-        elif device.type == "cuda" and envs.get("GPU_DECODE_KERNEL"):
+        # CPU fp32: the C kernels may still be building in the background (cpu_lib); until they load, the torch
+        # paths run, and the first step after they do packs the weights and turns the decode kernel on.
+        self._cpu_kernels_pending = device.type == "cpu" and kv_cache.data.dtype == torch.float32
+        self._switch_to_cpu_kernels()
+        if device.type == "cuda" and envs.get("GPU_DECODE_KERNEL"):
             self.decode_kernel = "triton"
+
+    def _switch_to_cpu_kernels(self) -> None:
+        if self._cpu_kernels_pending and cpu_ops.available():
+            self._cpu_kernels_pending = False
+            if not getattr(self.model, "cpu_prepacked", False):
+                prepack_cpu(self.model)  # the model was loaded before the kernels were
+            self.decode_kernel = "cpu"
 
     def _packed_meta(self, fresh: list[ScheduledRequest]):
         batch = build_packed_batch([s.token_ids for s in fresh], [s.slot_mapping(self.block_size) for s in fresh],
@@ -218,6 +228,8 @@ class ModelRunner:
                     req.prompt_logprobs.append((Logprob(int(targets[r]), chosen[r]), top))
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
+        if self._cpu_kernels_pending:
+            self._switch_to_cpu_kernels()
         fresh = [s for s in out.scheduled if s.context_len == 0]
         cont = [s for s in out.scheduled if s.context_len > 0]
         ids: list[int] = []

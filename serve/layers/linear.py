@@ -9,54 +9,24 @@ setting tp_rank/tp_size and inserting the all-reduce.
 from __future__ import annotations
 
 import logging
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from packserve.kernels import cpu_ops
+from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
 
 log = logging.getLogger(__name__)
 
-# Decode-sized inputs (at most this many rows) use the prepacked weight on CPU; longer inputs (prefill) keep
-# MKL's sgemm, which is as fast there and matches transformers' own CPU results bit for bit.
-PACKED_MAX_ROWS = 256
-
-CpuPacked = Union[cpu_ops.PanelWeight, torch.Tensor]  # packserve's panels, or oneDNN's blocked layout
-
-
-def pack_for_cpu(weight: torch.Tensor, bias: torch.Tensor | None = None) -> CpuPacked | None:
-    """A prepacked copy of an fp32 CPU weight [out, in] for decode-sized inputs, or None where unsupported.
-
-    A decode step multiplies a few rows by every weight of the model once, so it is bound by streaming the
-    weights. With the C kernels (packserve.kernels.cpu_ops) the copy is in 32-feature panels for
-    `linear_packed`, which prefetches the next panel while it multiplies one; without them (no compiler) it is
-    oneDNN's blocked layout, read in the order its GEMM consumes it. BENCHMARKS.md has the decode-step
-    figures. The price is a second copy of the weights in memory (the originals stay: prefill and the embedding
-    use them)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
-        return None
-    if cpu_ops.available():
-        return cpu_ops.pack_linear(weight, bias)
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 32)
-    except (AttributeError, RuntimeError) as exc:  # a torch build without oneDNN's linear ops
-        log.debug("no oneDNN weight prepacking: %s", exc)
-        return None
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: CpuPacked | None = None) -> torch.Tensor:
-    """F.linear, through the prepacked weight for decode-sized CPU inputs when there is one (a PanelWeight
-    carries its own copy of the bias)."""
-    if packed is not None and x.dim() == 2 and x.shape[0] <= PACKED_MAX_ROWS and x.stride(-1) == 1:
-        if isinstance(packed, cpu_ops.PanelWeight):
-            if x.shape[0] <= 1 or x.stride(0) >= x.shape[1]:  # a row layout (not e.g. an expanded view)
-                return cpu_ops.linear_packed(x, packed)
-            return F.linear(x, weight, bias)
-        if x.is_contiguous():
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+           packed: CpuPackedLinear | None = None) -> torch.Tensor:
+    """F.linear, or the panel GEMM for CPU inputs of the row counts where it measured faster (the panels carry
+    their own copy of the bias)."""
+    if (packed is not None and x.dim() == 2 and packed.serves(x.shape[0]) and x.stride(-1) == 1
+            and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]) and cpu_ops.available()):  # a row layout
+        return cpu_ops.linear_packed(x, packed.panels)
     return F.linear(x, weight, bias)
 
 
@@ -69,7 +39,7 @@ class ColumnLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features // tp_size
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
-        self.packed: CpuPacked | None = None  # set by prepack_cpu (a plain attribute: not in state_dict)
+        self.packed: CpuPackedLinear | None = None  # set by prepack_cpu (a plain attribute: not in state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
@@ -117,7 +87,7 @@ class RowLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, self.in_features), requires_grad=False)
         # Only rank 0 adds the bias so the all-reduce sums it once.
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed: CpuPacked | None = None  # set by prepack_cpu
+        self.packed: CpuPackedLinear | None = None  # set by prepack_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed)
@@ -132,15 +102,21 @@ class RowLinear(nn.Module):
 
 
 def prepack_cpu(model: nn.Module) -> int:
-    """Give every Column/Row linear of a loaded CPU fp32 model its prepacked weight (and the model's tied LM
-    head, through its `prepack_lm_head` hook). Returns how many weights were packed."""
+    """Give every Column/Row linear of a loaded CPU fp32 model (and the model's tied LM head, through its
+    `prepack_lm_head` hook) a panel-packed copy where the panel GEMM measured faster than torch's on this machine
+    (layers.cpu_gemm). Needs the C kernels loaded; returns how many weights were packed."""
+    if not cpu_ops.available():
+        return 0
+    calibration = Calibration()
     n = 0
     for m in model.modules():
         if isinstance(m, (ColumnLinear, RowLinear)):
             bias = m.bias if isinstance(m, ColumnLinear) or m.tp_rank == 0 else None  # as in forward()
-            m.packed = pack_for_cpu(m.weight, bias)
+            m.packed = pack(m.weight, bias, calibration)
             n += m.packed is not None
     hook = getattr(model, "prepack_lm_head", None)
     if hook is not None:
-        n += bool(hook())
+        n += bool(hook(calibration))
+    calibration.save()
+    model.cpu_prepacked = True
     return n

@@ -8,7 +8,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from packserve.layers.linear import CpuPacked, linear, pack_for_cpu
+from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
+from packserve.layers.linear import linear
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     lm_head: nn.Module | None  # None when the head is tied to the input embedding
-    tied_head_packed: CpuPacked | None = None  # prepack_lm_head's copy of the tied head
+    tied_head_packed: CpuPackedLinear | None = None  # prepack_lm_head's copy of the tied head
 
     def tied_head_weight(self) -> torch.Tensor | None:
         """The embedding matrix the LM head is tied to, or None for an untied head (self.lm_head)."""
@@ -46,11 +47,11 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         return linear(hidden, w, packed=self.tied_head_packed)
 
-    def prepack_lm_head(self) -> bool:
+    def prepack_lm_head(self, calibration: Calibration) -> bool:
         """A prepacked copy of a tied head for decode (an untied head is a ColumnLinear, packed with the others)."""
         w = self.tied_head_weight()
         if w is not None:
-            self.tied_head_packed = pack_for_cpu(w)
+            self.tied_head_packed = pack(w, None, calibration)
         return self.tied_head_packed is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

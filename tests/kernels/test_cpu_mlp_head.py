@@ -1,14 +1,17 @@
 """The C kernels of a decode step outside attention: the panel GEMM for decode-sized linear layers (against an
 fp64 matmul; its dispatch in layers.linear), the gated MLP's silu * up, and greedy sampling's row argmax."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops as K
-from packserve.layers.linear import PACKED_MAX_ROWS, ColumnLinear, RowLinear, linear, pack_for_cpu, prepack_cpu
+from packserve.layers.cpu_gemm import CALIBRATION_ROWS, CpuPackedLinear, row_table
+from packserve.layers.linear import ColumnLinear, RowLinear, linear, prepack_cpu
 
-pytestmark = pytest.mark.skipif(not K.available(), reason="no C compiler here")
+pytestmark = pytest.mark.usefixtures("each_isa")  # tests/kernels/conftest.py: every ISA build
 
 
 def _ref(x, w, b):
@@ -52,27 +55,43 @@ def test_rejects_bad_input():
     assert K.linear_packed(torch.randn(0, 4), p).shape == (0, 8)
 
 
-@pytest.mark.parametrize("rows", [1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1])
-def test_linear_dispatch_either_side_of_the_row_limit(rows):
-    """Decode-sized inputs take the packed weight, longer ones F.linear: the same result either way."""
+def test_row_table_takes_the_verdict_of_the_next_timed_row_count():
+    table = row_table([True, False, True, False, True])  # timed at 1, 4, 16, 64, 256 rows
+    assert CALIBRATION_ROWS == (1, 4, 16, 64, 256) and len(table) == 257
+    assert table[0] is False and table[1] is True
+    assert not any(table[2:5]) and all(table[5:17]) and not any(table[17:65]) and all(table[65:257])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 256, 257])
+def test_linear_dispatch_on_either_side_of_each_verdict(rows):
+    """Rows the panel serves and rows it does not (and beyond the table): the same result either way."""
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
     x = torch.randn(rows, 48, generator=g)
-    packed = pack_for_cpu(w, b)
-    assert isinstance(packed, K.PanelWeight)
+    packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True, False, True, False, True]))
     torch.testing.assert_close(linear(x, w, b, packed).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
 
 
-def test_prepack_cpu_packs_every_linear_with_its_bias():
+def test_prepack_cpu_keeps_panels_only_where_they_measured_faster(tmp_path, monkeypatch):
+    """Every linear is timed against F.linear (the verdicts are cached in the cache folder); a layer keeps a packed
+    copy only where the panel won somewhere, and the model's output equals the fp64 reference either way."""
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
     model = torch.nn.Sequential(ColumnLinear(16, 40, bias=True), RowLinear(40, 16, bias=True))
     for m in model:
         torch.nn.init.normal_(m.weight)
         torch.nn.init.normal_(m.bias)
-    assert prepack_cpu(model) == 2
-    x = torch.randn(5, 16)
-    want = _ref(torch.relu(_ref(x, model[0].weight, model[0].bias)).float(), model[1].weight, model[1].bias)
-    got = model[1](torch.relu(model[0](x)))
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    n = prepack_cpu(model)
+    assert n == sum(m.packed is not None for m in model) and model.cpu_prepacked
+    for m in model:
+        assert m.packed is None or (any(m.packed.use_panel) and m.packed.panels.bias is not None)
+    cached = json.loads((tmp_path / "cpu-kernels" / "gemm-calibration.json").read_text())
+    (verdicts,) = cached.values()
+    assert set(verdicts) == {"40x16+b", "16x40+b"} and all(len(v) == len(CALIBRATION_ROWS) for v in verdicts.values())
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, 16)
+        want = _ref(torch.relu(_ref(x, model[0].weight, model[0].bias)).float(), model[1].weight, model[1].bias)
+        got = model[1](torch.relu(model[0](x)))
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows,inter", [(1, 1), (3, 17), (32, 1024), (65, 40)])
@@ -112,4 +131,5 @@ def test_linear_falls_back_for_inputs_without_a_row_layout():
     """An expanded input (row stride 0) is not something the C kernel reads: F.linear runs instead."""
     w, b = torch.randn(40, 8), torch.randn(40)
     x = torch.randn(1, 8).expand(5, 8)
-    torch.testing.assert_close(linear(x, w, b, pack_for_cpu(w, b)).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
+    packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True] * len(CALIBRATION_ROWS)))
+    torch.testing.assert_close(linear(x, w, b, packed).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
