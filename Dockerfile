@@ -34,7 +34,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # build at every Ubuntu security update (old versions leave the archive), so DL3008 is ignored for apt only.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/venv
@@ -56,6 +56,10 @@ COPY loadtest ./loadtest
 # spelled "./" rather than "." because hadolint (DL3013) recognises only that form as a local path, not a package.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "xformers==${XFORMERS_VERSION}" "./[xformers]" \
     && packserve --help
+
+# The CPU kernels, built ahead for both ISA levels (AVX-512 and AVX2 builds run on any CPU of that level), so a
+# container on a CPU host (or the CPU side of a GPU host) never compiles at start.
+RUN PACKSERVE_CACHE_DIR=/opt/packserve-cache packserve build-kernels --isa all
 
 # ---------------------------------------------------------------------------------------------------------------
 # runtime: the venv, a non-root user, and a C compiler plus Python headers, which Triton needs at run time to build
@@ -79,6 +83,7 @@ RUN apt-get update \
     && chown packserve:packserve /models
 
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build --chown=10001:10001 /opt/packserve-cache /home/packserve/.cache/packserve
 
 # Configuration is PACKSERVE_* variables (serve/envs.py); these are the image's defaults.
 # PACKSERVE_HOST: listen on every interface (the server's own default, 127.0.0.1, is unreachable from outside).

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -43,3 +45,31 @@ def tune_malloc() -> bool:
     _applied = ok
     log.info("glibc malloc tuned for steady-state reuse: %s", "yes" if ok else "refused")
     return ok
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores (a Kubernetes CPU limit, `docker run --cpus`), or None.
+    cgroup v2 (`cpu.max`: "quota period" or "max period") and v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    try:
+        quota, period = open(f"{root}/cpu.max").read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(open(f"{root}/cpu/cpu.cfs_quota_us").read())
+        period_us = int(open(f"{root}/cpu/cpu.cfs_period_us").read())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_budget(root: str = "/sys/fs/cgroup") -> int:
+    """Threads the engine should run: the CPUs this process may use, capped by its cgroup quota (rounded up).
+    torch's default counts the host's cores: under a 2-CPU limit on a 64-core host its 64 OpenMP threads would be
+    throttled every period, and each parallel region waits for its slowest, descheduled thread."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root)
+    return max(1, min(cpus, math.ceil(limit - 1e-9))) if limit else max(1, cpus)

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from packserve import envs
+from packserve.host import cpu_budget
 
 log = logging.getLogger("packserve.serve")
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch's CPU thread pool belongs to the engine thread (see AsyncEngine): this thread only serves HTTP,
     # and at one torch thread it never starts a second OpenMP pool.
-    num_threads = args.num_threads or torch.get_num_threads()
+    num_threads = args.num_threads or min(torch.get_num_threads(), cpu_budget())  # cgroup quota, not host cores
     torch.set_num_threads(1)
 
     from packserve import demo

@@ -60,10 +60,12 @@ class LLMEngine:
         self.device = torch.device(dev_name)
         if self.device.type == "cpu":
             from packserve import envs
-            from packserve.host import tune_malloc
+            from packserve.host import cpu_budget, tune_malloc
 
             if envs.get("MALLOC_TUNING"):
                 tune_malloc()
+            if torch.get_num_threads() > cpu_budget():  # never more threads than the cgroup quota allows
+                torch.set_num_threads(cpu_budget())
         hf_cfg = read_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, hf_cfg, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(mc.model)

@@ -1,5 +1,7 @@
 """Host-side tuning: glibc malloc keeps freed activation memory, and the engine thread owns torch's pool."""
 
+import math
+import os
 import subprocess
 import sys
 import threading
@@ -79,3 +81,22 @@ def test_async_engine_builds_its_engine_in_the_loop_thread(checkpoint_factory):
     assert not bad.alive
     with pytest.raises(ValueError, match="exactly one"):
         AsyncEngine()
+
+
+@pytest.mark.parametrize("files,limit", [
+    ({"cpu.max": "max 100000\n"}, None),                                   # v2, no limit
+    ({"cpu.max": "150000 100000\n"}, 1.5),                                 # v2, limits: cpu: 1.5
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ({}, None),                                                             # no cgroup files at all
+])
+def test_thread_budget_follows_the_cgroup_cpu_quota(tmp_path, files, limit):
+    """A Kubernetes CPU limit of 1.5 on a many-core host: 2 threads, not one per host core."""
+    from packserve.host import cgroup_cpu_limit, cpu_budget
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(str(tmp_path)) == limit
+    cpus = len(os.sched_getaffinity(0))
+    assert cpu_budget(str(tmp_path)) == (cpus if limit is None else max(1, min(cpus, math.ceil(limit))))
