@@ -9,7 +9,7 @@ idle engine's threads can never take CPU from the one being timed):
 - `packserve torch`: PACKSERVE_CPU_KERNELS=0, packserve's plain torch path.
 
 Same checkpoint (the serving model built by packserve.checkpoints: Llama, hidden 384, 6 layers, 6 heads / 2 KV
-heads, vocab 32000, fp32 weights), same token-id prompts, greedy, EOS ignored, prefix caching off everywhere.
+heads, vocab 32000, fp32 weights; its tokenizer padded with added tokens to the model's vocab), same token-id prompts, greedy, EOS ignored, prefix caching off everywhere.
 Workloads, alternated A/B/C over `--repeats` rounds, medians:
 1. offline: the 32 serving prompts (5,906 tokens), 64 new tokens each (`LLM.generate` on both);
 2. prefill: the same prompts, max_tokens=1;
@@ -159,8 +159,7 @@ def _children(pid: int) -> list[int]:
 def serve_cmd(side: str, python: str, path: str, port: int, threads: int) -> list[str]:
     if side == "vllm":
         return [python, "-c", VLLM_SERVER, "--model", path, "--served-model-name", "m", "--dtype", "float32",
-                "--no-enable-prefix-caching", "--max-model-len", "2048", "--port", str(port), "--host", "127.0.0.1",
-                "--disable-log-requests"]
+                "--no-enable-prefix-caching", "--max-model-len", "2048", "--port", str(port), "--host", "127.0.0.1"]
     return [python, "-m", "packserve", "serve", "--model", path, "--served-model-name", "m", "--dtype", "float32",
             "--device", "cpu", "--prefix-caching", "off", "--max-model-len", "2048", "--port", str(port),
             "--num-threads", str(threads), "--log-level", "warning"]
@@ -219,7 +218,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        save_checkpoint(AutoModelForCausalLM.from_config(cfg), build_tokenizer(), tmp)
+        tok = build_tokenizer()
+        # Every id the random model may sample gets text (the trained BPE has 512 tokens), so a served stream has
+        # content chunks on both sides (vLLM sends none for ids that decode to nothing).
+        tok.add_tokens([f"<t{i}>" for i in range(len(tok), cfg.vocab_size)])
+        save_checkpoint(AutoModelForCausalLM.from_config(cfg), tok, tmp)
         workers = {}
         try:
             for side in args.sides:
@@ -245,11 +248,16 @@ def main() -> int:
             try:
                 for side in args.sides:
                     port = free_port()
+                    log = open(Path(tmp) / f"server-{side.replace(' ', '-')}.log", "w")
                     proc = subprocess.Popen(serve_cmd(side, python[side], tmp, port, args.threads),
-                                            env=side_env(side), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            env=side_env(side), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
                     servers[side] = (proc, port)
-                    wait_healthy(port, proc)
+                    try:
+                        wait_healthy(port, proc)
+                    except RuntimeError:
+                        print(Path(log.name).read_text()[-3000:], file=sys.stderr)
+                        raise
                     os.killpg(proc.pid, signal.SIGSTOP)
                 for r in range(args.repeats):
                     for side, (proc, port) in servers.items():
@@ -263,8 +271,11 @@ def main() -> int:
                         add(side, "served_ttft_ms", got["ttft_ms"])
             finally:
                 for proc, _ in servers.values():
-                    os.killpg(proc.pid, signal.SIGCONT)
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    for sig in (signal.SIGCONT, signal.SIGKILL):
+                        try:
+                            os.killpg(proc.pid, sig)
+                        except ProcessLookupError:
+                            pass
                     proc.wait()
 
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")

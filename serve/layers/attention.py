@@ -205,15 +205,18 @@ class VarlenBackend(AttentionBackend):
     def _per_sequence(q, k, v, meta, scale):
         gqa = k.shape[1] != q.shape[1]
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D] views
-        out = q.new_empty(q.shape[1], q.shape[0], v.shape[-1])
+        # [T, H, D] like the input: torch's CPU flash kernel returns a [1, H, L, D] view of a token-major buffer,
+        # so each prompt's result copies in as one contiguous block and the output projection reads it as it is
+        # (an [H, T, D] buffer cost a strided copy per prompt plus a transposing copy of the whole step).
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         start = 0
         for n in meta.seq_lens:
             end = start + n
-            out[:, start:end] = F.scaled_dot_product_attention(
+            out[start:end] = F.scaled_dot_product_attention(
                 qt[None, :, start:end], kt[None, :, start:end], vt[None, :, start:end], is_causal=True,
-                scale=scale, enable_gqa=gqa)[0]
+                scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
             start = end
-        return out.transpose(0, 1)
+        return out
 
 
 class XformersBackend(AttentionBackend):
