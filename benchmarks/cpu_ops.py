@@ -49,7 +49,6 @@ def cases(B: int):
     nb = -(-ctx // bs)
     kc, vc = rnd(B * nb * bs, Hkv, D), rnd(B * nb * bs, Hkv, D)
     table, lens, q = torch.randperm(B * nb, generator=g).view(B, nb), torch.full((B,), ctx), rnd(B, H, D)
-    kv_src, slots = rnd(B, 2, Hkv, D), torch.randperm(B * nb * bs, generator=g)[:B]
 
     def add_norm(x, r, w):
         h = x + r
@@ -67,10 +66,6 @@ def cases(B: int):
         x1, x2 = q[..., :32], q[..., 32:]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
 
-    def write_kv(kv, slots, kc, vc):
-        kc.index_copy_(0, slots, kv[:, 0])
-        vc.index_copy_(0, slots, kv[:, 1])
-
     def attention(q, kc, vc, table):
         k = kc.view(-1, bs, Hkv, D)[table].view(B, nb * bs, Hkv, D)[:, :ctx].transpose(1, 2)
         v = vc.view(-1, bs, Hkv, D)[table].view(B, nb * bs, Hkv, D)[:, :ctx].transpose(1, 2)
@@ -82,8 +77,6 @@ def cases(B: int):
         "silu*up": (lambda: cpu_ops.silu_mul(gate_up), silu_mul, (gate_up,)),
         "argmax": (lambda: cpu_ops.argmax_rows(logits), argmax, (logits,)),
         "rotary q,k": (lambda: cpu_ops.rotary_(qv, pos, cos, sin, check_values=False), rotary, (qkv, pos, cos, sin)),
-        "write kv": (lambda: cpu_ops.write_kv(kv_src[:, 0], kv_src[:, 1], kc, vc, slots), write_kv,
-                     (kv_src, slots, kc, vc)),
         "paged attention": (lambda: cpu_ops.paged_decode_attention(q, kc, vc, table, lens, bs, D ** -0.5, False),
                             attention, (q, kc, vc, table)),
     }

@@ -229,17 +229,6 @@ void rotary_f32(float *x, int64_t sx, int64_t T, int64_t heads, int64_t D, const
     }
 }
 
-/* Cache rows: k/v token t (row of `row` floats at stride sk / sv) -> cache slot slots[t]. */
-void write_kv_f32(const float *k, int64_t sk, const float *v, int64_t sv, float *k_cache, float *v_cache,
-                  const int64_t *slots, int64_t T, int64_t row) {
-    #pragma omp parallel for schedule(static) if (T * row > 65536)
-    for (int64_t t = 0; t < T; t++) {
-        float *kd = k_cache + slots[t] * row, *vd = v_cache + slots[t] * row;
-        const float *ks = k + t * sk, *vs = v + t * sv;
-        for (int64_t i = 0; i < row; i++) { kd[i] = ks[i]; vd[i] = vs[i]; }
-    }
-}
-
 /* Decode-sized linear layers: out [M, N] = x [M, K] (row stride sx) @ W^T (+ bias), W prepacked into panels of
    NR = 32 output features, [N / NR][K][NR] (the last panel zero-padded; the bias padded to match). Each thread
    takes whole panels; per panel, register tiles of 8 (4, 2, 1) rows x 32 features keep 16 accumulators in

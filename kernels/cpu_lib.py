@@ -168,7 +168,6 @@ def load(path: Path) -> ctypes.CDLL:
                                    ctypes.c_int),
         "rms_norm_f32": ([ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, f32], None),
         "rotary_f32": ([ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64], None),
-        "write_kv_f32": ([ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64], None),
         "linear_panels_f32": ([ptr, i64, ptr, ptr, ptr, i64, i64, i64], None),
         "silu_mul_f32": ([ptr, i64, ptr, i64, i64], None),
         "argmax_rows_f32": ([ptr, i64, i64, i64, ptr], None),

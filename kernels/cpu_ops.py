@@ -11,10 +11,12 @@ one pass over the data:
 - `rms_norm`: Llama RMSNorm (fp32 statistics, then times weight or offset + weight), optionally after the residual
   add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
-- `write_kv`: each token's K and V rows into their cache slots.
 - `silu_mul`: the gated MLP's silu(gate) * up in one pass; `argmax_rows`: greedy sampling's row argmax.
 - `pack_linear` / `linear_packed`: decode-sized linear layers (a few rows times every weight) on weights
-  prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied.
+  prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied (used
+  per shape and row count only where it measured faster than MKL: packserve.layers.cpu_gemm).
+
+KV-cache writes stay on torch's index_copy_, which was as fast as a C loop (benchmarks/cpu_ops.py).
 
 The C source is kernels/cpu_kernels.c; compiling, caching and loading it live in packserve.kernels.cpu_lib; this
 module holds the checked Python entry points. `available()` is False without a compiler; callers then keep their
@@ -30,7 +32,7 @@ import torch
 from packserve.kernels.cpu_lib import available, handle
 
 __all__ = ["PanelWeight", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
-           "rms_norm", "rotary_", "silu_mul", "usable", "write_kv"]
+           "rms_norm", "rotary_", "silu_mul", "usable"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
 
@@ -126,23 +128,6 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     if T:
         handle().rotary_f32(x.data_ptr(), x.stride(0), T, heads, D, positions.contiguous().data_ptr(), cos.data_ptr(),
                         sin.data_ptr(), 2 * cos.shape[1])
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:
-    """k/v: [T, Hkv, D] (token stride free) into [slots, Hkv, D] caches at int64 `slots` [T]."""
-    T = k.shape[0]
-    row = k.shape[1] * k.shape[2]
-    for t, name in ((k, "k"), (v, "v")):
-        if t.shape != k.shape or t.stride(2) != 1 or t.stride(1) != k.shape[2]:
-            raise ValueError(f"{name}: heads and dims must be contiguous, shapes equal")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[1:] != k.shape[1:]:
-        raise ValueError("caches must be contiguous [slots, Hkv, D]")
-    if slots.dtype != torch.int64 or slots.shape != (T,):
-        raise ValueError("slots must be int64 [T]")
-    if T:
-        handle().write_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
-                          v_cache.data_ptr(), slots.contiguous().data_ptr(), T, row)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

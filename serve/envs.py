@@ -98,6 +98,12 @@ _VARS = [
     EnvVar("ALLOWED_ORIGINS", str, [], "CORS origins (repeat; comma-separated in the variable)",
            "--allowed-origin", multiple=True),
     EnvVar("MAX_BODY_BYTES", int, 8 * 2**20, "largest request body accepted (413 beyond)", "--max-body-bytes"),
+    EnvVar("READ_TIMEOUT", float, 15.0,
+           "seconds a connection may take to send a request's headers (from connecting, or from the previous "
+           "response), and to send each part of a body; slower connections are closed", "--read-timeout"),
+    EnvVar("MAX_IDLE_CONNECTIONS", int, 512,
+           "connections waiting for a request's headers kept open at most (the longest-waiting is closed "
+           "beyond it; capped at half the open-file limit)", "--max-idle-connections"),
     EnvVar("MAX_N", int, 16, "largest `n` (and prompts x n per request)", "--max-n"),
     EnvVar("SHUTDOWN_TIMEOUT", float, 30.0, "on SIGTERM, seconds to let in-flight requests finish before aborting",
            "--shutdown-timeout"),

@@ -32,7 +32,8 @@ class ServerProcess:
     """`packserve serve ARGS` on a free port, output in a log file; SIGTERM on stop."""
 
     def __init__(self, args: list[str], workdir: str | Path, env: dict | None = None, port_via_env: bool = False,
-                 clean_env: bool = False, use_console_script: bool = False, ready_timeout: float = 120.0):
+                 clean_env: bool = False, use_console_script: bool = False, ready_timeout: float = 120.0,
+                 nofile: int | None = None):
         workdir = Path(workdir)
         self.ready_timeout = ready_timeout  # what `with ServerProcess(...)` waits for /health
         self.port = free_port()
@@ -48,8 +49,14 @@ class ServerProcess:
         else:
             args = [*args, "--port", str(self.port)]
         cmd = console_script() if use_console_script else [sys.executable, "-m", "packserve"]
+        limit_files = None
+        if nofile is not None:  # the open-file limit (soft and hard) of the server, e.g. the common 1024
+            import resource
+
+            def limit_files():
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen([*cmd, "serve", *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=workdir, env=full_env)
+                                     cwd=workdir, env=full_env, preexec_fn=limit_files)
 
     def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
         import httpx

@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.responses import StreamingResponse
 
 from packserve import __version__
 from packserve.api import errors, serving
+from packserve.api.body import install_schemas, openapi_body, parse_body
 from packserve.api.errors import APIError
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from packserve.engine.async_engine import AsyncEngine
+from packserve.host import trim_heap
 from packserve.metrics import CONTENT_TYPE, EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class ServerState:
     api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     max_body_bytes: int = 8 * 2**20
+    read_timeout: float = 15.0  # seconds each part of a request body may take to arrive
     is_demo: bool = False
     extra_model_names: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
@@ -106,12 +109,15 @@ class SSEResponse(StreamingResponse):
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over the limit (by Content-Length, or counted while reading)."""
+    """413 for request bodies over the limit (by Content-Length, or counted while reading); 408 and the
+    connection closed when the body stops arriving for `read_timeout` seconds (a slow body held its connection
+    and its request slot forever)."""
 
-    def __init__(self, app, max_bytes: int, on_error=None):
+    def __init__(self, app, max_bytes: int, on_error=None, read_timeout: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.on_error = on_error
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -126,7 +132,12 @@ class BodyLimitMiddleware:
                     return await self._reject(scope, receive, send)
         chunks, size = [], 0
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                return await self._error(APIError(408, f"the request body did not arrive within "
+                                                       f"{self.read_timeout:g} s", None, "request_timeout"),
+                                         scope, receive, send)
             if msg["type"] != "http.request":
                 return  # disconnected before the body was complete
             body = msg.get("body", b"")
@@ -149,22 +160,71 @@ class BodyLimitMiddleware:
 
     async def _reject(self, scope, receive, send):
         err = APIError(413, f"request body exceeds {self.max_bytes} bytes", None, "request_too_large")
+        await self._error(err, scope, receive, send)
+
+    async def _error(self, err: APIError, scope, receive, send):
         if self.on_error is not None:
-            self.on_error(413)
-        await JSONResponse(err.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            self.on_error(err.status)
+        await JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})(scope, receive, send)
+
+
+class GuardMiddleware:
+    """Checks that need no body, before anything reads one: the API key (a bad body from a client without the key
+    gets 401, not a 400 that shows it was parsed), and requests carrying both Transfer-Encoding and
+    Content-Length (RFC 9112 6.1: a proxy and this server could split the stream differently, which is how
+    requests are smuggled): 400, and the connection is closed."""
+
+    OPEN = ("/health", "/metrics", "/version")  # never need the key (probes, scrapers)
+
+    def __init__(self, app, keys: tuple[str, ...], on_error=None):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.on_error = on_error
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        given = token.strip() if scheme.lower() == b"bearer" else b""
+        ok = False
+        for k in self.keys:  # compare against every key: timing does not reveal which (or whether one) matched
+            ok |= hmac.compare_digest(given, k)
+        return ok
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", ()))
+        err = None
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            err = APIError(400, "a request may not carry both Transfer-Encoding and Content-Length", None,
+                           "ambiguous_length", headers={"Connection": "close"})
+        elif (self.keys and scope["path"] not in self.OPEN and scope["method"] != "OPTIONS"  # CORS preflights
+              and not self._authorized(headers)):
+            err = APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", None,
+                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if err is None:
+            return await self.app(scope, receive, send)
+        if self.on_error is not None:
+            self.on_error(err.status)
+        await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
 
 
 BIG_TEXT_CHARS = 1 << 20  # prompts with more characters are tokenized under a limiter (create_app)
 
 
+CHAT_MESSAGE_CHARS = 32  # what a chat template adds around each message (role markers), as characters
+
+
 def _chat_chars(body: ChatCompletionRequest) -> int:
+    """The rendered size of a chat, estimated from every field before rendering: 100,000 messages of "hi" are
+    200k characters of content but ~1.2M tokens once the template wraps each one."""
     n = 0
     for m in body.messages:
+        n += CHAT_MESSAGE_CHARS + len(m.name or "")
         c = m.content
         if isinstance(c, str):
             n += len(c)
         elif isinstance(c, list):
-            n += sum(len(part.text or "") for part in c)
+            n += sum(len(part.text or "") + len(part.type) for part in c)
     return n
 
 
@@ -178,27 +238,17 @@ def create_app(state: ServerState) -> FastAPI:
                   description="OpenAI-compatible completions and chat over packed-prefill inference")
     app.state.server = state
     errors.install(app, on_error=state.metrics.http_error)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_body_bytes, on_error=state.metrics.http_error)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_body_bytes, on_error=state.metrics.http_error,
+                       read_timeout=state.read_timeout)
     if state.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
 
-    keys = [k.encode() for k in state.api_keys]
-
-    async def require_key(request: Request) -> None:
-        if not keys:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        ok = False
-        for k in keys:  # compare against every key: timing does not reveal which (or whether one) matched
-            ok |= hmac.compare_digest(given, k)
-        if not ok:
-            raise APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", None,
-                           "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    # Outermost (added last): the key and framing checks run before the body is read or limited. With a key,
+    # every path but /health, /metrics and /version needs it, /docs and /openapi.json included.
+    app.add_middleware(GuardMiddleware, keys=state.api_keys, on_error=state.metrics.http_error)
 
     def admit() -> None:
         if state.draining:
@@ -241,24 +291,33 @@ def create_app(state: ServerState) -> FastAPI:
         async def run() -> serving.Job:
             if text_chars is None:
                 return fn(state, body)
-            limiter = big_texts if text_chars > BIG_TEXT_CHARS else None
-            return await anyio.to_thread.run_sync(fn, state, body, limiter=limiter)
+            if text_chars <= BIG_TEXT_CHARS:
+                return await anyio.to_thread.run_sync(fn, state, body)
+            try:
+                return await anyio.to_thread.run_sync(fn, state, body, limiter=big_texts)
+            finally:  # tokenizing it took ~200x its size of heap, which the engine's malloc tuning would keep
+                trim_heap()
         return run
 
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(body: CompletionRequest, request: Request):
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest)
         admit()
         p = body.prompt
         texts = [p] if isinstance(p, str) else [x for x in p if isinstance(x, str)]
         chars = sum(map(len, texts)) if texts else None
         return await generate(request, prepare(serving.prepare_completion, body, chars), body.stream)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatCompletionRequest)
         admit()
+        if len(body.messages) > state.max_model_len:  # each renders to at least one token: checked before rendering
+            raise APIError(400, f"{len(body.messages)} messages cannot fit the context of {state.max_model_len} "
+                                "tokens", "messages", "context_length_exceeded")
         return await generate(request, prepare(serving.prepare_chat, body, _chat_chars(body)), body.stream)
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "packserve",
@@ -281,4 +340,5 @@ def create_app(state: ServerState) -> FastAPI:
     async def version():
         return {"version": __version__}
 
+    install_schemas(app, CompletionRequest, ChatCompletionRequest)
     return app

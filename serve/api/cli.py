@@ -9,10 +9,8 @@ exit 0; a second signal exits at once.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import sys
 
 from packserve import envs
@@ -54,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("port", args.port), ("max_waiting", args.max_waiting), ("max_n", args.max_n),
-                        ("max_body_bytes", args.max_body_bytes), ("batch_window_ms", args.batch_window_ms)):
+                        ("max_body_bytes", args.max_body_bytes), ("batch_window_ms", args.batch_window_ms),
+                        ("read_timeout", args.read_timeout), ("max_idle_connections", args.max_idle_connections)):
         if value < (0 if name in ("port", "batch_window_ms") else 1):
             print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+
+    from packserve.api.server import bind_socket, run_server
+
+    try:  # before the model loads: a used port fails in a moment, not after the load
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     state = ServerState(engine=aengine, model_name=name, metrics=metrics, max_waiting=args.max_waiting,
                         max_n=args.max_n, api_keys=tuple(args.api_key or ()),
                         allowed_origins=tuple(args.allowed_origin or ()), max_body_bytes=args.max_body_bytes,
+                        read_timeout=args.read_timeout,
                         is_demo=is_demo)
     if is_demo:
         log.info("serving the built-in DEMO model %r (random weights, for trying packserve out) from %s",
@@ -113,41 +121,5 @@ def main(argv: list[str] | None = None) -> int:
     log.info("max_model_len %d, max_num_seqs %d, max_waiting %d, auth %s", engine.max_model_len,
              args.max_num_seqs, args.max_waiting, "on" if state.api_keys else "off")
     app = create_app(state)
-    return run_server(app, state, args.host, args.port, args.log_level, args.shutdown_timeout)
-
-
-def run_server(app, state, host: str, port: int, log_level: str, shutdown_timeout: float) -> int:
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn, but the first SIGTERM drains (503 for new requests) instead of closing the socket."""
-
-        _loop: asyncio.AbstractEventLoop | None = None
-        _draining = False
-
-        async def serve(self, sockets=None):
-            self._loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig, frame):
-            if self._draining or self._loop is None:
-                self.should_exit = True
-                if sig == signal.SIGINT and self._draining:
-                    self.force_exit = True
-                return
-            self._draining = True
-            state.draining = True
-            log.info("signal %d: draining (up to %.1fs), new requests get 503", sig, shutdown_timeout)
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
-
-        async def _drain(self):
-            try:
-                await state.drain(shutdown_timeout)
-            finally:
-                log.info("drained; shutting down")
-                self.should_exit = True
-
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            lifespan="on")
-    DrainingServer(config).run()
-    return 0
+    return run_server(app, state, sock, args.log_level, args.shutdown_timeout, args.read_timeout,
+                      args.max_idle_connections)

@@ -53,7 +53,12 @@ def _loc_to_param(loc) -> str | None:
     return out
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request")
@@ -64,6 +69,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
     param = _loc_to_param(loc)
     if loc == ("body",) and e.get("type") == "missing":
         return APIError(400, "a JSON request body is required", None, "missing_body")
+    if loc == ("body",) and content_type is not None and not is_json(content_type):
+        # FastAPI reads a body without a JSON content type as raw text ("Input should be a valid dictionary").
+        return APIError(400, f"send the request body as JSON with Content-Type: application/json (got "
+                             f"{content_type.split(';', 1)[0].strip() or 'none'!r})", None, "invalid_content_type")
+    if loc == ("body",):
+        return APIError(400, "the request body must be a JSON object", None, "invalid_value")
     where = param or "body"
     return APIError(400, f"{where}: {e.get('msg', 'invalid value')}", param, "invalid_value")
 
@@ -82,7 +93,7 @@ def install(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return respond(validation_error(exc))
+        return respond(validation_error(exc, request.headers.get("content-type", "")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

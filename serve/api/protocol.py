@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
@@ -32,7 +32,7 @@ class _SamplingFields(_Model):
     seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     n: int = 1
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -45,7 +45,8 @@ class _SamplingFields(_Model):
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+# StrictInt: `true` is not token id 1.
+PromptType = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 
 class CompletionRequest(_SamplingFields):

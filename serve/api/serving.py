@@ -97,9 +97,19 @@ def _check_common(state, req) -> None:
         raise APIError(400, f"n must be between 1 and {state.max_n}, got {req.n}", "n", "invalid_value")
 
 
+def check_text(text: str, param: str) -> None:
+    """JSON may carry lone UTF-16 surrogates ("\ud800"), which no tokenizer can encode: a 400 naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                            f"{e.start}", param, "invalid_value") from None
+
+
 def _encode(state, text: str, param: str) -> list[int]:
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param)
+    check_text(text, param)
     return state.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
@@ -164,6 +174,8 @@ def _render_chat(state, req: ChatCompletionRequest) -> str:
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
+        if m.name is not None:
+            check_text(m.name, f"messages[{i}].name")
         if isinstance(content, list):
             texts = []
             for part in content:
@@ -172,6 +184,7 @@ def _render_chat(state, req: ChatCompletionRequest) -> str:
                                    f"messages[{i}].content", "unsupported_parameter")
                 texts.append(part.text)
             content = "".join(texts)
+        check_text(content or "", f"messages[{i}].content")
         messages.append({"role": m.role, "content": content or ""})
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
@@ -200,6 +213,9 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
     except APIError as e:
         if e.param == "max_tokens" and req.max_completion_tokens is not None:
             e.param = "max_completion_tokens"
+        if e.param == "logprobs" and req.top_logprobs is not None:  # chat's count is top_logprobs
+            e.param = "top_logprobs"
+            e.message = e.message.replace("logprobs", "top_logprobs", 1)
         raise
 
 

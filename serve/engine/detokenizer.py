@@ -60,24 +60,3 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.tokens)
         self.text += new
         return new
-
-
-def find_stop(text: str, start: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """Earliest stop string occurrence that ends at or after `start` (new text may complete one)."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        idx = text.find(s, max(0, start - len(s) + 1))
-        if idx >= 0 and (best is None or idx < best[0]):
-            best = (idx, s)
-    return best
-
-
-def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters could still become the start of a stop string (not safe to stream)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold

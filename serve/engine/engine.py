@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from packserve.engine.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from packserve.engine.detokenizer import IncrementalDetokenizer
+from packserve.engine.stop import StopMatcher
 from packserve.engine.kv_cache import BlockAllocator, KVCache
 from packserve.engine.request import (CompletionOutput, FinishReason, ParameterError, Request, RequestOutput,
                                       SamplingParams, validate_request)
@@ -46,6 +47,7 @@ class _Track:
     request: Request
     prompt: str | None
     detok: IncrementalDetokenizer | None
+    stop: StopMatcher | None = None
     text: str = ""
     logprobs: list = field(default_factory=list)
     finished_time: float | None = None
@@ -170,7 +172,8 @@ class LLMEngine:
                       eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(req)
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids) if self.tokenizer is not None else None
-        self._tracks[rid] = _Track(req, prompt if isinstance(prompt, str) else None, detok)
+        stop = StopMatcher(params.stop) if params.stop and detok is not None else None
+        self._tracks[rid] = _Track(req, prompt if isinstance(prompt, str) else None, detok, stop)
         return rid
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -227,14 +230,12 @@ class LLMEngine:
             return self._output(track)
         if logprob is not None:
             track.logprobs.append(logprob)
-        stops = req.params.stop
         if track.detok is not None:
-            before = len(track.detok.text)
             track.detok.add(req.output_token_ids[-1])
             if req.is_finished:
                 track.detok.flush()
             full = track.detok.text
-            hit = find_stop(full, before, stops) if stops else None
+            hit = track.stop.feed(full) if track.stop is not None else None
             if hit is not None:
                 idx, s = hit
                 full = full[: idx + (len(s) if req.params.include_stop_str_in_output else 0)]
@@ -243,11 +244,11 @@ class LLMEngine:
                 else:
                     self.scheduler.finish(req.request_id, FinishReason.STOP, s)
                 track.text = full
-            elif req.is_finished or not stops:
+            elif req.is_finished or track.stop is None:
                 track.text = full
             else:
                 # Hold back a tail that may still turn into a stop string.
-                track.text = full[: len(full) - stop_holdback(full, stops)]
+                track.text = full[: len(full) - track.stop.holdback]
         if req.is_finished:
             track.finished_time = now
             self._tracks.pop(req.request_id, None)

@@ -9,6 +9,7 @@ from typing import Sequence
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # per stop string (a matched string is held back from streaming)
 
 
 class ParameterError(ValueError):
@@ -18,6 +19,9 @@ class ParameterError(ValueError):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+MIN_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class SamplingParams:
             raise ParameterError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}", "stop")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise ParameterError("stop strings must be non-empty strings", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ParameterError(f"stop strings may be at most {MAX_STOP_CHARS} characters, got "
+                                 f"{max(map(len, self.stop))}", "stop")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ParameterError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
@@ -91,7 +98,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: below 1e-5 the scaled logits overflow (1e-45 turned every probability into NaN), and the
+        # distribution is the argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

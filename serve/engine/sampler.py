@@ -104,6 +104,10 @@ def _apply_penalties(row: torch.Tensor, req: Request, device: torch.device) -> N
         out = torch.tensor(req.output_token_ids, dtype=torch.long, device=device)
         counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    # Extreme penalties (repetition_penalty 1e-300) overflow to +-inf, and a row holding inf turns softmax into
+    # NaN; clamped to the finite range the order of the logits, all a penalty means, is kept.
+    big = torch.finfo(row.dtype).max
+    row.clamp_(min=-big, max=big)
 
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

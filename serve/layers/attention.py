@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from packserve.kernels import cpu_ops
 from packserve.layers.paged import PagedMeta, paged_attention
 
 log = logging.getLogger(__name__)
@@ -290,11 +289,8 @@ class Attention(torch.nn.Module):
     def forward(self, q, k, v, ctx: "ForwardContext") -> torch.Tensor:
         meta = ctx.attn
         k_cache, v_cache = ctx.kv_cache.layer(self.layer_idx)
-        if cpu_ops.usable(k, v, k_cache):
-            cpu_ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        else:
-            k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-            v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         parts = []
         P = meta.packed.num_tokens if meta.packed is not None else 0
         if meta.packed is not None:

@@ -26,7 +26,12 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"model path {str(path)!r} is not a directory")
     if not cfg_file.is_file():
         raise CheckpointError(f"no config.json in {str(path)!r}")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     # Multimodal/nested configs keep the LM settings under text_config.
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = {**cfg, **cfg["text_config"]}
@@ -34,15 +39,23 @@ def read_config(path: str | Path) -> dict:
 
 
 def iter_safetensors(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {str(path)!r}")
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
+        try:  # a truncated or empty file: one line naming it, not the library's traceback
+            fh = safe_open(str(f), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
+        with fh:
             for name in fh.keys():
-                t = fh.get_tensor(name)
+                try:
+                    t = fh.get_tensor(name)
+                except (SafetensorError, OSError) as exc:
+                    raise CheckpointError(f"{f}: tensor {name!r} could not be read ({exc})") from None
                 yield name, (t.to(dtype) if t.is_floating_point() else t)
 
 

@@ -92,3 +92,28 @@ def test_logprobs_are_raw_log_softmax(n):
     chosen, top = res.logprobs[0]
     assert chosen.token_id == 0 and chosen.logprob == pytest.approx(math.log(0.30), abs=1e-5)
     assert [t.token_id for t in top] == [0, 1, 2][:n]
+
+
+def test_tiny_temperatures_sample_greedily_instead_of_nan():
+    """temperature 1e-45 overflowed the scaled logits to inf and NaN probabilities (which picked token 0 = EOS);
+    below 1e-5 sampling is the argmax, as vLLM does."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50, generator=g)
+    reqs = [Request(f"t{i}", [1], SamplingParams(temperature=t)) for i, t in enumerate([1e-45, 1e-30, 9e-6, 0.0])]
+    assert Sampler()(logits.clone(), reqs).token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+def test_extreme_repetition_penalties_keep_probabilities_finite(penalty):
+    """repetition_penalty 1e-300 divides positive logits of seen tokens to inf: the row must stay a valid
+    distribution. Tiny penalties make the seen tokens with positive logits win; huge ones shrink those to ~0 and
+    push the negative one to the bottom, where it is never drawn."""
+    logits = torch.tensor([[2.0, -1.0, 1.0, 0.5, 3.0, -2.0]] * 64)
+    seen = [2, 3, 5]  # tokens 2 and 3 positive, 5 negative
+    reqs = [Request(f"p{i}", seen, SamplingParams(temperature=1.0, repetition_penalty=penalty, seed=i))
+            for i in range(64)]
+    got = Sampler()(logits, reqs).token_ids
+    if penalty < 1:
+        assert set(got) <= {2, 3} and len(set(got)) == 2  # both at the clamped maximum: a coin toss each
+    else:
+        assert 5 not in got and set(got) <= {0, 1, 2, 3, 4} and 4 in got

@@ -1,12 +1,15 @@
 """Text in and out: bad input, incremental detokenization, stop strings, logprobs."""
 
+import random
+
 import pytest
 import torch
 
 from packserve import LLM, SamplingParams
 from packserve.checkpoints import build_tokenizer
-from packserve.engine.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from packserve.engine.detokenizer import IncrementalDetokenizer
 from packserve.engine.request import ParameterError
+from packserve.engine.stop import StopMatcher
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +84,46 @@ def test_incremental_detokenizer_matches_full_decode():
     assert [slow.add(t) for t in ids] == pieces
 
 
-def test_stop_string_helpers():
-    assert find_stop("hello world", 6, ("wor", "zz")) == (6, "wor")
-    assert find_stop("hello world", 8, ("wor",)) == (6, "wor")  # completed by the new text "rld"
-    assert find_stop("hello world", 9, ("wor",)) is None  # entirely in text already checked
-    assert find_stop("hello", 0, ("xyz",)) is None
-    assert stop_holdback("abc STO", ("STOP",)) == 3
-    assert stop_holdback("abc", ("STOP",)) == 0
+def _naive_stop(text: str, stops) -> tuple[int, str] | None:
+    """The first end position where a stop string ends; there, the longest one."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            s = max(done, key=len)
+            return end - len(s), s
+    return None
+
+
+def _naive_holdback(text: str, stops) -> int:
+    return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stop_matcher_matches_a_naive_scan_fed_in_random_pieces(seed):
+    """Random texts over a small alphabet (many partial matches, overlapping and nested stop strings), fed as the
+    detokenizer grows it: the first stop found and the holdback after every piece agree with a naive rescan."""
+    rng = random.Random(seed)
+    stops = tuple({"".join(rng.choice("abc") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 5))})
+    text = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 60)))
+    m, fed, got = StopMatcher(stops), 0, None
+    while fed < len(text) and got is None:
+        fed = min(len(text), fed + rng.randint(1, 4))
+        got = m.feed(text[:fed])
+        if got is None:
+            assert m.holdback == _naive_holdback(text[:fed], stops)
+    assert got == _naive_stop(text[:fed], stops)
+    if got is None:
+        assert _naive_stop(text, stops) is None
+
+
+def test_stop_matcher_reads_each_character_once():
+    m = StopMatcher(("x" * 1024, "y" * 1000 + "z"))
+    text = ""
+    for _ in range(3000):
+        text += "y"
+        assert m.feed(text) is None and m.consumed == len(text)
+    assert m.holdback == 1000
+    assert m.feed(text + "z") == (len(text) - 1000, "y" * 1000 + "z")
 
 
 def test_stop_strings_truncate_and_finish(llm):

@@ -122,20 +122,3 @@ def test_rotary_in_place_matches_torch(T, D, partial):
     assert torch.equal(qkv[:, (H + Hkv) * D:], v_before)  # v untouched
     with pytest.raises(ValueError, match="beyond"):
         K.rotary_(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), positions + 512, rot.cos, rot.sin)
-
-
-@pytest.mark.parametrize("T", [1, 17, 300])
-def test_write_kv_matches_index_copy(T):
-    g = torch.Generator().manual_seed(T)
-    Hkv, D, slots_total = 2, 64, 1000
-    qkv = torch.randn(T, (6 + 2 * Hkv) * D, generator=g)
-    k = qkv[:, 6 * D:(6 + Hkv) * D].view(T, Hkv, D)
-    v = qkv[:, (6 + Hkv) * D:].view(T, Hkv, D)
-    slots = torch.randperm(slots_total, generator=g)[:T]
-    got_k, got_v = torch.full((slots_total, Hkv, D), float("nan")), torch.full((slots_total, Hkv, D), float("nan"))
-    want_k, want_v = got_k.clone(), got_v.clone()
-    K.write_kv(k, v, got_k, got_v, slots)
-    want_k.index_copy_(0, slots, k)
-    want_v.index_copy_(0, slots, v)
-    assert torch.equal(got_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
-    assert torch.equal(got_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
