@@ -15,7 +15,13 @@ Workload: the serving model (Llama, hidden 384, 6 layers, 6 heads / 2 KV heads, 
 of 256 random tokens; decode ms/step = (time of 65 new tokens - time of 1) / 64, medians. Prints a table and the
 ratio kernels / torch for every ISA and batch (below 1.00 = the kernels are faster).
 
-  python benchmarks/cpu_paths.py [--repeats 3] [--batches 1 4 32] [--isas avx512 avx2]
+Contention (a shared host): `--busy-core C` runs a busy loop pinned to core C during every run, and
+`--cpu-quota Q` runs each engine in a cgroup (v1 `cpu` controller, root needed) with a quota of Q CPUs, as a
+Kubernetes CPU limit does; `--threads 0` keeps packserve's own thread choice (the CPUs it may use, capped by the
+quota).
+
+  python benchmarks/cpu_paths.py [--repeats 3] [--batches 1 4 32] [--isas avx512 avx2] [--threads N]
+                                 [--busy-core C] [--cpu-quota Q]
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ import json, statistics, sys, time, torch
 from packserve import LLM, SamplingParams
 from packserve.kernels import cpu_lib
 path, batches, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-torch.set_num_threads(threads)
+if threads:
+    torch.set_num_threads(threads)
 cpu_lib.wait()
 llm = LLM(path, prefix_caching=False)
+out_threads = torch.get_num_threads()
 g = torch.Generator().manual_seed(0)
-out = {"isa": cpu_lib.loaded_isa(), "aten": torch.backends.cpu.get_cpu_capability(), "step_ms": {}}
+out = {"isa": cpu_lib.loaded_isa(), "aten": torch.backends.cpu.get_cpu_capability(), "step_ms": {},
+       "threads": out_threads}
 llm.generate([[5, 6, 7]] * 2, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
 for b in batches:
     prompts = [torch.randint(10, 32000, (256,), generator=g).tolist() for _ in range(b)]
@@ -75,7 +84,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 32])
     ap.add_argument("--isas", nargs="+", default=cpu_lib.supported_isas(), choices=cpu_lib.ISAS)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (0: packserve's default)")
+    ap.add_argument("--busy-core", type=int, default=None, help="a busy loop pinned to this core meanwhile")
+    ap.add_argument("--cpu-quota", type=float, default=None, help="run each engine under this CPU quota")
     args = ap.parse_args()
     for isa in args.isas:  # build outside the timed processes
         cpu_lib.build(isa)
@@ -90,18 +101,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         save_checkpoint(AutoModelForCausalLM.from_config(cpu_llama_config()), build_tokenizer(), tmp)
-        for _ in range(args.repeats):
-            for name, env in cfgs.items():
-                proc = subprocess.run([sys.executable, "-c", CHILD, tmp, json.dumps(args.batches), str(args.threads)],
-                                      env={**os.environ, **env}, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-                    return 1
-                runs[name].append(json.loads(line[7:]))
+        child = [sys.executable, "-c", CHILD, tmp, json.dumps(args.batches), str(args.threads)]
+        if args.cpu_quota:
+            group = Path("/sys/fs/cgroup/cpu/packserve-bench")
+            group.mkdir(exist_ok=True)
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text(str(int(args.cpu_quota * 100000)))
+            child = ["sh", "-c", f'echo $$ > {group}/tasks; exec "$@"', "sh", *child]
+        busy = None
+        if args.busy_core is not None:
+            busy = subprocess.Popen(["taskset", "-c", str(args.busy_core), sys.executable, "-c", "while True: pass"])
+        try:
+            for _ in range(args.repeats):
+                for name, env in cfgs.items():
+                    proc = subprocess.run(child, env={**os.environ, **env}, capture_output=True, text=True)
+                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if line is None:
+                        print(proc.stderr[-2000:], file=sys.stderr)
+                        return 1
+                    runs[name].append(json.loads(line[7:]))
+        finally:
+            if busy is not None:
+                busy.kill()
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
-    print(f"CPU: {cpu}; runs: {cpu_lib.supported_isas()}; torch {torch.__version__}, {args.threads} threads; "
-          f"medians of {args.repeats}")
+    threads = sorted({r["threads"] for rs in runs.values() for r in rs})
+    print(f"CPU: {cpu}; runs: {cpu_lib.supported_isas()}; torch {torch.__version__}, threads {threads}; "
+          f"busy core: {args.busy_core}; CPU quota: {args.cpu_quota}; medians of {args.repeats}")
     med = {name: {b: statistics.median(r["step_ms"][str(b)] for r in rs) for b in args.batches}
            for name, rs in runs.items()}
     print(f"{'decode ms/step':<16}{'loaded':<10}" + "".join(f"{'B=' + str(b):>10}" for b in args.batches))

@@ -47,20 +47,38 @@ def tune_malloc() -> bool:
     return ok
 
 
-def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
-    """The CPU quota of this process's cgroup in cores (a Kubernetes CPU limit, `docker run --cpus`), or None.
-    cgroup v2 (`cpu.max`: "quota period" or "max period") and v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+def _own_cgroup(controller: str | None) -> str:
+    """This process's cgroup path for a v1 controller (None: the v2 unified hierarchy), from /proc/self/cgroup;
+    "/" inside a container with its own cgroup namespace."""
     try:
-        quota, period = open(f"{root}/cpu.max").read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, names, path = line.rstrip("\n").split(":", 2)
+                if (controller is None and names == "") or (controller is not None and controller in names.split(",")):
+                    return path
     except (OSError, ValueError):
         pass
-    try:
-        quota_us = int(open(f"{root}/cpu/cpu.cfs_quota_us").read())
-        period_us = int(open(f"{root}/cpu/cpu.cfs_period_us").read())
-        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-    except (OSError, ValueError):
-        return None
+    return "/"
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores (a Kubernetes CPU limit, `docker run --cpus`), or None.
+    cgroup v2 (`cpu.max`: "quota period" or "max period") and v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`), in
+    this process's own cgroup, else at the root of the mount (a container's view)."""
+    for base in dict.fromkeys((f"{root}{_own_cgroup(None)}".rstrip("/"), root)):
+        try:
+            quota, period = open(f"{base}/cpu.max").read().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError):
+            pass
+    for base in dict.fromkeys((f"{root}/cpu{_own_cgroup('cpu')}".rstrip("/"), f"{root}/cpu")):
+        try:
+            quota_us = int(open(f"{base}/cpu.cfs_quota_us").read())
+            period_us = int(open(f"{base}/cpu.cfs_period_us").read())
+            return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+        except (OSError, ValueError):
+            pass
+    return None
 
 
 def cpu_budget(root: str = "/sys/fs/cgroup") -> int:
