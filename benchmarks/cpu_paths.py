@@ -12,7 +12,9 @@ MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2), so the whole process run
 16-register limit included); clocks and caches stay this machine's.
 
 Workload: the serving model (Llama, hidden 384, 6 layers, 6 heads / 2 KV heads, vocab 32000, fp32), B prompts
-of 256 random tokens; decode ms/step = (time of 65 new tokens - time of 1) / 64, medians. Prints a table and the
+of 256 random tokens; decode ms/step = (time of 65 new tokens - time of 1) / 64 (`--new-tokens`), medians.
+The engine's thread tuner (PACKSERVE_THREAD_TUNING) first tries half the threads after 256 decode steps: use
+`--new-tokens 1025` with `--busy-core` to see it act, and PACKSERVE_THREAD_TUNING=0 for the fixed count. Prints a table and the
 ratio kernels / torch for every ISA and batch (below 1.00 = the kernels are faster).
 
 Contention (a shared host): `--busy-core C` runs a busy loop pinned to core C during every run, and
@@ -44,7 +46,7 @@ CHILD = r"""
 import json, statistics, sys, time, torch
 from packserve import LLM, SamplingParams
 from packserve.kernels import cpu_lib
-path, batches, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+path, batches, threads, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if threads:
     torch.set_num_threads(threads)
 cpu_lib.wait()
@@ -62,8 +64,8 @@ for b in batches:
         return time.perf_counter() - t
     run(2)
     t1 = statistics.median(run(1) for _ in range(3))
-    t65 = run(65)
-    out["step_ms"][str(b)] = (t65 - t1) / 64 * 1e3
+    tn = run(new)
+    out["step_ms"][str(b)] = (tn - t1) / (new - 1) * 1e3
 print("RESULT " + json.dumps(out))
 """
 
@@ -87,6 +89,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: packserve's default)")
     ap.add_argument("--busy-core", type=int, default=None, help="a busy loop pinned to this core meanwhile")
     ap.add_argument("--cpu-quota", type=float, default=None, help="run each engine under this CPU quota")
+    ap.add_argument("--new-tokens", type=int, default=65, help="tokens per timed generation (decode steps + 1)")
     args = ap.parse_args()
     for isa in args.isas:  # build outside the timed processes
         cpu_lib.build(isa)
@@ -101,7 +104,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         save_checkpoint(AutoModelForCausalLM.from_config(cpu_llama_config()), build_tokenizer(), tmp)
-        child = [sys.executable, "-c", CHILD, tmp, json.dumps(args.batches), str(args.threads)]
+        child = [sys.executable, "-c", CHILD, tmp, json.dumps(args.batches), str(args.threads), str(args.new_tokens)]
         if args.cpu_quota:
             group = Path("/sys/fs/cgroup/cpu/packserve-bench")
             group.mkdir(exist_ok=True)

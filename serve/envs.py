@@ -119,6 +119,9 @@ _VARS = [
     EnvVar("CPU_ISA", str, "auto",
            "which build of the C kernels to run: auto (the best this CPU runs), avx512 or avx2 (e.g. the AVX2 "
            "build on an AVX-512 CPU)", choices=("auto", "avx512", "avx2")),
+    EnvVar("THREAD_TUNING", _bool, True,
+           "on CPU, decode steps now and then try half the threads and keep the faster count (a core shared with "
+           "another process stalls every step; packserve.engine.threads); 0 keeps the count fixed"),
     EnvVar("GPU_DECODE_KERNEL", _bool, True,
            "on CUDA, decode steps read the paged KV cache in place with packserve's Triton kernel "
            "(packserve.kernels.paged_attention); 0 gathers the blocks and runs SDPA instead"),

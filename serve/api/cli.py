@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     # torch's CPU thread pool belongs to the engine thread (see AsyncEngine): this thread only serves HTTP,
     # and at one torch thread it never starts a second OpenMP pool.
     num_threads = args.num_threads or min(torch.get_num_threads(), cpu_budget())  # cgroup quota, not host cores
+    if args.num_threads:  # an explicit count wins over the engine's quota cap
+        os.environ["PACKSERVE_NUM_THREADS"] = str(args.num_threads)
     torch.set_num_threads(1)
 
     from packserve import demo

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from packserve import envs
 from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from packserve.engine.detokenizer import IncrementalDetokenizer
 from packserve.engine.stop import StopMatcher
+from packserve.engine.threads import ThreadTuner
 from packserve.engine.kv_cache import BlockAllocator, KVCache
 from packserve.engine.request import (CompletionOutput, FinishReason, ParameterError, Request, RequestOutput,
                                       SamplingParams, validate_request)
@@ -61,13 +63,17 @@ class LLMEngine:
         dev_name = mc.device if mc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev_name)
         if self.device.type == "cpu":
-            from packserve import envs
             from packserve.host import cpu_budget, tune_malloc
 
             if envs.get("MALLOC_TUNING"):
                 tune_malloc()
-            if torch.get_num_threads() > cpu_budget():  # never more threads than the cgroup quota allows
+            # Never more threads than the cgroup quota allows, unless PACKSERVE_NUM_THREADS asks for them.
+            if envs.get("NUM_THREADS") is None and torch.get_num_threads() > cpu_budget():
                 torch.set_num_threads(cpu_budget())
+        # Decode steps pick the thread count that measures faster (a core shared with another process stalls
+        # every parallel region): packserve.engine.threads.
+        self.thread_tuner = (ThreadTuner(torch.get_num_threads(), torch.set_num_threads)
+                             if self.device.type == "cpu" and envs.get("THREAD_TUNING") else None)
         hf_cfg = read_config(mc.model)
         self.dtype = resolve_dtype(mc.dtype, hf_cfg, self.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(mc.model)
@@ -200,7 +206,10 @@ class LLMEngine:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
                 self.stats.prompt_tokens += s.request.num_prompt_tokens
+        t0 = time.perf_counter()
         tokens, logprobs, step_stats = self.runner.execute(sched)
+        if self.thread_tuner is not None and all(s.context_len and s.num_new_tokens == 1 for s in sched.scheduled):
+            self.thread_tuner.observe(len(sched.scheduled), time.perf_counter() - t0)
         changed = self.scheduler.update(sched, tokens)
         outputs = [self._on_token(req, logprobs.get(req.request_id)) for req in changed]
         self.stats.generation_tokens += len(changed)
