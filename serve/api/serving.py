@@ -20,19 +20,13 @@ from fastapi import Request
 
 from packserve.api.errors import APIError, error_body
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest, UINT64_MAX, unsupported_fields
+from packserve.api.text import encode, render_chat
 from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
 from packserve.engine.request import ParameterError, RequestOutput, SamplingParams, validate_prompt
 from packserve.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 
-# Used when the checkpoint's tokenizer has no chat template (documented in the README).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 
 
@@ -97,22 +91,6 @@ def _check_common(state, req) -> None:
         raise APIError(400, f"n must be between 1 and {state.max_n}, got {req.n}", "n", "invalid_value")
 
 
-def check_text(text: str, param: str) -> None:
-    """JSON may carry lone UTF-16 surrogates ("\ud800"), which no tokenizer can encode: a 400 naming the field."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
-                            f"{e.start}", param, "invalid_value") from None
-
-
-def _encode(state, text: str, param: str) -> list[int]:
-    if state.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param)
-    check_text(text, param)
-    return state.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-
 def _seed(seed: int | None, j: int) -> int | None:
     # n > 1 with a seed: distinct, reproducible samples per choice.
     if seed is None or j == 0:
@@ -157,52 +135,25 @@ def prepare_completion(state, req: CompletionRequest) -> Job:
         raise APIError(400, f"{len(p)} prompts x n={req.n} exceeds the server's queue capacity "
                             f"({state.max_waiting})", "prompt", "invalid_value")
     if isinstance(p, str):
-        prompts = [(p, _encode(state, p, "prompt"))]
+        prompts = [(p, encode(state, p, "prompt"))]
     elif not p:
         raise APIError(400, "prompt is empty", "prompt", "invalid_value")
     elif all(isinstance(x, int) for x in p):
         prompts = [(None, list(p))]
     elif all(isinstance(x, str) for x in p):
-        prompts = [(s, _encode(state, s, "prompt")) for s in p]
+        prompts = [(s, encode(state, s, "prompt")) for s in p]
     else:
         prompts = [(None, list(x)) for x in p]
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     return _build(state, "completion", req, prompts, max_tokens, req.logprobs, echo=req.echo)
 
 
-def _render_chat(state, req: ChatCompletionRequest) -> str:
-    messages = []
-    for i, m in enumerate(req.messages):
-        content = m.content
-        if m.name is not None:
-            check_text(m.name, f"messages[{i}].name")
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
-                                   f"messages[{i}].content", "unsupported_parameter")
-                texts.append(part.text)
-            content = "".join(texts)
-        check_text(content or "", f"messages[{i}].content")
-        messages.append({"role": m.role, "content": content or ""})
-    if state.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
-    template = getattr(state.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-    try:
-        return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                   chat_template=template)
-    except Exception as exc:  # a template may raise on message orders it does not accept
-        raise APIError(400, f"the chat template rejected these messages ({type(exc).__name__})",
-                       "messages", "invalid_value") from None
-
-
 def prepare_chat(state, req: ChatCompletionRequest) -> Job:
     _check_common(state, req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs", "invalid_value")
-    text = _render_chat(state, req)
-    ids = _encode(state, text, "messages")
+    text = render_chat(state, req)
+    ids = encode(state, text, "messages")
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if limit is None:  # default: whatever context is left (documented)
         def limit(ids):

@@ -1,0 +1,57 @@
+"""Text prompts: encoding checks, tokenizing, and rendering chats through the chat template."""
+
+from __future__ import annotations
+
+from packserve.api.errors import APIError
+from packserve.api.protocol import ChatCompletionRequest
+
+# Used when the checkpoint's tokenizer has no chat template (documented in the README).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def check_text(text: str, param: str) -> None:
+    """JSON may carry lone UTF-16 surrogates ("\ud800"), which no tokenizer can encode: a 400 naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                            f"{e.start}", param, "invalid_value") from None
+
+
+def encode(state, text: str, param: str) -> list[int]:
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param)
+    check_text(text, param)
+    return state.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def render_chat(state, req: ChatCompletionRequest) -> str:
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if m.name is not None:
+            check_text(m.name, f"messages[{i}].name")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
+                                   f"messages[{i}].content", "unsupported_parameter")
+                texts.append(part.text)
+            content = "".join(texts)
+        check_text(content or "", f"messages[{i}].content")
+        messages.append({"role": m.role, "content": content or ""})
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
+    template = getattr(state.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    try:
+        return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                   chat_template=template)
+    except Exception as exc:  # a template may raise on message orders it does not accept
+        raise APIError(400, f"the chat template rejected these messages ({type(exc).__name__})",
+                       "messages", "invalid_value") from None
