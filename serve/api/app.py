@@ -158,7 +158,21 @@ class BodyLimitMiddleware:
 
         return await self.app(scope, replay, send)
 
+    DRAIN_BYTES = 64 * 2**20  # an oversized body is read and dropped up to this much before the 413 ...
+    DRAIN_SECONDS = 2.0
+
     async def _reject(self, scope, receive, send):
+        # ... because closing with the client's unsent body in flight makes the kernel reset the connection, and
+        # the client then sees "connection reset" instead of the 413.
+        drained, deadline = 0, time.monotonic() + self.DRAIN_SECONDS
+        try:
+            while drained < self.DRAIN_BYTES:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                if msg["type"] != "http.request" or not msg.get("more_body", False):
+                    break
+                drained += len(msg.get("body", b""))
+        except asyncio.TimeoutError:
+            pass
         err = APIError(413, f"request body exceeds {self.max_bytes} bytes", None, "request_too_large")
         await self._error(err, scope, receive, send)
 
@@ -209,6 +223,13 @@ class GuardMiddleware:
 
 
 BIG_TEXT_CHARS = 1 << 20  # prompts with more characters are tokenized under a limiter (create_app)
+
+
+INLINE_IDS = 65536  # token-id prompts up to this many ids are prepared on the event loop
+
+
+def _num_ids(prompt) -> int:
+    return len(prompt) if not prompt or isinstance(prompt[0], int) else sum(map(len, prompt))
 
 
 CHAT_MESSAGE_CHARS = 32  # what a chat template adds around each message (role markers), as characters
@@ -289,8 +310,10 @@ def create_app(state: ServerState) -> FastAPI:
         GIL, and the event loop keeps every other stream going meanwhile. Token-id prompts (text_chars None)
         stay on the loop."""
         async def run() -> serving.Job:
-            if text_chars is None:
-                return fn(state, body)
+            if text_chars is None:  # token ids: checking a million of them in Python takes a while too
+                if _num_ids(body.prompt) <= INLINE_IDS:
+                    return fn(state, body)
+                return await anyio.to_thread.run_sync(fn, state, body)
             if text_chars <= BIG_TEXT_CHARS:
                 return await anyio.to_thread.run_sync(fn, state, body)
             try:
