@@ -19,7 +19,6 @@ import asyncio
 import collections
 import logging
 import resource
-import signal
 import socket
 import time
 
