@@ -97,7 +97,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     isas = cpu_lib.supported_isas()
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    cpu = cpu_lib.cpu_model()
     print(f"CPU: {cpu}; builds {isas}; torch kernels at {torch.backends.cpu.get_cpu_capability()}; "
           f"{args.threads} threads; ms per call (median)")
     cols = [f"C {isa}" for isa in isas] + ["torch"] + ([] if args.no_compile else ["inductor"])

@@ -126,7 +126,7 @@ def main() -> int:
         finally:
             if busy is not None:
                 busy.kill()
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    cpu = cpu_lib.cpu_model()
     threads = sorted({r["threads"] for rs in runs.values() for r in rs})
     print(f"CPU: {cpu}; runs: {cpu_lib.supported_isas()}; torch {torch.__version__}, threads {threads}; "
           f"busy core: {args.busy_core}; CPU quota: {args.cpu_quota}; medians of {args.repeats}")

@@ -278,7 +278,7 @@ def main() -> int:
                             pass
                     proc.wait()
 
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    cpu = cpu_lib.cpu_model()
     print(f"CPU: {cpu}; ISA: {cpu_lib.supported_isas()[:1] or ['no AVX2']} (packserve build "
           f"{os.environ.get('PACKSERVE_CPU_ISA', 'auto')}); {args.threads} threads; torch {torch.__version__}; "
           f"medians of {args.repeats}, sides alternated")

@@ -71,13 +71,23 @@ def cache_dir() -> Path:
     return Path(root) / "cpu-kernels"
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo_field(name: str) -> str:
+    """The first `name` line of /proc/cpuinfo (one CPU's), or ""."""
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith(name)), "")
     except OSError:
         line = ""
-    return set(line.partition(":")[2].split())
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for cache keys and benchmark headers)."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def supported_isas() -> list[str]:

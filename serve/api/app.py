@@ -177,9 +177,15 @@ class BodyLimitMiddleware:
         await self._error(err, scope, receive, send)
 
     async def _error(self, err: APIError, scope, receive, send):
-        if self.on_error is not None:
-            self.on_error(err.status)
-        await JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})(scope, receive, send)
+        err.headers = {**(err.headers or {}), "Connection": "close"}  # the rest of the body is not read
+        await send_error(err, self.on_error, scope, receive, send)
+
+
+async def send_error(err: APIError, on_error, scope, receive, send) -> None:
+    """An error response from middleware (before FastAPI's exception handlers exist for the request)."""
+    if on_error is not None:
+        on_error(err.status)
+    await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
 
 
 class GuardMiddleware:
@@ -217,9 +223,7 @@ class GuardMiddleware:
                            "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         if err is None:
             return await self.app(scope, receive, send)
-        if self.on_error is not None:
-            self.on_error(err.status)
-        await JSONResponse(err.body(), status_code=err.status, headers=err.headers)(scope, receive, send)
+        await send_error(err, self.on_error, scope, receive, send)
 
 
 BIG_TEXT_CHARS = 1 << 20  # prompts with more characters are tokenized under a limiter (create_app)

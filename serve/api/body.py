@@ -16,11 +16,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from packserve.api.errors import APIError, is_json
+from packserve.api.errors import APIError
 
 M = TypeVar("M", bound=BaseModel)
 INLINE_BYTES = 64 * 1024  # bodies up to this size parse on the loop (well under a millisecond)
 _big_bodies = anyio.CapacityLimiter(2)
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 def _parse(raw: bytes, model: type[M]) -> M:

@@ -53,28 +53,13 @@ def _loc_to_param(loc) -> str | None:
     return out
 
 
-def is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
-
-
-def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
+def validation_error(exc: RequestValidationError) -> APIError:
+    """A body that parsed but does not fit the model (packserve.api.body raises the JSON-level errors itself)."""
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request")
     e = errors[0]
-    if e.get("type") == "json_invalid":
-        return APIError(400, "the request body is not valid JSON", None, "invalid_json")
-    loc = tuple(e.get("loc", ()))
-    param = _loc_to_param(loc)
-    if loc == ("body",) and e.get("type") == "missing":
-        return APIError(400, "a JSON request body is required", None, "missing_body")
-    if loc == ("body",) and content_type is not None and not is_json(content_type):
-        # FastAPI reads a body without a JSON content type as raw text ("Input should be a valid dictionary").
-        return APIError(400, f"send the request body as JSON with Content-Type: application/json (got "
-                             f"{content_type.split(';', 1)[0].strip() or 'none'!r})", None, "invalid_content_type")
-    if loc == ("body",):
-        return APIError(400, "the request body must be a JSON object", None, "invalid_value")
+    param = _loc_to_param(tuple(e.get("loc", ())))
     where = param or "body"
     return APIError(400, f"{where}: {e.get('msg', 'invalid value')}", param, "invalid_value")
 
@@ -93,7 +78,7 @@ def install(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return respond(validation_error(exc, request.headers.get("content-type", "")))
+        return respond(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

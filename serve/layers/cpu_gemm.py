@@ -81,17 +81,9 @@ def row_table(wins: list[bool]) -> tuple[bool, ...]:
 
 
 def _cache_key() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "?")
     src = hashlib.sha256(cpu_lib.SOURCE.read_bytes()).hexdigest()[:12]
-    return f"{cpu}|{cpu_lib.loaded_isa()}|torch {torch.__version__}|{torch.get_num_threads()} threads|{src}"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.readlines()
-    except OSError:
-        return []
+    return (f"{cpu_lib.cpu_model()}|{cpu_lib.loaded_isa()}|torch {torch.__version__}|{torch.get_num_threads()} threads|"
+            f"{src}")
 
 
 class Calibration:
@@ -132,8 +124,9 @@ class Calibration:
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None, calibration: Calibration) -> CpuPackedLinear | None:
-    """The panel-packed copy of an fp32 CPU weight [out, in] where the panel GEMM measured faster, else None."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or not cpu_ops.available():
+    """The panel-packed copy of an fp32 CPU weight [out, in] where the panel GEMM measured faster, else None
+    (the C kernels must be loaded: prepack_cpu checks)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
         return None
     panels = cpu_ops.pack_linear(weight, bias)
     wins = calibration.wins(weight, bias, panels)

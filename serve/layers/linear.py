@@ -8,17 +8,12 @@ setting tp_rank/tp_size and inserting the all-reduce.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from packserve.kernels import cpu_ops
 from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
-
-log = logging.getLogger(__name__)
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: CpuPackedLinear | None = None) -> torch.Tensor:

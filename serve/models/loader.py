@@ -9,7 +9,6 @@ from typing import Iterator
 
 import torch
 
-from packserve.layers.linear import prepack_cpu
 from packserve.models import registry
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,4 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, max_m
         model = cls(cfg, max_model_len, **kwargs)
     model.load_weights(iter_safetensors(path, torch.float64 if norm_mode != "native" else dtype))
     model = model.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu" and dtype == torch.float32:
-        n = prepack_cpu(model)  # 0 while the C kernels build (the runner packs once they load)
-        if n:
-            log.info("panel-packed %d weights for CPU decode (a second copy of those in memory)", n)
     return model
