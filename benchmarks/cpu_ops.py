@@ -76,8 +76,8 @@ def cases(B: int):
         "add+rmsnorm": (lambda: cpu_ops.rms_norm(x, w, 1e-6, residual=r), add_norm, (x, r, w)),
         "silu*up": (lambda: cpu_ops.silu_mul(gate_up), silu_mul, (gate_up,)),
         "argmax": (lambda: cpu_ops.argmax_rows(logits), argmax, (logits,)),
-        "rotary q,k": (lambda: cpu_ops.rotary_(qv, pos, cos, sin, check_values=False), rotary, (qkv, pos, cos, sin)),
-        "paged attention": (lambda: cpu_ops.paged_decode_attention(q, kc, vc, table, lens, bs, D ** -0.5, False),
+        "rotary q,k": (lambda: cpu_ops.rotary_(qv, pos, cos, sin), rotary, (qkv, pos, cos, sin)),
+        "paged attention": (lambda: cpu_ops.paged_decode_attention(q, kc, vc, table, lens, bs, D ** -0.5),
                             attention, (q, kc, vc, table)),
     }
 

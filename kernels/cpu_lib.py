@@ -1,45 +1,54 @@
-"""The C library behind packserve.kernels.cpu_ops: its source, and building, caching and loading it per ISA.
+"""The CPU kernels' operator library: its sources, and building, caching and loading it per ISA.
 
-The source is compiled with the system's gcc once per ISA level, not per CPU: `avx512` (-march=x86-64-v4: AVX-512
-F/BW/CD/DQ/VL) and `avx2` (-march=x86-64-v3: AVX2 + FMA, 16 vector registers). A build for a level runs on every
-CPU that has it, so `packserve build-kernels` can build both ahead of time (the Docker image does) and a cache
-folder can be shared by different machines. PACKSERVE_CPU_ISA picks the variant (`auto`: the best this CPU
-runs; `avx2` forces the AVX2 build on an AVX-512 CPU, as the tests do); other CPUs keep the torch paths.
+kernels/csrc holds the kernels (C-style loops in cpu_kernels.h and varlen_attention.h) and their torch operators
+(cpu_ops.cpp: schemas, argument checks). torch.utils.cpp_extension (ninja) compiles them once per ISA level, not
+per CPU: `avx512` (-march=x86-64-v4: AVX-512 F/BW/CD/DQ/VL) and `avx2` (-march=x86-64-v3: AVX2 + FMA, 16 vector
+registers). Each level registers its operators in a namespace of its own (torch.ops.packserve_avx512,
+torch.ops.packserve_avx2), so both can be loaded in one process and tested side by side. A build for a level runs
+on every CPU that has it, so `packserve build-kernels` builds both ahead of time (the Docker image does) and a
+cache folder can be shared by different machines; the file name carries a hash of the sources, the flags and the
+torch version. PACKSERVE_CPU_ISA picks the variant (`auto`: the best this CPU runs; `avx2` forces the AVX2 build
+on an AVX-512 CPU, as the tests do); other CPUs keep the torch paths.
 
 A server never waits on the compiler: `available()` loads a cached build at once, or starts the build in a
 background thread and answers False (the torch paths) until it is loaded, after which every dispatcher switches
-to the kernels. The compiler runs in its own process group, so a timeout kills cc1 too, and a failed build is
-remembered for an hour (one log line, no retry at every start).
+to the kernels. The compiler runs in a child process of its own process group, so a timeout kills ninja and cc1
+too, and a failed build is remembered for an hour (one log line, no retry at every start). Loading needs no
+compiler (the Docker runtime image has none).
 
 Loops over rows and work items use OpenMP: the library links libgomp.so.1, which resolves to the copy torch
 already loaded, so the kernels run on the calling thread's torch worker pool instead of starting a second pool.
-Calls through ctypes release the GIL. PACKSERVE_CPU_KERNELS=0 turns the kernels off.
+PACKSERVE_CPU_KERNELS=0 turns the kernels off.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-import torch  # noqa: F401 - loads libgomp.so.1 before the library binds to it
+import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")  # shipped as package data (pyproject.toml)
+CSRC = Path(__file__).with_name("csrc")  # shipped as package data (pyproject.toml)
+SOURCES = ("cpu_ops.cpp", "cpu_kernels.h", "varlen_attention.h")
 
 # Reassociation lets gcc vectorize the dot products and sums; no -ffinite-math-only (exp of large negatives).
-CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+LDFLAGS = ["-fopenmp", "-lm"]
+MVEC = (["-DPACKSERVE_MVEC"], ["-lmvec"])  # glibc's vector math library, when the toolchain has it
 ISA_FLAGS = {
     "avx512": ["-march=x86-64-v4", "-mtune=generic", "-mprefer-vector-width=512"],
     "avx2": ["-march=x86-64-v3", "-mtune=generic"],
@@ -54,14 +63,19 @@ BUILD_TIMEOUT_S = 300.0
 FAILURE_TTL_S = 3600.0  # a failed build is not retried for this long (by any process sharing the cache)
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_isa: str | None = None
+_ops: Any = None  # the loaded variant's torch.ops namespace
+_ops_isa: str | None = None
+_loaded: dict[str, Any] = {}  # isa -> namespace, every variant loaded in this process
 _error: str | None = None
 _builder: threading.Thread | None = None
 
 
-def _source() -> str:
-    return SOURCE.read_text()
+def sources_digest() -> str:
+    """A hash of the kernel sources (cache keys here and in the GEMM calibration)."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((CSRC / name).read_bytes())
+    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -112,9 +126,9 @@ def selected_isa() -> str | None:
 
 
 def library_path(isa: str) -> Path:
-    """One file per ISA and source: the name carries a hash of the source and the flags."""
-    src = hashlib.sha256((_source() + " ".join(CFLAGS + ISA_FLAGS[isa])).encode()).hexdigest()[:12]
-    return cache_dir() / f"cpu_ops_{isa}_{src}.so"
+    """One file per ISA, sources, flags and torch version (the operators link against torch's C++ ABI)."""
+    key = " ".join([sources_digest(), *CFLAGS, *LDFLAGS, *ISA_FLAGS[isa], torch.__version__])
+    return cache_dir() / f"packserve_cpu_{isa}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
 
 
 def _failure_marker(target: Path) -> Path:
@@ -127,23 +141,20 @@ def build(isa: str, timeout: float = BUILD_TIMEOUT_S) -> Path:
     target = library_path(isa)
     if target.exists():
         return target
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     try:
-        if cc is None:
-            raise RuntimeError("no C compiler (gcc) on PATH")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, lib = Path(tmp) / "cpu_ops.c", Path(tmp) / "cpu_ops.so"
-            src.write_text(_source())
-            # With glibc's vector math library if the toolchain has it, else plain libm.
-            for extra in (["-DPACKSERVE_MVEC", "-lmvec"], []):
-                rc, err = _compile([cc, *CFLAGS, *ISA_FLAGS[isa], str(src), "-o", str(lib), *extra, "-lm"], timeout)
+            for cflags, ldflags in (MVEC, ([], [])):
+                spec = {"name": target.stem, "sources": [str(CSRC / "cpu_ops.cpp")], "build_directory": tmp,
+                        "extra_cflags": [*CFLAGS, *ISA_FLAGS[isa], f"-DPACKSERVE_NS=packserve_{isa}", *cflags],
+                        "extra_ldflags": [*LDFLAGS, *ldflags]}
+                rc, err = _compile(spec, timeout)
                 if rc == 0:
                     break
             else:
-                raise RuntimeError(f"{cc} failed: {err.strip()[-500:]}")
-            os.replace(lib, target)  # atomic: concurrent builders never load a half-written file
-        for old in target.parent.glob(f"cpu_ops_{isa}_*"):  # older sources' builds of this variant
+                raise RuntimeError(f"the C++ build failed: {err.strip()[-800:]}")
+            os.replace(Path(tmp) / f"{target.stem}.so", target)  # atomic: concurrent builders never load half a file
+        for old in target.parent.glob(f"packserve_cpu_{isa}_*"):  # older sources' builds of this variant
             if old != target:
                 old.unlink(missing_ok=True)
     except Exception as exc:
@@ -155,10 +166,18 @@ def build(isa: str, timeout: float = BUILD_TIMEOUT_S) -> Path:
     return target
 
 
-def _compile(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """Run the compiler in a process group of its own: on timeout the whole group (cc1, as) is killed, not only
-    the gcc driver."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+def _compile(spec: dict, timeout: float) -> tuple[int, str]:
+    """torch.utils.cpp_extension in a child process (packserve.kernels.cpu_compile) in a process group of its own:
+    on timeout the whole group (ninja, the compiler driver, cc1plus) is killed."""
+    env = dict(os.environ)
+    try:  # the `ninja` wheel's binary, also when this venv's bin/ is not on PATH
+        import ninja
+
+        env["PATH"] = ninja.BIN_DIR + os.pathsep + env.get("PATH", "")
+    except ImportError:
+        pass
+    proc = subprocess.Popen([sys.executable, "-m", "packserve.kernels.cpu_compile", json.dumps(spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -169,23 +188,16 @@ def _compile(cmd: list[str], timeout: float) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def load(path: Path) -> ctypes.CDLL:
-    # torch (imported above) already loaded libgomp.so.1: the library binds to that copy and its pools.
-    lib = ctypes.CDLL(str(path))
-    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    signatures = {
-        "paged_decode_attention": ([ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, f32],
-                                   ctypes.c_int),
-        "rms_norm_f32": ([ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, f32, f32], None),
-        "rotary_f32": ([ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64], None),
-        "linear_panels_f32": ([ptr, i64, ptr, ptr, ptr, i64, i64, i64], None),
-        "silu_mul_f32": ([ptr, i64, ptr, i64, i64], None),
-        "argmax_rows_f32": ([ptr, i64, i64, i64, ptr], None),
-    }
-    for name, (args, res) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
+def load(path: Path, isa: str) -> Any:
+    """Load a built variant (once per process) and return its torch.ops namespace."""
+    if isa not in _loaded:
+        # torch (imported above) already loaded libgomp.so.1: the library binds to that copy and its pools.
+        torch.ops.load_library(str(path))
+        from packserve.kernels import cpu_fake
+
+        cpu_fake.register(f"packserve_{isa}")
+        _loaded[isa] = getattr(torch.ops, f"packserve_{isa}")
+    return _loaded[isa]
 
 
 _env_raw: str | None = None  # the PACKSERVE_CPU_KERNELS value last parsed, and its meaning
@@ -210,14 +222,14 @@ def _fail(reason: str) -> None:
 
 
 def _build_and_load(isa: str) -> None:
-    global _lib, _lib_isa
+    global _ops, _ops_isa
     t0 = time.monotonic()
     try:
-        lib = load(build(isa))
+        ops = load(build(isa), isa)
     except Exception as exc:  # no compiler, read-only cache, timeout, ...: callers keep the torch paths
         _fail(f"{type(exc).__name__}: {exc}")
         return
-    _lib, _lib_isa = lib, isa
+    _ops, _ops_isa = ops, isa
     log.info("packserve CPU kernels (%s) built in %.1f s; the C paths are on", isa, time.monotonic() - t0)
 
 
@@ -248,14 +260,14 @@ def _start() -> None:
 def available() -> bool:
     """True once the library is loaded. The first call loads a cached build, or starts a background build and
     answers False until it is done (callers keep their torch paths meanwhile). PACKSERVE_CPU_KERNELS=0: False."""
-    if _lib is not None:
+    if _ops is not None:
         return enabled()
     if not enabled() or _error is not None:
         return False
     with _lock:
-        if _lib is None and _error is None and _builder is None:
+        if _ops is None and _error is None and _builder is None:
             _start()
-    return _lib is not None
+    return _ops is not None
 
 
 def wait(timeout: float | None = None) -> bool:
@@ -269,23 +281,23 @@ def wait(timeout: float | None = None) -> bool:
 
 
 def loaded_isa() -> str | None:
-    return _lib_isa if _lib is not None else None
+    return _ops_isa if _ops is not None else None
 
 
-def use(isa: str) -> ctypes.CDLL:
+def use(isa: str) -> Any:
     """Load (building if needed, synchronously) the `isa` variant in place of the current one: the tests run
     every kernel against both variants this way."""
-    global _lib, _lib_isa, _error
+    global _ops, _ops_isa, _error
     if isa not in supported_isas():
         raise RuntimeError(f"this CPU does not run the {isa} variant")
     with _lock:
-        lib = load(build(isa))
-        _lib, _lib_isa, _error = lib, isa, None
-    return lib
+        ops = load(build(isa), isa)
+        _ops, _ops_isa, _error = ops, isa, None
+    return ops
 
 
-def handle() -> ctypes.CDLL:
-    """The loaded library; callers check available() first."""
-    if _lib is None:
+def ops() -> Any:
+    """The loaded variant's operators (torch.ops.packserve_<isa>); callers check available() first."""
+    if _ops is None:
         raise RuntimeError(f"packserve CPU kernels unavailable: {_error or 'not built yet'}")
-    return _lib
+    return _ops

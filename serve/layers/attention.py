@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from packserve.kernels import cpu_ops
 from packserve.layers.paged import PagedMeta, paged_attention
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,11 @@ class FlexBackend(AttentionBackend):
 class VarlenBackend(AttentionBackend):
     """Flat tokens + cu_seqlens: no rows, no mask, no padding anywhere.
 
-    On CUDA: torch's flash `varlen_attn`. On CPU, where torch has no varlen kernel, one causal SDPA call per
-    prompt over its slice of the flat tokens (the CPU flash kernel skips the blocks above the diagonal): it does
-    the sum of L^2/2 score work of the prompts instead of the rows x capacity^2 of the dense-mask rows."""
+    On CUDA: torch's flash `varlen_attn`. On CPU, where torch has no varlen kernel: packserve's CPU operator
+    (packserve.kernels.cpu_ops.varlen_attention: every prompt in one call, key tiles of 32 below the diagonal only,
+    on oneDNN's brgemm), or without it one causal SDPA call per prompt over its slice of the flat tokens. Both do
+    about the sum of L^2/2 score work of the prompts instead of the rows x capacity^2 of the dense-mask rows
+    (torch's CPU flash kernel, in 512-key blocks, computes and masks the whole square of a shorter prompt)."""
 
     name = "varlen"
 
@@ -181,8 +184,14 @@ class VarlenBackend(AttentionBackend):
         self.has_gqa = "enable_gqa" in params
         self.has_scale = "scale" in params
 
+    def prepare(self, meta, device):
+        if self.on_cpu:  # the CPU operator takes int64 offsets: converted once per step, not per layer
+            meta.extra = meta.cu_seqlens.to(torch.int64)
+
     def packed(self, q, k, v, meta, scale):
         if self.on_cpu:
+            if cpu_ops.usable(q) and meta.extra is not None:
+                return cpu_ops.varlen_attention(q, k, v, meta.extra, scale)
             return self._per_sequence(q, k, v, meta, scale)
         kw = dict(self.causal)
         if k.shape[1] != q.shape[1]:

@@ -11,7 +11,6 @@ per CPU model, ISA build, torch version and thread count, so later starts skip t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -81,7 +80,7 @@ def row_table(wins: list[bool]) -> tuple[bool, ...]:
 
 
 def _cache_key() -> str:
-    src = hashlib.sha256(cpu_lib.SOURCE.read_bytes()).hexdigest()[:12]
+    src = cpu_lib.sources_digest()[:12]
     return (f"{cpu_lib.cpu_model()}|{cpu_lib.loaded_isa()}|torch {torch.__version__}|{torch.get_num_threads()} threads|"
             f"{src}")
 

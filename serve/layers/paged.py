@@ -75,7 +75,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                              scale, meta.max_seq_len)
     if meta.block_table is not None:
         return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
-                                              scale, check_values=False)
+                                              scale)
     if len(meta.groups) == 1 and meta.groups[0].token_index is None:
         return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])

@@ -70,7 +70,7 @@ class RotaryEmbedding(nn.Module):
         assert x.dtype == torch.float32
         if cpu_ops.usable(x):
             self._follow(positions.device)
-            cpu_ops.rotary_(x, positions, self.cos, self.sin, check_values=False)  # positions < max_model_len
+            cpu_ops.rotary_(x, positions, self.cos, self.sin)
             return
         cos, sin = self.tables(positions)
         half = self.rot_dim // 2

@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from packserve.kernels import cpu_lib
 
@@ -40,9 +41,9 @@ def _run(script: str, *args: str, env: dict) -> tuple[dict, str]:
 
 
 def _slow_compiler(tmp_path, seconds: float) -> str:
-    """A gcc wrapper that sleeps first, as a loaded machine's first build does."""
-    cc = tmp_path / "slow-gcc"
-    cc.write_text(f"#!/bin/sh\nsleep {seconds}\nexec gcc \"$@\"\n")
+    """A C++ compiler wrapper that sleeps first, as a loaded machine's first build does."""
+    cc = tmp_path / "slow-c++"
+    cc.write_text(f"#!/bin/sh\nsleep {seconds}\nexec c++ \"$@\"\n")
     cc.chmod(0o755)
     return str(cc)
 
@@ -60,7 +61,7 @@ def test_engine_serves_on_torch_paths_while_the_kernels_build_then_switches(tmp_
     the compiler), and after the background build the same engine runs the C decode kernel; the greedy tokens
     are the same before, after, and in this (already built) process."""
     path = checkpoint_factory("llama")
-    got, log = _run(GENERATE, path, env={"CC": _slow_compiler(tmp_path, 8), "PACKSERVE_CACHE_DIR": str(tmp_path)})
+    got, log = _run(GENERATE, path, env={"CXX": _slow_compiler(tmp_path, 8), "PACKSERVE_CACHE_DIR": str(tmp_path)})
     assert got["kernel_then"] is None and got["first_s"] < 8
     assert got["available"] and got["kernel_now"] == "cpu" and got["isa"] == cpu_lib.supported_isas()[0]
     assert "in the background" in log
@@ -69,27 +70,27 @@ def test_engine_serves_on_torch_paths_while_the_kernels_build_then_switches(tmp_
 
 
 def test_without_a_compiler_the_engine_runs_on_torch_paths(tmp_path, checkpoint_factory):
-    """A failing compiler (CC=false) with an empty cache: one warning, the torch paths, the same greedy tokens; the
+    """A failing compiler (CXX=false) with an empty cache: one warning, the torch paths, the same greedy tokens; the
     failure is remembered, so the next start does not try again."""
     path = checkpoint_factory("llama")
-    env = {"CC": "false", "PACKSERVE_CACHE_DIR": str(tmp_path)}
+    env = {"CXX": "false", "PACKSERVE_CACHE_DIR": str(tmp_path)}
     got, log = _run(GENERATE, path, env=env)
     assert got["available"] is False and got["kernel_now"] is None
     assert log.count("CPU kernels unavailable") == 1
     assert got["first"] == got["second"] == _want_tokens(path)
     markers = list((tmp_path / "cpu-kernels").glob("*.failed"))
     assert len(markers) == 1
-    again, log = _run(GENERATE, path, env={**env, "CC": "gcc"})  # a working compiler, but the failure is recent
+    again, log = _run(GENERATE, path, env={**env, "CXX": "c++"})  # a working compiler, but the failure is recent
     assert again["available"] is False and "earlier build failed" in log and "delete" in log
 
 
 def test_compiler_timeout_kills_the_whole_process_group(tmp_path, monkeypatch):
-    """The compiler driver starts a child (as gcc starts cc1) and both hang: on timeout neither survives."""
+    """The compiler driver starts a child (as g++ starts cc1plus) and both hang: on timeout neither survives."""
     pidfile = tmp_path / "child.pid"
-    cc = tmp_path / "hanging-gcc"
+    cc = tmp_path / "hanging-c++"
     cc.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {pidfile}\nwait\n")
     cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("CXX", str(cc))
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
     t = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out"):
@@ -108,11 +109,12 @@ def test_builds_are_per_isa_and_replace_only_their_own_stale_builds(tmp_path, mo
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
     folder = tmp_path / "cpu-kernels"
     folder.mkdir()
-    (folder / "cpu_ops_avx2_oldsource0000.so").write_bytes(b"stale")
-    (folder / "cpu_ops_avx512_123456789abc.so").write_bytes(b"another variant's build")
+    (folder / "packserve_cpu_avx2_oldsource000.so").write_bytes(b"stale")
+    (folder / "packserve_cpu_avx512_123456789abc.so").write_bytes(b"another variant's build")
     target = cpu_lib.build("avx2")
-    assert target.name.startswith("cpu_ops_avx2_") and cpu_lib.load(target).paged_decode_attention is not None
-    assert sorted(p.name for p in folder.iterdir()) == sorted([target.name, "cpu_ops_avx512_123456789abc.so"])
+    assert target.name.startswith("packserve_cpu_avx2_")
+    assert cpu_lib.load(target, "avx2").varlen_attention is torch.ops.packserve_avx2.varlen_attention
+    assert sorted(p.name for p in folder.iterdir()) == sorted([target.name, "packserve_cpu_avx512_123456789abc.so"])
 
 
 def test_cpu_isa_forces_the_avx2_build_and_rejects_what_the_cpu_lacks(tmp_path):

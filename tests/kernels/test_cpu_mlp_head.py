@@ -44,9 +44,9 @@ def test_pack_layout_and_padding():
 
 def test_rejects_bad_input():
     p = K.pack_linear(torch.randn(8, 4))
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="must be"):
         K.linear_packed(torch.randn(2, 5), p)
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="fp32"):
         K.linear_packed(torch.randn(2, 4).double(), p)
     with pytest.raises(ValueError):
         K.pack_linear(torch.randn(8, 4), torch.randn(7))
@@ -104,9 +104,9 @@ def test_silu_mul_matches_torch(rows, inter):
 
 
 def test_silu_mul_rejects_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="2 \\* intermediate"):
         K.silu_mul(torch.randn(2, 5))
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="fp32"):
         K.silu_mul(torch.randn(2, 4).double())
 
 
@@ -123,7 +123,7 @@ def test_argmax_rows_matches_torch_max_including_ties_nan_and_inf():
     wide = torch.cat([x, torch.zeros(9, 5)], dim=1)[:, :32000]  # strided rows
     assert K.argmax_rows(wide) == torch.max(x, dim=-1).indices.tolist()
     assert K.argmax_rows(x[:, :1]) == [0] * 9 and K.argmax_rows(x[:0]) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError, match="n >= 1"):
         K.argmax_rows(torch.zeros(3, 0))
 
 

@@ -58,13 +58,16 @@ def test_matches_gather_sdpa_path():
 def test_rejects_bad_input():
     q, kc, vc, _, table = setup([5, 9], 4, 2, 16, 4)
     lens = torch.tensor([5, 9])
-    with pytest.raises(TypeError, match="fp32"):
+    # The operator's checks guard memory: a wrong call raises instead of reading out of bounds.
+    with pytest.raises(RuntimeError, match="fp32"):
         K.paged_decode_attention(q.half(), kc, vc, table, lens, 4, 0.25)
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(RuntimeError, match="outside its block table"):
         K.paged_decode_attention(q, kc, vc, table, torch.tensor([0, 9]), 4, 0.25)
-    with pytest.raises(ValueError, match="longer than its block table"):
+    with pytest.raises(RuntimeError, match="outside its block table"):
         K.paged_decode_attention(q, kc, vc, table, torch.tensor([5, 13]), 4, 0.25)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(RuntimeError, match="block id is outside the cache"):
+        K.paged_decode_attention(q, kc, vc, table + kc.shape[0], lens, 4, 0.25)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
         K.paged_decode_attention(q[:, :3], kc, vc, table, lens, 4, 0.25)
     assert K.paged_decode_attention(q[:0], kc, vc, table[:0], lens[:0], 4, 0.25).shape == (0, 4, 16)
 
@@ -120,5 +123,5 @@ def test_rotary_in_place_matches_torch(T, D, partial):
     torch.testing.assert_close(qkv[:, :H * D].view(T, H, D), want_q, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D), want_k, atol=1e-6, rtol=1e-5)
     assert torch.equal(qkv[:, (H + Hkv) * D:], v_before)  # v untouched
-    with pytest.raises(ValueError, match="beyond"):
+    with pytest.raises(RuntimeError, match="beyond"):
         K.rotary_(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), positions + 512, rot.cos, rot.sin)

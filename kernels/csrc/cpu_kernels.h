@@ -1,14 +1,18 @@
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+/* The CPU kernels' loops (plain C style, compiled as C++ into the operators of cpu_ops.cpp). */
+#pragma once
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #ifdef PACKSERVE_MVEC
 /* glibc's libmvec has SIMD variants of expf; math.h only announces them under -ffast-math, which would also
-   let gcc assume no infinities. Announce them here so the softmax loop vectorizes (link: -lmvec). */
-__attribute__((simd("notinbranch"))) float expf(float);
+   let gcc assume no infinities. Announce them here so the softmax loops vectorize (link: -lmvec). */
+extern "C" __attribute__((simd("notinbranch"))) float expf(float) noexcept;
 #endif
+
+namespace packserve {
 
 /* Paged decode attention, flash-decoding style: one work item per (request, KV head) streams that head's cached
    rows once, in tiles of 16 tokens, with an online softmax (running max m, running sum l, rescaled accumulator),
@@ -149,7 +153,7 @@ static inline __attribute__((always_inline)) void item_vec(
 #define VEC_CASE(c, g) if (C == c && G == g) { item_vec(qi, kc, vc, table, len, oi, row, c, g, bs, scale); continue; }
 
 /* Returns 0, or 1 if the work order could not be allocated. */
-int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+static int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                            const int64_t *block_table, int64_t max_blocks, const int64_t *seq_lens,
                            float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale) {
     const int64_t G = H / Hkv, C = D / 16, row = Hkv * D;
@@ -184,7 +188,7 @@ int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cach
 
 /* Llama RMSNorm of each row of x (rows x cols, row strides in elements). With residual: h = x + residual is
    normalized and also written to res_out. out = (h * rstd) * w, or h * rstd * (offset + w) with an offset. */
-void rms_norm_f32(const float *x, int64_t sx, const float *residual, int64_t sr, float *res_out, int64_t sro,
+static void rms_norm_f32(const float *x, int64_t sx, const float *residual, int64_t sr, float *res_out, int64_t sro,
                   const float *w, float *out, int64_t so, int64_t rows, int64_t cols, float eps, float offset) {
     #pragma omp parallel for schedule(static) if (rows * cols > 32768)
     for (int64_t r = 0; r < rows; r++) {
@@ -212,7 +216,7 @@ void rms_norm_f32(const float *x, int64_t sx, const float *residual, int64_t sr,
 
 /* Rotate-half RoPE in place: x is [T, heads, D] with token stride sx (heads and dims contiguous); the first
    rot_dim dims turn; cos/sin are [max_pos, rot_dim / 2]. */
-void rotary_f32(float *x, int64_t sx, int64_t T, int64_t heads, int64_t D, const int64_t *positions,
+static void rotary_f32(float *x, int64_t sx, int64_t T, int64_t heads, int64_t D, const int64_t *positions,
                 const float *cos_t, const float *sin_t, int64_t rot_dim) {
     const int64_t half = rot_dim / 2;
     #pragma omp parallel for schedule(static) if (T * heads * D > 32768)
@@ -278,7 +282,7 @@ ROW_TILE(rows4, ROWS4)
 ROW_TILE(rows2, ROWS2)
 ROW_TILE(rows1, ROWS1)
 
-void linear_panels_f32(const float *x, int64_t sx, const float *wp, const float *bias, float *out, int64_t M,
+static void linear_panels_f32(const float *x, int64_t sx, const float *wp, const float *bias, float *out, int64_t M,
                        int64_t K, int64_t N) {
     const int64_t panels = (N + NR - 1) / NR, tiles = M / 8 + (M % 8 >= 4) + (M % 4 >= 2) + M % 2;
     #pragma omp parallel for schedule(static)
@@ -299,7 +303,7 @@ void linear_panels_f32(const float *x, int64_t sx, const float *wp, const float 
 
 /* Gated MLP activation: out [rows, I] = silu(gate) * up, gate_up [rows, 2I] (gate first, row stride s). One
    pass instead of torch's copy, silu and multiply; exp through libmvec when available (vectorized). */
-void silu_mul_f32(const float *gate_up, int64_t s, float *out, int64_t rows, int64_t I) {
+static void silu_mul_f32(const float *gate_up, int64_t s, float *out, int64_t rows, int64_t I) {
     #pragma omp parallel for schedule(static) if (rows * I > 32768)
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate_up + r * s, *u = g + I;
@@ -312,7 +316,7 @@ void silu_mul_f32(const float *gate_up, int64_t s, float *out, int64_t rows, int
 /* Greedy sampling: idx[r] = the first index of the largest value in row r of x [rows, n] (row stride s), or
    of its first NaN, as torch.max(dim).indices. Two passes over a cache-resident row: a vector max, then the
    first match. */
-void argmax_rows_f32(const float *x, int64_t s, int64_t rows, int64_t n, int64_t *idx) {
+static void argmax_rows_f32(const float *x, int64_t s, int64_t rows, int64_t n, int64_t *idx) {
     #pragma omp parallel for schedule(static) if (rows * n > 65536)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * s;
@@ -326,3 +330,5 @@ void argmax_rows_f32(const float *x, int64_t s, int64_t rows, int64_t n, int64_t
         idx[r] = j;
     }
 }
+
+}  // namespace packserve
