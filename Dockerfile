@@ -32,9 +32,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Ubuntu's package versions are fixed by the pinned base image tag; pinning each one here as well would break the
 # build at every Ubuntu security update (old versions leave the archive), so DL3008 is ignored for apt only.
+# g++: the CPU operators (kernels/csrc) are compiled here, with torch.utils.cpp_extension (ninja comes from pip).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv gcc libc6-dev \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/venv
@@ -57,8 +58,8 @@ COPY loadtest ./loadtest
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "xformers==${XFORMERS_VERSION}" "./[xformers]" \
     && packserve --help
 
-# The CPU kernels, built ahead for both ISA levels (AVX-512 and AVX2 builds run on any CPU of that level), so a
-# container on a CPU host (or the CPU side of a GPU host) never compiles at start.
+# The CPU operators, built ahead for both ISA levels (AVX-512 and AVX2 builds run on any CPU of that level), so a
+# container on a CPU host (or the CPU side of a GPU host) never compiles at start (the runtime stage has no g++).
 RUN PACKSERVE_CACHE_DIR=/opt/packserve-cache packserve build-kernels --isa all
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys

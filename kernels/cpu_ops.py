@@ -37,7 +37,7 @@ import torch
 from packserve.kernels.cpu_lib import available, ops
 
 __all__ = ["PanelWeight", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
-           "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
+           "has_varlen", "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
 
@@ -57,6 +57,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     may be strided, e.g. column slices of the fused QKV output; heads and dims contiguous); cu_seqlens: int64
     [prompts + 1], 0 first and T last. Returns a new [T, H, D]."""
     return ops().varlen_attention(q, k, v, cu_seqlens, scale)
+
+
+def has_varlen() -> bool:
+    """The packed-prefill attention operator is built (it needs torch's fp32 brgemm, CPUBLAS_BRGEMM_F32F32F32)."""
+    return available() and hasattr(ops(), "varlen_attention")
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -54,6 +54,9 @@ class CacheConfig:
         _check(self.memory_gib is None or self.memory_gib > 0, "memory_gib must be > 0")
 
 
+ADMISSION_ORDERS = ("fcfs", "shortest")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
@@ -62,6 +65,11 @@ class SchedulerConfig:
     packing: str = "ffd"
     pack_length: int | None = None  # row capacity; None: the longest prompt in the step
     max_waiting: int | None = None  # None: unbounded (offline); the server always bounds it
+    # Which waiting requests are admitted first: "fcfs" (arrival order) or "shortest" (fewest tokens left to
+    # prefill first, so a burst's short prompts get their first token without waiting behind long ones; a request
+    # waiting aging_steps steps or more, or preempted, goes first in arrival order, so none starves).
+    admission: str = "fcfs"
+    aging_steps: int = 32
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
@@ -72,6 +80,8 @@ class SchedulerConfig:
         _check(self.packing in PACKING_ALGORITHMS, f"packing must be one of {PACKING_ALGORITHMS}")
         _check(self.pack_length is None or self.pack_length >= 1, "pack_length must be >= 1")
         _check(self.max_waiting is None or self.max_waiting >= 1, "max_waiting must be >= 1")
+        _check(self.admission in ADMISSION_ORDERS, f"admission must be one of {ADMISSION_ORDERS}")
+        _check(self.aging_steps >= 1, "aging_steps must be >= 1")
 
 
 @dataclass(frozen=True)

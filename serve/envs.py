@@ -76,7 +76,14 @@ _VARS = [
     EnvVar("DEVICE", str, "auto", "cpu, cuda or auto", "--device", choices=("auto", "cpu", "cuda")),
     EnvVar("MAX_MODEL_LEN", int, None, "context length limit (default: the checkpoint's)", "--max-model-len"),
     EnvVar("MAX_NUM_SEQS", int, 128, "most requests running at once", "--max-num-seqs"),
-    EnvVar("MAX_NUM_BATCHED_TOKENS", int, 8192, "token budget of one engine step", "--max-num-batched-tokens"),
+    EnvVar("MAX_NUM_BATCHED_TOKENS", int, None,
+           "token budget of one engine step (default: 8192 on GPU; on CPU 1024, or --max-num-seqs if larger: a "
+           "step of 8k prompt tokens takes ~0.4 s on 2 cores and every stream waits for it, so a burst's first "
+           "tokens come sooner in smaller steps)", "--max-num-batched-tokens"),
+    EnvVar("ADMISSION_ORDER", str, "shortest",
+           "which waiting requests start first: shortest (fewest prompt tokens first; preempted ones and those "
+           "waiting 32 steps or more go first, in arrival order) or fcfs (arrival order)", "--admission-order",
+           choices=("shortest", "fcfs")),
     EnvVar("BATCH_WINDOW_MS", float, 10.0,
            "on an idle server, how long the first request may wait for more to arrive (until a 2 ms pause) so a "
            "burst is packed into one prefill; 0 starts at once", "--batch-window-ms"),
@@ -113,11 +120,11 @@ _VARS = [
            "on CPU, keep freed activation memory in glibc's heap instead of page-faulting it in every step "
            "(packserve.host); 0 leaves malloc alone"),
     EnvVar("CPU_KERNELS", _bool, True,
-           "CPU fp32 fast paths: packserve's C kernels (built with gcc once per ISA and cached in the cache folder; "
-           "`packserve build-kernels` builds them ahead, else the first start builds them in the background while "
-           "the torch paths serve); 0 keeps plain torch"),
+           "CPU fp32 fast paths: packserve's C++ torch operators (built with torch.utils.cpp_extension once per ISA "
+           "and cached in the cache folder; `packserve build-kernels` builds them ahead, else the first start builds "
+           "them in the background while the torch paths serve); 0 keeps plain torch"),
     EnvVar("CPU_ISA", str, "auto",
-           "which build of the C kernels to run: auto (the best this CPU runs), avx512 or avx2 (e.g. the AVX2 "
+           "which build of the CPU operators to run: auto (the best this CPU runs), avx512 or avx2 (e.g. the AVX2 "
            "build on an AVX-512 CPU)", choices=("auto", "avx512", "avx2")),
     EnvVar("THREAD_TUNING", _bool, True,
            "on CPU, decode steps now and then try half the threads and keep the faster count (a core shared with "

@@ -153,6 +153,7 @@ Tensor paged_decode_attention(const Tensor &q, const Tensor &k_cache, const Tens
     return out;
 }
 
+#ifdef PACKSERVE_HAS_VARLEN
 Tensor varlen_attention(const Tensor &q, const Tensor &k, const Tensor &v, const Tensor &cu_seqlens, double scale) {
     check_token_rows(q, "q");
     check_token_rows(k, "k");
@@ -174,6 +175,7 @@ Tensor varlen_attention(const Tensor &q, const Tensor &k, const Tensor &v, const
     }
     return out;
 }
+#endif
 
 }  // namespace
 
@@ -189,7 +191,9 @@ PACKSERVE_LIBRARY(PACKSERVE_NS, m) {
     m.def("linear_panels(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
     m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
           "int block_size, float scale) -> Tensor");
+#ifdef PACKSERVE_HAS_VARLEN
     m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor");
+#endif
 }
 
 PACKSERVE_LIBRARY_IMPL(PACKSERVE_NS, m) {
@@ -200,5 +204,7 @@ PACKSERVE_LIBRARY_IMPL(PACKSERVE_NS, m) {
     m.impl("argmax_rows", &argmax_rows);
     m.impl("linear_panels", &linear_panels);
     m.impl("paged_decode_attention", &paged_decode_attention);
+#ifdef PACKSERVE_HAS_VARLEN
     m.impl("varlen_attention", &varlen_attention);
+#endif
 }

@@ -17,6 +17,11 @@
 #pragma once
 #include <ATen/native/CPUBlas.h>
 
+// torch announces an fp32 brgemm with this macro (2.13 does; older releases may not): without it the operator is
+// not built, and the varlen backend keeps its per-prompt SDPA path.
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+#define PACKSERVE_HAS_VARLEN 1
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -165,3 +170,5 @@ static void varlen_attention_f32(const float *q, const float *k, const float *v,
 }
 
 }  // namespace packserve
+
+#endif  // CPUBLAS_BRGEMM_F32F32F32

@@ -24,7 +24,9 @@ from packserve import __version__
 from packserve.api import errors, serving
 from packserve.api.body import install_schemas, openapi_body, parse_body
 from packserve.api.errors import APIError
+from packserve.api import tokenization
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from packserve.api.tokenization import DetokenizeRequest, TokenizeBody
 from packserve.engine.async_engine import AsyncEngine
 from packserve.host import trim_heap
 from packserve.metrics import CONTENT_TYPE, EngineMetrics
@@ -344,12 +346,33 @@ def create_app(state: ServerState) -> FastAPI:
                                 "tokens", "messages", "context_length_exceeded")
         return await generate(request, prepare(serving.prepare_chat, body, _chat_chars(body)), body.stream)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "packserve",
+                "max_model_len": state.max_model_len, "demo": state.is_demo,
+                "description": "built-in demo model (random weights)" if state.is_demo else None}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "packserve",
-            "max_model_len": state.max_model_len, "demo": state.is_demo,
-            "description": "built-in demo model (random weights)" if state.is_demo else None}]}
+        return {"object": "list", "data": [model_card(state.model_name)]}
+
+    @app.get("/v1/models/{model_id:path}")  # :path: served names may hold slashes ("org/model")
+    async def model(model_id: str):
+        if model_id not in state.model_names:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                           "model", "model_not_found")
+        return model_card(model_id)
+
+    @app.post("/tokenize", openapi_extra=openapi_body(TokenizeBody))
+    async def tokenize(request: Request):
+        return await tokenization.tokenize(state, (await parse_body(request, TokenizeBody)).root)
+
+    @app.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await tokenization.detokenize(state, await parse_body(request, DetokenizeRequest))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenization.tokenizer_info(state)
 
     @app.get("/health")
     async def health():
@@ -359,6 +382,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(503, "the server is shutting down", None, "shutting_down")
         return {"status": "ok"}
 
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # load balancers' probes
+
     @app.get("/metrics")
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
@@ -367,5 +392,5 @@ def create_app(state: ServerState) -> FastAPI:
     async def version():
         return {"version": __version__}
 
-    install_schemas(app, CompletionRequest, ChatCompletionRequest)
+    install_schemas(app, CompletionRequest, ChatCompletionRequest, TokenizeBody, DetokenizeRequest)
     return app

@@ -19,6 +19,17 @@ from packserve.host import cpu_budget
 log = logging.getLogger("packserve.serve")
 
 
+CPU_STEP_TOKENS = 1024  # the server's default step budget on CPU (PACKSERVE_MAX_NUM_BATCHED_TOKENS)
+
+
+def _runs_on_cpu(device: str | None) -> bool:
+    if device == "cpu":
+        return True
+    import torch
+
+    return device in (None, "auto") and not torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="packserve serve",
                                  description="Serve a model over an OpenAI-compatible HTTP API.")
@@ -91,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args.served_model_name or (demo.DEMO_MODEL_NAME if is_demo else os.path.basename(os.path.normpath(model)))
 
+    budget = args.max_num_batched_tokens
+    if budget is None:  # latency first on CPU, where a prefill step is slow (see the variable's help)
+        budget = max(CPU_STEP_TOKENS, args.max_num_seqs) if _runs_on_cpu(args.device) else 8192
+
     def build() -> LLMEngine:
         engine = LLMEngine(engine_config(
             model, backend=args.backend, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget, admission=args.admission_order,
             max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
             norm_mode=args.norm_mode, seed=args.seed, prefix_caching=args.prefix_caching))

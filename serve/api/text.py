@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from packserve.api.errors import APIError
-from packserve.api.protocol import ChatCompletionRequest
 
 # Used when the checkpoint's tokenizer has no chat template (documented in the README).
 FALLBACK_CHAT_TEMPLATE = (
@@ -30,7 +29,8 @@ def encode(state, text: str, param: str) -> list[int]:
     return state.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def render_chat(state, req: ChatCompletionRequest) -> str:
+def render_chat(state, req, add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    """req: anything with `messages` (a chat completion or a /tokenize request)."""
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -50,7 +50,8 @@ def render_chat(state, req: ChatCompletionRequest) -> str:
         raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
     template = getattr(state.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
     try:
-        return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+        return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                   continue_final_message=continue_final_message,
                                                    chat_template=template)
     except Exception as exc:  # a template may raise on message orders it does not accept
         raise APIError(400, f"the chat template rejected these messages ({type(exc).__name__})",

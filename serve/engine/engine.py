@@ -307,7 +307,8 @@ def engine_config(model: str, **kw) -> EngineConfig:
     sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 128),
                          max_num_batched_tokens=kw.pop("max_num_batched_tokens", 8192),
                          max_model_len=max(2, mc.max_model_len or 2), packing=kw.pop("packing", "ffd"),
-                         pack_length=kw.pop("pack_length", None), max_waiting=kw.pop("max_waiting", None))
+                         pack_length=kw.pop("pack_length", None), max_waiting=kw.pop("max_waiting", None),
+                         admission=kw.pop("admission", "fcfs"))
     if kw:
         raise TypeError(f"unknown engine options: {sorted(kw)}")
     return EngineConfig(mc, cc, sc)

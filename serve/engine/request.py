@@ -212,6 +212,7 @@ class RequestOutput:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (first admission)
+    queued_step: int = 0  # the scheduler step at which it was queued (shortest-first admission ages by it)
 
 
 def validate_request(token_ids: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:

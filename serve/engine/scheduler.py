@@ -12,7 +12,10 @@ Contract
        later from prompt + generated tokens);
     2. if nothing was preempted, waiting requests are admitted in order while the
        budget, `max_num_seqs` and free blocks allow; a prompt longer than the
-       remaining budget is prefilled in chunks over several steps.
+       remaining budget is prefilled in chunks over several steps. The order is
+       arrival order (`admission="fcfs"`) or fewest tokens to compute first
+       (`"shortest"`), where preempted requests and those waiting
+       `aging_steps` steps or more come first, in arrival order.
   Requests with no computed tokens form the packed prefill of the step.
   With prefix caching, a request admitted with nothing computed first takes the
   cached blocks of its longest cached prefix (whole blocks, leaving at least one
@@ -93,6 +96,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_steps = 0  # schedule() calls so far (the clock of shortest-first aging)
         # Tokens of admitted requests looked up in the prefix cache (prompt, plus generated tokens when a preempted
         # request is readmitted), and the tokens taken from it.
         self.prefix_cache_queries = 0
@@ -109,6 +113,7 @@ class Scheduler:
             raise ParameterError(
                 f"request needs up to {worst} KV blocks but the cache has {self.allocator.num_blocks}", "max_tokens")
         self.requests[req.request_id] = req
+        req.queued_step = self.num_steps
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -118,6 +123,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self.num_steps += 1
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -136,8 +142,9 @@ class Scheduler:
             i += 1
 
         if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+            for req in self._admission_order():
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
                 if self.state_slots is not None and self.state_slots.num_free == 0:
                     break
                 cached = self._take_cached_prefix(req)
@@ -153,12 +160,22 @@ class Scheduler:
                         req.num_cached_tokens = cached
                 if self.state_slots is not None:
                     req.state_slot = self.state_slots.allocate()
-                self.waiting.popleft()
+                self.waiting.remove(req)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
                 out.scheduled.append(self._entry(req, num_new))
                 budget -= num_new
         return out
+
+    def _admission_order(self) -> list[Request]:
+        """The waiting requests in the order they are tried (see the contract above)."""
+        if self.config.admission == "fcfs" or len(self.waiting) < 2:
+            return list(self.waiting)
+        old = self.num_steps - self.config.aging_steps
+        first = [r for r in self.waiting if r.num_preemptions or r.queued_step <= old]
+        rest = [r for r in self.waiting if not (r.num_preemptions or r.queued_step <= old)]
+        rest.sort(key=lambda r: r.num_tokens - r.num_computed_tokens)  # stable: ties keep arrival order
+        return first + rest
 
     def _take_cached_prefix(self, req: Request) -> int | None:
         """On admission from scratch: own the cached blocks of req's longest cached prefix and count them as

@@ -190,7 +190,7 @@ class VarlenBackend(AttentionBackend):
 
     def packed(self, q, k, v, meta, scale):
         if self.on_cpu:
-            if cpu_ops.usable(q) and meta.extra is not None:
+            if meta.extra is not None and cpu_ops.usable(q) and cpu_ops.has_varlen():
                 return cpu_ops.varlen_attention(q, k, v, meta.extra, scale)
             return self._per_sequence(q, k, v, meta, scale)
         kw = dict(self.causal)

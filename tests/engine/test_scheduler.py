@@ -135,3 +135,51 @@ def test_block_allocator_refcounts():
     with pytest.raises(ValueError):
         a.free([b[0]])
     assert a.blocks_for(5) == 3
+
+
+def _admitted(out):
+    return [(e.request.request_id, e.num_new_tokens) for e in out.scheduled if e.context_len == 0]
+
+
+def test_shortest_first_admission_lets_short_prompts_pass_long_ones():
+    """A burst under a small budget: "shortest" starts the short prompts first (their first tokens come a step
+    sooner), "fcfs" keeps arrival order (the long head prompt takes the whole budget)."""
+    lens = {"long": 40, "a": 6, "b": 3, "c": 9}
+    for admission, first in (("shortest", [("b", 3), ("a", 6), ("c", 9), ("long", 14)]), ("fcfs", [("long", 32)])):
+        s = make(max_num_batched_tokens=32, admission=admission)
+        for rid, n in lens.items():
+            s.add_request(req(rid, n))
+        assert _admitted(s.schedule()) == first, admission
+
+
+def test_shortest_first_ages_waiting_requests_and_puts_preempted_ones_first():
+    """A long prompt passed by a stream of short ones starts once it has waited aging_steps steps; a preempted
+    request is readmitted before shorter newcomers."""
+    s = make(max_num_seqs=1, admission="shortest", aging_steps=3)
+    s.add_request(req("busy", 2, max_tokens=100))  # holds the only running seat, so the queue only grows
+    s.add_request(req("long", 9))
+    heads = []
+    for step in range(5):
+        s.add_request(req(f"short{step}", 3))
+        run_step(s)
+        heads.append(s._admission_order()[0].request_id)
+    # Shorter newcomers go before the long prompt until it has waited 3 steps; then it is first.
+    assert heads == ["short0", "short0", "long", "long", "long"]
+
+    s = make(num_blocks=6, block_size=4, max_num_batched_tokens=64, admission="shortest")
+    s.add_request(req("big", 8, max_tokens=14))
+    s.add_request(req("small", 8, max_tokens=14))
+    run_step(s)
+    while not s.num_preemptions:  # both grow until the cache is full: the newest running request is preempted
+        run_step(s)
+    s.add_request(req("tiny", 2, max_tokens=2))
+    preempted = next(r for r in s.waiting if r.num_preemptions)
+    order = s._admission_order()
+    assert order[0] is preempted and order[-1].request_id == "tiny"
+
+
+def test_admission_order_is_validated():
+    with pytest.raises(ValueError, match="admission"):
+        SchedulerConfig(admission="random")
+    with pytest.raises(ValueError, match="aging_steps"):
+        SchedulerConfig(aging_steps=0)
