@@ -67,23 +67,31 @@ static void pack_kv_tiles(const float *k, const float *v, const int64_t *cu, con
 }
 
 /* The online softmax over one transposed score tile st [VK, M] (column r = query r; keys past the causal limit
-   already -inf): st becomes P^T = exp(st - m_new), l and m are updated, and O^T's columns are rescaled by
-   exp(m_old - m_new) where the max grew. Every loop runs along the contiguous query columns and vectorizes. */
-static inline void softmax_tile(float *st, float *m, float *l, float *mnew, float *ot, int64_t M, int64_t D) {
-    for (int64_t r = 0; r < M; r++) mnew[r] = m[r];
+   already -inf): st becomes P^T = exp(st - m), l and m are updated, and O^T's columns are rescaled where m moved.
+   Every loop runs along the contiguous query columns and vectorizes. Lazy rescaling: the reference m of a column
+   moves only when a score exceeds it by more than LAZY (the first tile always sets it), so later tiles rarely
+   rescale O^T; softmax does not depend on the reference, and exp(s - m) <= e^LAZY keeps the sums far from fp32's
+   range. On the first tile (first = true) O^T is not read: the caller's PV product overwrites it. */
+constexpr float LAZY = 8.f;
+
+static inline void softmax_tile(float *st, float *m, float *l, float *buf, float *ot, int64_t M, int64_t D,
+                                bool first) {
+    for (int64_t r = 0; r < M; r++) buf[r] = -INFINITY;
     for (int64_t j = 0; j < VK; j++) {
         const float *sj = st + j * M;
         #pragma omp simd
-        for (int64_t r = 0; r < M; r++) mnew[r] = sj[r] > mnew[r] ? sj[r] : mnew[r];
+        for (int64_t r = 0; r < M; r++) buf[r] = sj[r] > buf[r] ? sj[r] : buf[r];
     }
-    int grew = 0;
-    #pragma omp simd reduction(|:grew)
+    int moved = 0;
+    #pragma omp simd reduction(|:moved)
     for (int64_t r = 0; r < M; r++) {
-        const float alpha = expf(m[r] - mnew[r]);  // 1 where the max stayed; the first tile: exp(-inf) = 0
-        grew |= alpha != 1.f;
+        const bool up = buf[r] > m[r] + LAZY;  // the first tile: m = -inf, always
+        const float m_new = up ? buf[r] : m[r];
+        const float alpha = expf(m[r] - m_new);  // 1 where m stays; the first tile: exp(-inf) = 0
+        moved |= up;
         l[r] *= alpha;
-        m[r] = mnew[r];
-        mnew[r] = alpha;  // reused: the rescale factors
+        m[r] = m_new;
+        buf[r] = alpha;  // reused: the rescale factors
     }
     for (int64_t j = 0; j < VK; j++) {
         float *sj = st + j * M;
@@ -94,11 +102,11 @@ static inline void softmax_tile(float *st, float *m, float *l, float *mnew, floa
             l[r] += p;
         }
     }
-    if (grew)
+    if (moved && !first)
         for (int64_t d = 0; d < D; d++) {
             float *od = ot + d * M;
             #pragma omp simd
-            for (int64_t r = 0; r < M; r++) od[r] *= mnew[r];
+            for (int64_t r = 0; r < M; r++) od[r] *= buf[r];
         }
 }
 
@@ -138,7 +146,6 @@ static void varlen_attention_f32(const float *q, const float *k, const float *v,
                     for (int64_t d = 0; d < D; d++) qt[d * M + r] = i < nq ? src[d] * sh.scale : 0.f;
                     qpos[r] = (float)(w.q0 + i);  // exact: positions < 2^24
                 }
-            std::fill(ot.begin(), ot.end(), 0.f);
             std::fill(m.begin(), m.end(), -INFINITY);
             std::fill(l.begin(), l.end(), 0.f);
             const int64_t last = (w.q0 + nq - 1) / VK;  // the tile holding the item's last query token
@@ -153,8 +160,8 @@ static void varlen_attention_f32(const float *q, const float *k, const float *v,
                         #pragma omp simd
                         for (int64_t r = 0; r < M; r++) sj[r] = key > qpos[r] ? -INFINITY : sj[r];
                     }
-                softmax_tile(st.data(), m.data(), l.data(), tmp.data(), ot.data(), M, D);
-                at::native::cpublas::brgemm(D, M, VK, VK, M, M, true, vt + (t * Hkv + w.g) * D * VK, st.data(),
+                softmax_tile(st.data(), m.data(), l.data(), tmp.data(), ot.data(), M, D, kb == 0);
+                at::native::cpublas::brgemm(D, M, VK, VK, M, M, kb > 0, vt + (t * Hkv + w.g) * D * VK, st.data(),
                                             ot.data(), false);
             }
             for (int64_t h = 0; h < G; h++)
