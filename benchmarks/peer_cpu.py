@@ -6,7 +6,10 @@ idle engine's threads can never take CPU from the one being timed):
   python), `dtype=float32`, prefix caching off, tcmalloc preloaded and its OpenMP threads bound to the cores
   this process may use, as its README recommends;
 - `packserve`: the default paths (C kernels);
-- `packserve torch`: PACKSERVE_CPU_KERNELS=0, packserve's plain torch path.
+- `packserve torch`: PACKSERVE_CPU_KERNELS=0, packserve's plain torch path;
+- `packserve bf16` (only when asked for with `--sides`): PACKSERVE_CPU_MATMUL_PRECISION=bf16, the approximate
+  bf16-matmul mode (CPUs with AMX-BF16 or AVX512-BF16); its greedy-token agreement with the fp32 sides shows what
+  the rounding costs.
 
 Same checkpoint (the serving model built by packserve.checkpoints: Llama, hidden 384, 6 layers, 6 heads / 2 KV
 heads, vocab 32000, fp32 weights; its tokenizer padded with added tokens to the model's vocab), same token-id prompts, greedy, EOS ignored, prefix caching off everywhere.
@@ -19,6 +22,7 @@ Workloads, alternated A/B/C over `--repeats` rounds, medians:
 Greedy tokens are compared across the sides on workload 1. Prints one table with the ratio of each side to vLLM.
 
   python benchmarks/peer_cpu.py --vllm-python /path/to/vllm-venv/bin/python [--repeats 3] [--no-serve]
+                                [--sides vllm packserve "packserve torch" "packserve bf16"]
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ def side_env(side: str) -> dict[str, str]:
             env["LD_PRELOAD"] = TCMALLOC
     elif side == "packserve torch":
         env["PACKSERVE_CPU_KERNELS"] = "0"
+    elif side == "packserve bf16":  # the approximate bf16-matmul mode (needs AMX-BF16 or AVX512-BF16)
+        env["PACKSERVE_CPU_MATMUL_PRECISION"] = "bf16"
     return env
 
 
@@ -196,7 +202,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--no-serve", action="store_true", help="skip the served workload")
-    ap.add_argument("--sides", nargs="+", default=["vllm", "packserve", "packserve torch"])
+    ap.add_argument("--sides", nargs="+", default=["vllm", "packserve", "packserve torch"],
+                    choices=["vllm", "packserve", "packserve torch", "packserve bf16"])
     args = ap.parse_args()
 
     import torch

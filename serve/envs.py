@@ -123,6 +123,9 @@ _VARS = [
            "CPU fp32 fast paths: packserve's C++ torch operators (built with torch.utils.cpp_extension once per ISA "
            "and cached in the cache folder; `packserve build-kernels` builds them ahead, else the first start builds "
            "them in the background while the torch paths serve); 0 keeps plain torch"),
+    EnvVar("CPU_MATMUL_PRECISION", str, "fp32",
+           "CPU matmuls: fp32 (exact), or bf16 (approximate, ~3x faster prefill; needs AMX-BF16 or AVX512-BF16; "
+           "steps under 8 tokens stay fp32; packserve.engine.precision)", choices=("fp32", "bf16")),
     EnvVar("CPU_ISA", str, "auto",
            "which build of the CPU operators to run: auto (the best this CPU runs), avx512 or avx2 (e.g. the AVX2 "
            "build on an AVX-512 CPU)", choices=("auto", "avx512", "avx2")),

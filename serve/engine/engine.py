@@ -11,6 +11,7 @@ import torch
 
 from packserve import envs
 from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from packserve.engine.precision import CpuMatmulPrecision
 from packserve.engine.detokenizer import IncrementalDetokenizer
 from packserve.engine.stop import StopMatcher
 from packserve.engine.threads import ThreadTuner
@@ -62,6 +63,9 @@ class LLMEngine:
         torch.manual_seed(mc.seed)
         dev_name = mc.device if mc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev_name)
+        # Refused at once (before the model loads) when the CPU cannot do it: packserve.engine.precision.
+        self.cpu_precision = (CpuMatmulPrecision(envs.get("CPU_MATMUL_PRECISION")) if self.device.type == "cpu"
+                              else None)
         if self.device.type == "cpu":
             from packserve.host import cpu_budget, tune_malloc
 
@@ -108,7 +112,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, state_slots)
         self.backend = select_backend(mc.backend, self.device)
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
-                                  state_cache=self.state_cache, allocator=self.allocator)
+                                  state_cache=self.state_cache, allocator=self.allocator,
+                                  cpu_precision=self.cpu_precision)
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:

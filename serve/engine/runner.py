@@ -15,6 +15,7 @@ import torch
 from packserve import envs
 from packserve.engine.kv_cache import KVCache
 from packserve.engine.packing import build_packed_batch
+from packserve.engine.precision import CpuMatmulPrecision
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
 from packserve.kernels import cpu_ops
@@ -66,8 +67,10 @@ def length_groups(lengths: list[int], max_groups: int = 4, min_saving: int = 512
 
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
-                 packing: str = "ffd", pack_length: int | None = None, state_cache=None, allocator=None):
+                 packing: str = "ffd", pack_length: int | None = None, state_cache=None, allocator=None,
+                 cpu_precision: CpuMatmulPrecision | None = None):
         self.model = model
+        self.cpu_precision = cpu_precision  # CPU: per step, bf16 or exact fp32 matmuls (packserve.engine.precision)
         self.allocator = allocator  # the engine's BlockAllocator (prefill_logits bypasses it)
         self.state_cache = state_cache  # linear-attention states (None for pure softmax models)
         self.backend = backend
@@ -274,6 +277,8 @@ class ModelRunner:
         if self.state_cache is not None:
             ctx.linear = self._linear_meta(flat_seqs)
             ctx.state_cache = self.state_cache
+        if self.cpu_precision is not None:
+            self.cpu_precision.apply(len(ids))
         hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
                             torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True), ctx)
         return hidden, last_index, stats
