@@ -42,7 +42,8 @@ class _SamplingFields(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100], added to the "
+                                                                  "logits before sampling")
 
 
 # StrictInt: `true` is not token id 1.
@@ -110,8 +111,6 @@ def _set(value) -> bool:
 
 def unsupported_fields(req: _SamplingFields) -> str | None:
     """The first known-but-unsupported field set to a non-default value, or None."""
-    if _set(req.logit_bias):
-        return "logit_bias"
     if isinstance(req, CompletionRequest):
         if _set(req.suffix):
             return "suffix"

@@ -75,7 +75,7 @@ def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: in
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
-            min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs)
+            min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias or ())
     except ParameterError as e:
         raise _param_error(e) from None
 

@@ -10,6 +10,7 @@ from typing import Sequence
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string (a matched string is held back from streaming)
+MAX_LOGIT_BIAS = 2048  # logit_bias entries per request (applied at every step)
 
 
 class ParameterError(ValueError):
@@ -45,6 +46,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     min_tokens: int = 0
+    # Added to the logits before sampling (OpenAI semantics: -100 bans a token, +100 all but forces it); token id
+    # -> bias, stored as sorted (id, bias) pairs. Logprobs stay those of the model's raw distribution.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store tuples (frozen + hashable).
@@ -95,6 +99,7 @@ class SamplingParams:
             raise ParameterError("stop_token_ids must be non-negative token ids", "stop_token_ids")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ParameterError(f"min_tokens must be >= 0, got {self.min_tokens!r}", "min_tokens")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -221,6 +226,31 @@ def validate_request(token_ids: Sequence[int], params: SamplingParams, vocab_siz
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         raise ParameterError(f"stop_token_ids {bad[:4]} are outside the vocabulary [0, {vocab_size})", "stop_token_ids")
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise ParameterError(f"logit_bias token ids {bad[:4]} are outside the vocabulary [0, {vocab_size})",
+                             "logit_bias")
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """A dict {token id (int or its decimal string, as OpenAI's JSON keys): bias} or (id, bias) pairs -> sorted
+    pairs; ids >= 0, biases finite in [-100, 100], at most MAX_LOGIT_BIAS entries (each costs every step)."""
+    items = list(value.items()) if isinstance(value, dict) else list(value or ())
+    if len(items) > MAX_LOGIT_BIAS:
+        raise ParameterError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(items)}", "logit_bias")
+    out = {}
+    for key, bias in items:
+        try:
+            tid = int(key) if not isinstance(key, (bool, float)) else None
+        except (TypeError, ValueError):
+            tid = None
+        if tid is None or tid < 0 or (isinstance(key, str) and key.strip() != str(tid)):
+            raise ParameterError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}",
+                                 "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+            raise ParameterError(f"logit_bias values must be numbers in [-100, 100], got {bias!r}", "logit_bias")
+        out[tid] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:

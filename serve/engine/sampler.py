@@ -45,9 +45,11 @@ class Sampler:
         logits = logits.float()
         raw = logits
         device = logits.device
-        # Copy only when a request edits its row (penalties, min_tokens): raw feeds the logprobs.
-        if any(r.params.needs_penalties or len(r.output_token_ids) < r.params.min_tokens for r in requests):
+        # Copy only when a request edits its row (penalties, min_tokens, logit_bias): raw feeds the logprobs.
+        if any(r.params.needs_penalties or r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens
+               for r in requests):
             logits = logits.clone()
+        _apply_logit_bias(logits, requests)
         for i, req in enumerate(requests):
             p = req.params
             if p.needs_penalties:
@@ -90,6 +92,19 @@ class Sampler:
                     top = [Logprob(int(t), float(v)) for v, t in zip(vals.tolist(), idx.tolist())]
                 logprobs[i] = (chosen, top)
         return SampleResult(tokens, logprobs)
+
+
+def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Every row's logit_bias in one scatter-add (rows without a bias cost nothing)."""
+    rows, cols, vals = [], [], []
+    for i, req in enumerate(requests):
+        for tid, bias in req.params.logit_bias:
+            rows.append(i)
+            cols.append(tid)
+            vals.append(bias)
+    if rows:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+        logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
 
 
 def _apply_penalties(row: torch.Tensor, req: Request, device: torch.device) -> None:

@@ -166,3 +166,22 @@ def test_repeated_prompt_is_served_from_the_prefix_cache(openai_client, offline_
     assert second.usage.prompt_tokens_details.cached_tokens == 32  # two full 16-token blocks
     assert second.usage.prompt_tokens == 40
     assert helpers["metric_values"](server.url)["packserve:prefix_cache_hits_total"] >= hits0 + 32
+
+
+def test_logit_bias_forces_and_bans_tokens(openai_client, offline_llm):
+    """+100 on one token makes it every greedy choice (completions and chat, streamed or not); -100 on the token
+    greedy decoding picks bans it."""
+    tok = offline_llm.tokenizer
+    forced = tok.encode(" fox", add_special_tokens=False)[-1]
+    want = tok.decode([forced] * 4)
+    full = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=4, temperature=0,
+                                            logit_bias={str(forced): 100})
+    streamed, _, _ = _stream_text(openai_client.completions.create(
+        model="llama", prompt="Hello", max_tokens=4, temperature=0, logit_bias={str(forced): 100}, stream=True))
+    chat = openai_client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, temperature=0, logit_bias={str(forced): 100})
+    assert full.choices[0].text == streamed == chat.choices[0].message.content == want
+    plain = offline_llm.generate(["Hello"], SamplingParams(max_tokens=1, temperature=0))[0].outputs[0].token_ids[0]
+    banned = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=1, temperature=0,
+                                              logit_bias={str(plain): -100}, logprobs=1)
+    assert banned.choices[0].text != tok.decode([plain])

@@ -117,3 +117,33 @@ def test_extreme_repetition_penalties_keep_probabilities_finite(penalty):
         assert set(got) <= {2, 3} and len(set(got)) == 2  # both at the clamped maximum: a coin toss each
     else:
         assert 5 not in got and set(got) <= {0, 1, 2, 3, 4} and 4 in got
+
+
+def test_logit_bias_per_row_in_one_step():
+    """Rows of one step with different biases: +100 forces a token, -100 bans the greedy one, no bias is untouched;
+    the raw distribution still feeds the logprobs."""
+    from packserve.engine.request import Request, SamplingParams
+    from packserve.engine.sampler import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    top = int(logits[1].argmax())
+    reqs = [Request(f"r{i}", [1, 2], SamplingParams(temperature=0, logprobs=0, logit_bias=b))
+            for i, b in enumerate([{"7": 100}, {top: -100.0}, {}])]
+    out = Sampler()(logits.clone(), reqs)
+    assert out.token_ids[0] == 7
+    assert out.token_ids[1] == int(logits[1].clone().index_fill_(0, torch.tensor([top]), -1e9).argmax())
+    assert out.token_ids[2] == int(logits[2].argmax())
+    raw = torch.log_softmax(logits, -1)
+    assert out.logprobs[0][0].logprob == pytest.approx(float(raw[0, 7]), abs=1e-5)
+
+
+def test_logit_bias_is_validated():
+    from packserve.engine.request import ParameterError, SamplingParams
+
+    assert SamplingParams(logit_bias={"3": 1, 2: -5.5}).logit_bias == ((2, -5.5), (3, 1.0))
+    for bad in ({"a": 1}, {"-1": 1}, {1: 101}, {1: float("nan")}, {1: True}, {True: 1}, {"1.5": 2},
+                {i: 1 for i in range(2049)}):
+        with pytest.raises(ParameterError) as e:
+            SamplingParams(logit_bias=bad)
+        assert e.value.param == "logit_bias"
