@@ -21,6 +21,7 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = Field(False, description="usage so far in every chunk (vLLM's extra)")
 
 
 class _SamplingFields(_Model):
@@ -42,6 +43,7 @@ class _SamplingFields(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    allowed_token_ids: list[StrictInt] | None = Field(None, description="sample only among these token ids")
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100], added to the "
                                                                   "logits before sampling")
 
@@ -75,7 +77,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = Field(None, description="not supported: must be empty")
-    best_of: int | None = Field(None, description="not supported: must equal n")
+    best_of: int | None = Field(None, description="candidates generated per prompt (>= n, not with stream); the n "
+                                                   "with the highest cumulative logprob are returned")
 
 
 class TextPart(_Model):
@@ -114,8 +117,6 @@ def unsupported_fields(req: _SamplingFields) -> str | None:
     if isinstance(req, CompletionRequest):
         if _set(req.suffix):
             return "suffix"
-        if req.best_of is not None and req.best_of != req.n:
-            return "best_of"
         return None
     assert isinstance(req, ChatCompletionRequest)
     if _set(req.tools):

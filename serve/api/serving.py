@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 
 from packserve.api.errors import APIError, error_body
+from packserve.api.logprobs import chat_logprobs, completion_logprobs, echo_logprob_entries
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest, UINT64_MAX, unsupported_fields
 from packserve.api.text import encode, render_chat
 from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
@@ -26,8 +27,6 @@ from packserve.engine.request import ParameterError, RequestOutput, SamplingPara
 from packserve.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
-
-MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 
 
 @dataclass
@@ -53,8 +52,10 @@ class Job:
     choices: dict[str, _Choice]
     prompt_tokens: int
     logprobs: int | None
-    include_usage: bool
+    include_usage: bool  # stream_options.include_usage (continuous_usage_stats: "always", usage in every chunk)
     echo: bool = False
+    n: int = 1
+    best_of: int | None = None  # > n: candidates per prompt, ranked by cumulative logprob (completions only)
 
 
 # -- preparing ----------------------------------------------------------------------
@@ -75,7 +76,8 @@ def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: in
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
-            min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias or ())
+            min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias or (),
+            allowed_token_ids=tuple(req.allowed_token_ids or ()))
     except ParameterError as e:
         raise _param_error(e) from None
 
@@ -98,10 +100,25 @@ def _seed(seed: int | None, j: int) -> int | None:
     return seed + j if seed + j <= UINT64_MAX else seed - j
 
 
+def _candidates(state, req) -> int:
+    """Engine requests per prompt: n, or best_of when it asks for more (then ranked, and not streamed)."""
+    best_of = getattr(req, "best_of", None)
+    if best_of is None or best_of == req.n:
+        return req.n
+    if not req.n <= best_of <= state.max_n:
+        raise APIError(400, f"best_of must be between n ({req.n}) and {state.max_n}, got {best_of}", "best_of",
+                       "invalid_value")
+    if req.stream:
+        raise APIError(400, "best_of > n cannot be streamed (the best candidates are known only at the end)",
+                       "best_of", "invalid_value")
+    return best_of
+
+
 def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, echo=False) -> Job:
-    if len(prompts) * req.n > state.max_waiting:
-        raise APIError(400, f"{len(prompts)} prompts x n={req.n} exceeds the server's queue capacity "
-                            f"({state.max_waiting})", "prompt", "invalid_value")
+    k = _candidates(state, req)
+    if len(prompts) * k > state.max_waiting:
+        raise APIError(400, f"{len(prompts)} prompts x {'best_of' if k > req.n else 'n'}={k} exceeds the server's "
+                            f"queue capacity ({state.max_waiting})", "prompt", "invalid_value")
     jid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
     now = time.monotonic()
     reqs, choices, total_prompt = [], {}, 0
@@ -115,16 +132,19 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
         echoed = ""
         if echo:
             echoed = text if text is not None else (state.tokenizer.decode(ids) if state.tokenizer else "")
-        for j in range(req.n):
-            # echo + logprobs scores the prompt too (max_tokens=0 then means "score only").
-            params = _sampling(state, req, mt, logprobs, _seed(req.seed, j),
+        for j in range(k):
+            # echo + logprobs scores the prompt too (max_tokens=0 then means "score only"). best_of ranks by
+            # the sampled tokens' logprobs, so candidates compute them even when the client did not ask.
+            want = logprobs if logprobs is not None or k == req.n else 0
+            params = _sampling(state, req, mt, want, _seed(req.seed, j),
                                prompt_logprobs=logprobs if (echo and logprobs is not None) else None)
-            rid = f"{jid}-{p_idx * req.n + j}"
+            rid = f"{jid}-{p_idx * k + j}"
             reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
-            choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+            choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)  # best_of: re-indexed once ranked
+    so = req.stream_options if req.stream else None
+    include_usage = "always" if so and so.continuous_usage_stats else bool(so and so.include_usage)
     return Job(kind, jid, state.model_name, int(time.time()), reqs, choices, total_prompt, logprobs,
-               include_usage, echo)
+               include_usage, echo, req.n, k if k > req.n else None)
 
 
 def prepare_completion(state, req: CompletionRequest) -> Job:
@@ -215,44 +235,6 @@ async def collect(request: Request, stream: RequestStream) -> dict[str, RequestO
 
 
 # -- formatting ---------------------------------------------------------------------
-def _tok(state, tid: int) -> str:
-    return state.tokenizer.decode([tid]) if state.tokenizer is not None else f"<{tid}>"
-
-
-def _lp(x: float | None) -> float | None:
-    return x if x is None or x > MIN_LOGPROB else MIN_LOGPROB
-
-
-def completion_logprobs(state, entries, offset: int) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    for chosen, top in entries:
-        s = _tok(state, chosen.token_id)
-        tokens.append(s)
-        token_lps.append(_lp(chosen.logprob))
-        tops.append(({_tok(state, t.token_id): _lp(t.logprob) for t in top} or None) if chosen.logprob is not None
-                    else None)
-        offsets.append(offset)
-        offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def echo_logprob_entries(out: RequestOutput) -> list:
-    """The prompt's entries for echo + logprobs; the first token has no logprob (OpenAI: null)."""
-    from packserve.engine.request import Logprob
-
-    pl = out.prompt_logprobs or []
-    first = (Logprob(out.prompt_token_ids[0], None), [])
-    return [first] + [e for e in pl[1:]]
-
-
-def chat_logprobs(state, entries) -> dict:
-    def item(lp):
-        s = _tok(state, lp.token_id)
-        return {"token": s, "logprob": _lp(lp.logprob), "bytes": list(s.encode("utf-8"))}
-
-    return {"content": [{**item(chosen), "top_logprobs": [item(t) for t in top]} for chosen, top in entries]}
-
-
 def _usage(job: Job, outs) -> dict:
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
     cached: dict[int, int] = {}  # per prompt: its tokens served from the prefix cache (n choices share a prompt)
@@ -264,9 +246,29 @@ def _usage(job: Job, outs) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
+def _cumulative_logprob(out: RequestOutput) -> float:
+    return sum(chosen.logprob for chosen, _ in (out.outputs[0].logprobs or []))
+
+
+def _returned(job: Job, finals: dict[str, RequestOutput]) -> list[tuple[str, int]]:
+    """(request id, choice index) of the choices to return: all of them, or per prompt the n of its best_of
+    candidates with the highest cumulative logprob (ties: the earlier candidate)."""
+    if job.best_of is None:
+        return sorted(((rid, ch.index) for rid, ch in job.choices.items()), key=lambda x: x[1])
+    by_prompt: dict[int, list[str]] = {}
+    for rid, ch in job.choices.items():
+        by_prompt.setdefault(ch.prompt_index, []).append(rid)
+    picked = []
+    for p_idx in sorted(by_prompt):
+        ranked = sorted(by_prompt[p_idx], key=lambda rid: -_cumulative_logprob(finals[rid]))  # stable
+        picked += [(rid, p_idx * job.n + rank) for rank, rid in enumerate(ranked[:job.n])]
+    return picked
+
+
 def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
     choices = []
-    for rid, ch in sorted(job.choices.items(), key=lambda kv: kv[1].index):
+    for rid, index in _returned(job, finals):
+        ch = job.choices[rid]
         out = finals[rid]
         comp = out.outputs[0]
         lps = (comp.logprobs or []) if job.logprobs is not None else None
@@ -274,12 +276,12 @@ def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
             offset = len(ch.prompt_text)
             if lps is not None and job.echo:
                 lps, offset = echo_logprob_entries(out) + lps, 0
-            choices.append({"index": ch.index, "text": ch.prompt_text + comp.text,
+            choices.append({"index": index, "text": ch.prompt_text + comp.text,
                             "logprobs": completion_logprobs(state, lps, offset) if lps is not None
                             else None,
                             "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
         else:
-            choices.append({"index": ch.index, "message": {"role": "assistant", "content": comp.text},
+            choices.append({"index": index, "message": {"role": "assistant", "content": comp.text},
                             "logprobs": chat_logprobs(state, lps) if lps is not None else None,
                             "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
@@ -291,10 +293,13 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _chunk(job: Job, choice: dict) -> dict:
+def _chunk(job: Job, choice: dict, out: RequestOutput) -> dict:
     obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
     c = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
-    if job.include_usage:
+    if job.include_usage == "always":  # this choice's usage so far
+        n_prompt, n_out = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+        c["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    elif job.include_usage:
         c["usage"] = None
     return c
 
@@ -308,7 +313,7 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
     chunks = []
     if job.kind == "chat" and not ch.started:
         chunks.append(_sse(_chunk(job, {"index": ch.index, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None})))
+                                        "logprobs": None, "finish_reason": None}, out)))
     offset = ch.sent_text + (len(ch.prompt_text) if job.echo else 0)
     if job.kind == "completion" and not ch.started and ch.prompt_text:
         text = ch.prompt_text + text
@@ -326,7 +331,7 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
                       "finish_reason": comp.finish_reason if finished else None}
         if finished:
             choice["stop_reason"] = comp.stop_reason
-        chunks.append(_sse(_chunk(job, choice)))
+        chunks.append(_sse(_chunk(job, choice, out)))
     ch.sent_text = len(comp.text)
     ch.sent_tokens = len(comp.token_ids)
     if finished:

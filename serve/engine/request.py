@@ -49,6 +49,7 @@ class SamplingParams:
     # Added to the logits before sampling (OpenAI semantics: -100 bans a token, +100 all but forces it); token id
     # -> bias, stored as sorted (id, bias) pairs. Logprobs stay those of the model's raw distribution.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's extra: sample only among these (empty: the whole vocabulary)
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store tuples (frozen + hashable).
@@ -100,6 +101,10 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ParameterError(f"min_tokens must be >= 0, got {self.min_tokens!r}", "min_tokens")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        allowed = self.allowed_token_ids or ()
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed):
+            raise ParameterError("allowed_token_ids must be non-negative token ids", "allowed_token_ids")
+        object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
 
     @property
     def greedy(self) -> bool:
@@ -226,6 +231,10 @@ def validate_request(token_ids: Sequence[int], params: SamplingParams, vocab_siz
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         raise ParameterError(f"stop_token_ids {bad[:4]} are outside the vocabulary [0, {vocab_size})", "stop_token_ids")
+    bad = [t for t in params.allowed_token_ids if t >= vocab_size]
+    if bad:
+        raise ParameterError(f"allowed_token_ids {bad[:4]} are outside the vocabulary [0, {vocab_size})",
+                             "allowed_token_ids")
     bad = [t for t, _ in params.logit_bias if t >= vocab_size]
     if bad:
         raise ParameterError(f"logit_bias token ids {bad[:4]} are outside the vocabulary [0, {vocab_size})",

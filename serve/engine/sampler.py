@@ -46,10 +46,11 @@ class Sampler:
         raw = logits
         device = logits.device
         # Copy only when a request edits its row (penalties, min_tokens, logit_bias): raw feeds the logprobs.
-        if any(r.params.needs_penalties or r.params.logit_bias or len(r.output_token_ids) < r.params.min_tokens
-               for r in requests):
+        if any(r.params.needs_penalties or r.params.logit_bias or r.params.allowed_token_ids
+               or len(r.output_token_ids) < r.params.min_tokens for r in requests):
             logits = logits.clone()
         _apply_logit_bias(logits, requests)
+        _apply_allowed(logits, requests)
         for i, req in enumerate(requests):
             p = req.params
             if p.needs_penalties:
@@ -105,6 +106,18 @@ def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
     if rows:
         index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
         logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def _apply_allowed(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Rows with allowed_token_ids keep only those logits (the rest -inf), all such rows in one masked add."""
+    rows = [i for i, r in enumerate(requests) if r.params.allowed_token_ids]
+    if not rows:
+        return
+    mask = torch.full((len(rows), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+    r_idx = [k for k, i in enumerate(rows) for _ in requests[i].params.allowed_token_ids]
+    cols = [t for i in rows for t in requests[i].params.allowed_token_ids]
+    mask[torch.tensor(r_idx, device=logits.device), torch.tensor(cols, device=logits.device)] = 0.0
+    logits[rows] += mask
 
 
 def _apply_penalties(row: torch.Tensor, req: Request, device: torch.device) -> None:

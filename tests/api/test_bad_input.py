@@ -87,7 +87,8 @@ def test_sampling_out_of_range(server, auth, inflight, field, value):
 def test_unsupported_openai_fields(server, auth, inflight):
     with inflight():
         _err(_post(server, auth, {"prompt": "hi", "suffix": "x"}), 400, "suffix")
-        _err(_post(server, auth, {"prompt": "hi", "best_of": 3}), 400, "best_of")
+        for bad in ({"best_of": 3, "stream": True}, {"best_of": 1, "n": 2}, {"best_of": 10 ** 6}):
+            _err(_post(server, auth, {"prompt": "hi", **bad}), 400, "best_of")
         for bias in ({"5": 1000}, {"x": 1}, {"-3": 1}, {"10000000": 1}, {str(i): 1 for i in range(2049)}):
             _err(_post(server, auth, {"prompt": "hi", "logit_bias": bias}), 400, "logit_bias")
         _err(_post(server, auth, {"prompt": "hi", "max_tokens": 0}), 400, "max_tokens")  # 0 needs echo+logprobs

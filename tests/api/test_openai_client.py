@@ -185,3 +185,33 @@ def test_logit_bias_forces_and_bans_tokens(openai_client, offline_llm):
     banned = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=1, temperature=0,
                                               logit_bias={str(plain): -100}, logprobs=1)
     assert banned.choices[0].text != tok.decode([plain])
+
+
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(openai_client):
+    """best_of=4, n=2 (sampled, seeded) returns the top 2 by cumulative logprob of the same 4 candidates that n=4
+    with the same seed generates (candidate j samples with seed + j either way); usage counts all 4."""
+    params = dict(model="llama", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11)
+    all4 = openai_client.completions.create(**params, n=4, logprobs=0)
+    ranked = sorted(all4.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    best = openai_client.completions.create(**params, n=2, best_of=4)
+    assert [c.index for c in best.choices] == [0, 1]
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert best.choices[0].logprobs is None  # ranked with logprobs, returned without: none were asked for
+    assert best.usage.completion_tokens == all4.usage.completion_tokens
+
+
+def test_allowed_token_ids_and_continuous_usage_stats(openai_client, offline_llm):
+    """vLLM's extras: allowed_token_ids limits sampling to a set; stream_options.continuous_usage_stats puts the
+    choice's usage so far in every chunk."""
+    tok = offline_llm.tokenizer
+    allowed = tok.encode(" cat dog", add_special_tokens=False)
+    out = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=8, temperature=1.0, seed=3,
+                                           logprobs=0, extra_body={"allowed_token_ids": allowed})
+    assert set(out.choices[0].logprobs.tokens) <= {tok.decode([t]) for t in allowed}
+    stream = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=5, temperature=0,
+                                              stream=True, stream_options={"include_usage": True,
+                                                                           "continuous_usage_stats": True})
+    usages = [c.usage for c in stream if c.choices]
+    counts = [u.completion_tokens for u in usages]  # chunks may coalesce tokens: nondecreasing, ending at 5
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 5 and all(u.total_tokens == u.prompt_tokens + u.completion_tokens
+                                                      for u in usages)

@@ -147,3 +147,21 @@ def test_logit_bias_is_validated():
         with pytest.raises(ParameterError) as e:
             SamplingParams(logit_bias=bad)
         assert e.value.param == "logit_bias"
+
+
+def test_allowed_token_ids_restrict_each_row_in_one_step():
+    from packserve.engine.request import ParameterError, Request, SamplingParams, validate_request
+    from packserve.engine.sampler import Sampler
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=g)
+    allowed = [(3, 9), (), (17,)]
+    reqs = [Request(f"r{i}", [1], SamplingParams(temperature=t, seed=5, allowed_token_ids=a))
+            for i, (a, t) in enumerate(zip(allowed, (0, 0, 1.0)))]
+    out = Sampler()(logits.clone(), reqs)
+    assert out.token_ids[0] == max((3, 9), key=lambda t: float(logits[0, t]))
+    assert out.token_ids[1] == int(logits[1].argmax()) and out.token_ids[2] == 17
+    with pytest.raises(ParameterError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[-1])
+    with pytest.raises(ParameterError, match="outside the vocabulary"):
+        validate_request([1], SamplingParams(allowed_token_ids=[40]), 40, 64)
