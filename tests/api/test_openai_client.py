@@ -215,3 +215,16 @@ def test_allowed_token_ids_and_continuous_usage_stats(openai_client, offline_llm
     counts = [u.completion_tokens for u in usages]  # chunks may coalesce tokens: nondecreasing, ending at 5
     assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 5 and all(u.total_tokens == u.prompt_tokens + u.completion_tokens
                                                       for u in usages)
+
+
+def test_top_logprobs_always_hold_the_number_asked_for(openai_client):
+    """Asking for 20 alternatives gives 20 dict entries at every position (partial-character tokens no longer
+    collapse onto one "\ufffd" key), and chat's bytes rebuild every alternative's raw bytes."""
+    out = openai_client.completions.create(model="llama", prompt="Bytes: \u20ac", max_tokens=8, temperature=0,
+                                           logprobs=20)
+    assert [len(t) for t in out.choices[0].logprobs.top_logprobs] == [20] * 8
+    chat = openai_client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "\u20ac"}],
+                                                 max_tokens=6, temperature=0, logprobs=True, top_logprobs=20)
+    for entry in chat.choices[0].logprobs.content:
+        assert len(entry.top_logprobs) == 20
+        assert all(t.bytes != list("\ufffd".encode()) for t in entry.top_logprobs)
