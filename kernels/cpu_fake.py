@@ -34,6 +34,10 @@ def register(ns: str) -> None:
     def _argmax_rows(x):
         return x.new_empty(x.shape[0], dtype=torch.int64)
 
+    @fake("apply_token_bitmask_")
+    def _bitmask(logits, bitmask, rows):
+        return None
+
     @fake("linear_panels")
     def _linear_panels(x, panels, bias, out_features):
         return x.new_empty(x.shape[0], out_features)

@@ -14,7 +14,8 @@ one pass over the data:
 - `rms_norm`: Llama RMSNorm (fp32 statistics, then times weight or offset + weight), optionally after the residual
   add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
-- `silu_mul`: the gated MLP's silu(gate) * up in one pass; `argmax_rows`: greedy sampling's row argmax.
+- `silu_mul`: the gated MLP's silu(gate) * up in one pass; `argmax_rows`: greedy sampling's row argmax;
+  `apply_token_bitmask_`: constrained decoding's token mask (packserve.engine.structured).
 - `pack_linear` / `linear_packed`: decode-sized linear layers (a few rows times every weight) on weights
   prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied (used
   per shape and row count only where it measured faster than MKL: packserve.layers.cpu_gemm).
@@ -36,7 +37,7 @@ import torch
 
 from packserve.kernels.cpu_lib import available, ops
 
-__all__ = ["PanelWeight", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
+__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
            "has_varlen", "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
@@ -84,6 +85,12 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     """In place on x: [T, heads, D] (token stride free, heads and dims contiguous); positions int64 [T];
     cos/sin: [max_pos, rot/2]."""
     ops().rotary_(x, positions, cos, sin)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: logits[r, j] = -inf where bit j of bitmask[r] (int32 words, xgrammar's layout) is 0, for each r
+    in rows (int64)."""
+    ops().apply_token_bitmask_(logits, bitmask, rows)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

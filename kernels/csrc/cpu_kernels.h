@@ -331,4 +331,22 @@ static void argmax_rows_f32(const float *x, int64_t s, int64_t rows, int64_t n, 
     }
 }
 
+/* Constrained decoding: logits[r, j] = -inf wherever bit j of row r's token bitmask (xgrammar's layout: int32
+   words, bit j % 32 of word j / 32) is 0, for each listed row r. */
+static void apply_token_bitmask_f32(float *logits, int64_t sl, const int32_t *bitmask, int64_t sb,
+                                    const int64_t *rows, int64_t n_rows, int64_t vocab) {
+    #pragma omp parallel for schedule(static) if (n_rows * vocab > 65536)
+    for (int64_t k = 0; k < n_rows; k++) {
+        float *lr = logits + rows[k] * sl;
+        const int32_t *br = bitmask + rows[k] * sb;
+        for (int64_t w = 0; w * 32 < vocab; w++) {
+            const uint32_t bits = (uint32_t)br[w];
+            if (bits == 0xffffffffu) continue;
+            const int64_t end = vocab - w * 32 < 32 ? vocab - w * 32 : 32;
+            for (int64_t b = 0; b < end; b++)
+                if (!((bits >> b) & 1u)) lr[w * 32 + b] = -INFINITY;
+        }
+    }
+}
+
 }  // namespace packserve

@@ -114,6 +114,22 @@ Tensor linear_panels(const Tensor &x, const Tensor &panels, const std::optional<
     return out;
 }
 
+void apply_token_bitmask_(const Tensor &logits, const Tensor &bitmask, const Tensor &rows) {
+    check_f32(logits, "logits");
+    TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [B, V] with contiguous rows");
+    TORCH_CHECK(bitmask.device().is_cpu() && bitmask.scalar_type() == at::kInt && bitmask.dim() == 2 &&
+                bitmask.stride(1) == 1, "bitmask must be an int32 CPU [B, words] tensor");
+    const int64_t vocab = logits.size(1);
+    TORCH_CHECK(bitmask.size(1) * 32 >= vocab, "bitmask has fewer bits than the vocabulary");
+    check_i64(rows, "rows");
+    const Tensor r = rows.contiguous();
+    const int64_t *rp = r.data_ptr<int64_t>();
+    for (int64_t k = 0; k < r.numel(); k++)
+        TORCH_CHECK(rp[k] >= 0 && rp[k] < logits.size(0) && rp[k] < bitmask.size(0), "a row is outside logits");
+    packserve::apply_token_bitmask_f32(logits.data_ptr<float>(), logits.stride(0), bitmask.data_ptr<int32_t>(),
+                                       bitmask.stride(0), rp, r.numel(), vocab);
+}
+
 // The D contiguous values of each head and the heads of a token contiguous, tokens at any stride.
 void check_token_rows(const Tensor &t, const char *name) {
     check_f32(t, name);
@@ -189,6 +205,7 @@ PACKSERVE_LIBRARY(PACKSERVE_NS, m) {
     m.def("silu_mul(Tensor gate_up) -> Tensor");
     m.def("argmax_rows(Tensor x) -> Tensor");
     m.def("linear_panels(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
+    m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
     m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
           "int block_size, float scale) -> Tensor");
 #ifdef PACKSERVE_HAS_VARLEN
@@ -203,6 +220,7 @@ PACKSERVE_LIBRARY_IMPL(PACKSERVE_NS, m) {
     m.impl("silu_mul", &silu_mul);
     m.impl("argmax_rows", &argmax_rows);
     m.impl("linear_panels", &linear_panels);
+    m.impl("apply_token_bitmask_", &apply_token_bitmask_);
     m.impl("paged_decode_attention", &paged_decode_attention);
 #ifdef PACKSERVE_HAS_VARLEN
     m.impl("varlen_attention", &varlen_attention);

@@ -288,6 +288,8 @@ def create_app(state: ServerState) -> FastAPI:
         handed_off = False
         try:
             job = await prepare_job()
+            if job.requests and job.requests[0].params.structured is not None:
+                await anyio.to_thread.run_sync(serving.compile_grammars, state, job)
             rs = await serving.submit(state, job, stream)
             if stream:
                 def on_close():

@@ -44,6 +44,12 @@ class _SamplingFields(_Model):
     stream_options: StreamOptions | None = None
     user: str | None = None
     allowed_token_ids: list[StrictInt] | None = Field(None, description="sample only among these token ids")
+    # Structured outputs, vLLM's extras (packserve.api.structured); OpenAI's response_format is per request type.
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output must match")
+    guided_regex: str | None = Field(None, description="a regex the output must match")
+    guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    guided_grammar: str | None = Field(None, description="an EBNF grammar (xgrammar's GBNF dialect)")
+    structured_outputs: dict[str, Any] | None = Field(None, description="{json | regex | choice | grammar: ...}")
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100], added to the "
                                                                   "logits before sampling")
 
@@ -77,6 +83,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = Field(None, description="not supported: must be empty")
+    response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\" | \"json_object\" | "
+                                                                   "\"json_schema\", \"json_schema\": {...}}")
     best_of: int | None = Field(None, description="candidates generated per prompt (>= n, not with stream); the n "
                                                    "with the highest cumulative logprob are returned")
 
@@ -98,7 +106,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = Field(None, description="only {\"type\": \"text\"}")
+    response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\" | \"json_object\" | "
+                                                                   "\"json_schema\", \"json_schema\": {...}}")
     tools: list[Any] | None = Field(None, description="not supported: must be empty")
     tool_choice: Any = Field(None, description="not supported: must be \"none\"")
     functions: list[Any] | None = Field(None, description="not supported: must be empty")
@@ -127,8 +136,6 @@ def unsupported_fields(req: _SamplingFields) -> str | None:
         return "functions"
     if req.function_call not in (None, "none"):
         return "function_call"
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        return "response_format"
     if req.audio is not None:
         return "audio"
     if req.modalities is not None and list(req.modalities) != ["text"]:

@@ -20,10 +20,11 @@ from fastapi import Request
 
 from packserve.api.errors import APIError, error_body
 from packserve.api.logprobs import chat_logprobs, completion_logprobs, echo_logprob_entries
+from packserve.api.structured import guided_spec
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest, UINT64_MAX, unsupported_fields
 from packserve.api.text import encode, render_chat
 from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
-from packserve.engine.request import ParameterError, RequestOutput, SamplingParams, validate_prompt
+from packserve.engine.request import GuidedSpec, ParameterError, RequestOutput, SamplingParams, validate_prompt
 from packserve.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _param_error(e: ParameterError) -> APIError:
 
 
 def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None,
-              prompt_logprobs: int | None = None) -> SamplingParams:
+              prompt_logprobs: int | None = None, structured: GuidedSpec | None = None) -> SamplingParams:
     # Token-id ranges (stop_token_ids vs the vocabulary) are checked by the engine's validate_request.
     stop = req.stop if req.stop is not None else ()
     try:
@@ -77,7 +78,7 @@ def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: in
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
             min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias or (),
-            allowed_token_ids=tuple(req.allowed_token_ids or ()))
+            allowed_token_ids=tuple(req.allowed_token_ids or ()), structured=structured)
     except ParameterError as e:
         raise _param_error(e) from None
 
@@ -119,6 +120,7 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
     if len(prompts) * k > state.max_waiting:
         raise APIError(400, f"{len(prompts)} prompts x {'best_of' if k > req.n else 'n'}={k} exceeds the server's "
                             f"queue capacity ({state.max_waiting})", "prompt", "invalid_value")
+    structured = guided_spec(req)
     jid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
     now = time.monotonic()
     reqs, choices, total_prompt = [], {}, 0
@@ -137,7 +139,8 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
             # the sampled tokens' logprobs, so candidates compute them even when the client did not ask.
             want = logprobs if logprobs is not None or k == req.n else 0
             params = _sampling(state, req, mt, want, _seed(req.seed, j),
-                               prompt_logprobs=logprobs if (echo and logprobs is not None) else None)
+                               prompt_logprobs=logprobs if (echo and logprobs is not None) else None,
+                               structured=structured)
             rid = f"{jid}-{p_idx * k + j}"
             reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
             choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)  # best_of: re-indexed once ranked
@@ -191,6 +194,21 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
 
 
 # -- running ------------------------------------------------------------------------
+def compile_grammars(state, job: Job) -> None:
+    """Compile the job's structured-output grammar (cached) before it is queued; run in a worker thread, so a
+    slow schema never holds the event loop or the engine loop."""
+    spec = job.requests[0].params.structured if job.requests else None
+    if spec is None:
+        return
+    try:
+        state.engine.engine.structured_outputs().compile(spec)
+    except ParameterError as e:
+        raise _param_error(e) from None
+    except ImportError:
+        raise APIError(400, "structured outputs need the xgrammar package on the server", spec.param,
+                       "unsupported_parameter") from None
+
+
 async def submit(state, job: Job, stream: bool = True) -> RequestStream:
     try:
         return await state.engine.submit(job.requests, final_only=not stream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -121,6 +122,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos_ids))
         self._tracks: dict[str, _Track] = {}
         self._ids = itertools.count()
+        self._structured_lock = threading.Lock()  # the API thread compiles grammars too
         self.stats = EngineStats()
         log.info("engine ready: %s on %s/%s, backend %s, %d KV blocks of %d tokens, max_model_len %d",
                  self.info.architecture, self.device, self.dtype, self.backend.name, num_blocks, cc.block_size,
@@ -181,11 +183,25 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, list(ids), params, arrival_time=arrival_time or time.monotonic(),
                       eos_token_ids=self.eos_token_ids)
+        if params.structured is not None:
+            req.matcher = self.structured_outputs().matcher(params.structured)  # ParameterError if it fails
         self.scheduler.add_request(req)
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids) if self.tokenizer is not None else None
         stop = StopMatcher(params.stop) if params.stop and detok is not None else None
         self._tracks[rid] = _Track(req, prompt if isinstance(prompt, str) else None, detok, stop)
         return rid
+
+    def structured_outputs(self):
+        """The grammar compiler for this model (built on first use; packserve.engine.structured)."""
+        with self._structured_lock:
+            if self.runner.sampler.structured is None:
+                if self.tokenizer is None:
+                    raise ParameterError("structured outputs need the model's tokenizer", "response_format")
+                from packserve.engine.structured import StructuredOutputs
+
+                self.runner.sampler.structured = StructuredOutputs(self.tokenizer, self.info.vocab_size,
+                                                                   sorted(self.eos_token_ids))
+            return self.runner.sampler.structured
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(request_id, FinishReason.ABORT)
@@ -244,6 +260,8 @@ class LLMEngine:
             return self._output(track)
         if logprob is not None:
             track.logprobs.append(logprob)
+        if req.matcher is not None and not req.is_finished and req.matcher.is_terminated():
+            self.scheduler.finish(req.request_id, FinishReason.STOP)  # the output is complete (also under ignore_eos)
         if track.detok is not None:
             track.detok.add(req.output_token_ids[-1])
             if req.is_finished:

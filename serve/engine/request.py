@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -23,6 +23,23 @@ class ParameterError(ValueError):
 
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this sample greedily
+
+
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GuidedSpec:
+    """A structured-output constraint (packserve.engine.structured): its kind and text (a JSON schema as JSON
+    text, a regex, an EBNF grammar, or the choices as a JSON list), and the request field it came from."""
+
+    kind: str
+    value: str = ""
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise ParameterError(f"unknown structured output kind {self.kind!r}", self.param)
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class SamplingParams:
     # -> bias, stored as sorted (id, bias) pairs. Logprobs stay those of the model's raw distribution.
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's extra: sample only among these (empty: the whole vocabulary)
+    structured: GuidedSpec | None = None  # constrained decoding (packserve.engine.structured)
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store tuples (frozen + hashable).
@@ -162,6 +180,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # params.structured: the xgrammar matcher, advanced by each sampled token (kept across preemptions).
+    matcher: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

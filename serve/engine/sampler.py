@@ -27,6 +27,7 @@ class SampleResult:
 class Sampler:
     def __init__(self):
         self._generators: dict[str, torch.Generator] = {}
+        self.structured = None  # packserve.engine.structured.StructuredOutputs, once a request needs it
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -51,6 +52,11 @@ class Sampler:
             logits = logits.clone()
         _apply_logit_bias(logits, requests)
         _apply_allowed(logits, requests)
+        constrained = [i for i, r in enumerate(requests) if r.matcher is not None and not r.matcher.is_terminated()]
+        if constrained:
+            if logits is raw:
+                logits = logits.clone()
+            self.structured.apply(logits, constrained, requests)
         for i, req in enumerate(requests):
             p = req.params
             if p.needs_penalties:
@@ -79,6 +85,9 @@ class Sampler:
                 # Exponential race == categorical sampling, and it takes a generator per row.
                 q = torch.empty_like(probs[row]).exponential_(1.0, generator=g)
                 tokens[i] = int((probs[row] / q).argmax())
+
+        if constrained:
+            self.structured.accept([requests[i].matcher for i in constrained], [tokens[i] for i in constrained])
 
         logprobs: list = [None] * len(requests)
         want = [i for i, r in enumerate(requests) if r.params.logprobs is not None]

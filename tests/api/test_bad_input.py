@@ -95,7 +95,7 @@ def test_unsupported_openai_fields(server, auth, inflight):
         chat = {"messages": [{"role": "user", "content": "hi"}]}
         _err(_post(server, auth, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
                    "/v1/chat/completions"), 400, "tools")
-        _err(_post(server, auth, {**chat, "response_format": {"type": "json_object"}}, "/v1/chat/completions"),
+        _err(_post(server, auth, {**chat, "response_format": {"type": "xml"}}, "/v1/chat/completions"),
              400, "response_format")
         # Defaults of those fields are fine.
         r = _post(server, auth, {**chat, "max_tokens": 2, "tools": [], "tool_choice": "none", "logit_bias": {},

@@ -133,3 +133,24 @@ def test_linear_falls_back_for_inputs_without_a_row_layout():
     x = torch.randn(1, 8).expand(5, 8)
     packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True] * len(CALIBRATION_ROWS)))
     torch.testing.assert_close(linear(x, w, b, packed).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 1000, 32000])
+def test_token_bitmask_matches_the_torch_reference(vocab):
+    """Constrained decoding's mask on random bitmasks (xgrammar's int32 layout, the last word partly past the
+    vocabulary), some rows all-allowed, only the listed rows touched."""
+    from packserve.engine.structured import mask_logits_ref
+
+    g = torch.Generator().manual_seed(vocab)
+    words = -(-vocab // 32) + 1
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[2] = -1  # every token allowed
+    logits = torch.randn(6, vocab, generator=g)
+    rows = [0, 2, 3, 5]
+    want = logits.clone()
+    mask_logits_ref(want, bitmask, rows, vocab)
+    got = logits.clone()
+    K.apply_token_bitmask_(got, bitmask, torch.tensor(rows))
+    assert torch.equal(got, want) and torch.equal(got[[1, 4]], logits[[1, 4]])
+    with pytest.raises(RuntimeError, match="outside"):
+        K.apply_token_bitmask_(got, bitmask, torch.tensor([6]))

@@ -127,6 +127,7 @@ def test_fake_implementations_match_the_operators():
         "linear_panels": (x, panels.panels, panels.bias, 40),
         "paged_decode_attention": (q[:2], kc, vc, torch.tensor([[0, 1], [2, 3]]), torch.tensor([3, 7]), 4, 0.25),
         "varlen_attention": (q, k, v, cu, 0.25),
+        "apply_token_bitmask_": (torch.randn(3, 40), torch.full((3, 2), -1, dtype=torch.int32), torch.tensor([0, 2])),
     }
     for name, args in cases.items():
         torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,125 @@
+"""Structured outputs: constrained decoding with xgrammar (the grammar engine vLLM and SGLang use).
+
+A request's `SamplingParams.structured` (a `GuidedSpec`: a JSON schema, any JSON object, a regex, a choice of
+strings, or an EBNF grammar in xgrammar's GBNF dialect) is compiled once per distinct spec (an LRU cache here,
+plus xgrammar's own), and each request gets its own matcher. Every step, the sampler fills the next-token bitmask
+of all constrained rows and applies it to their logits in one op, then advances each matcher by the sampled
+token; a matcher that has accepted a complete output ends its request (finish_reason "stop"), also under
+ignore_eos. The matcher lives on the request, so a preempted request resumes where it was (its generated tokens
+are recomputed, not re-sampled). Logprobs stay those of the model's raw distribution.
+
+The API compiles in a worker thread before it queues a request (`compile` is thread-safe), so a slow schema
+never stalls the engine loop; the engine thread then finds the grammar in the cache.
+
+JSON is generated compact (no free whitespace: a model, especially a small one, may otherwise loop on spaces),
+and without raw control characters: xgrammar's JSON strings admit bytes 0x00-0x1f other than \\r and \\n, which
+JSON forbids unescaped (Python's json.loads and the OpenAI SDK reject them), so tokens holding one are masked for
+JSON constraints.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from packserve.engine.request import GuidedSpec, ParameterError
+from packserve.kernels import cpu_ops
+
+CACHE_SIZE = 256  # compiled grammars kept (distinct specs)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """GBNF accepting exactly one of the strings (JSON string escapes are valid GBNF literals)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def mask_logits_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
+    """Pure torch: -inf where a row's bit is 0 (the reference of the CPU operator)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[rows].unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)[:, :vocab_size].to(logits.device)
+    logits[rows, :vocab_size] = logits[rows, :vocab_size].masked_fill(allowed == 0, float("-inf"))
+
+
+def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
+    """Apply the step's bitmask to the constrained rows, in place: packserve's CPU operator (~0.1 ms for 32 rows
+    of a 32k vocabulary, where xgrammar's CPU path took 4.3 ms and the torch reference 1.1 ms), xgrammar's kernel
+    on CUDA, else the torch reference."""
+    if logits.is_cuda:
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab_size, indices=rows)
+    elif cpu_ops.usable(logits) and logits.shape[1] <= bitmask.shape[1] * 32:
+        cpu_ops.apply_token_bitmask_(logits, bitmask, torch.tensor(rows, dtype=torch.int64))
+    else:
+        mask_logits_ref(logits, bitmask, rows, vocab_size)
+
+
+class StructuredOutputs:
+    """The compiler for one tokenizer and vocabulary size, with a cache of compiled grammars."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        # The bitmask words of JSON constraints: every token but those with a raw control character.
+        self.json_words = xgr.allocate_token_bitmask(1, vocab_size)[0]
+        for tid, piece in enumerate(info.decoded_vocab):
+            if tid not in stop_token_ids and any(b < 0x20 for b in piece):
+                self.json_words[tid // 32] &= ~(1 << (tid % 32))
+        self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()
+        self._batch = None  # xgrammar's BatchGrammarMatcher (a thread pool), made on first use
+        self._lock = threading.Lock()
+
+    def compile(self, spec: GuidedSpec):
+        """The compiled grammar (cached); ParameterError naming the field when it does not compile."""
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        try:
+            if spec.kind == "json_schema":
+                compiled = self.compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+            elif spec.kind == "json_object":
+                compiled = self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                             strict_mode=False)
+            elif spec.kind == "regex":
+                compiled = self.compiler.compile_regex(spec.value)
+            elif spec.kind == "choice":
+                compiled = self.compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
+            else:
+                compiled = self.compiler.compile_grammar(spec.value)
+        except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's message
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ParameterError(f"the {spec.kind.replace('_', ' ')} does not compile: {message[:300]}",
+                                 spec.param) from None
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def matcher(self, spec: GuidedSpec):
+        return self.xgr.GrammarMatcher(self.compile(spec))
+
+    def apply(self, logits, rows: list[int], requests: list) -> None:
+        """Mask each constrained row of logits (rows index `requests`, the step's sampled requests) to what its
+        matcher allows next: the bitmasks filled in parallel threads, applied in one op."""
+        if self._batch is None:
+            self._batch = self.xgr.BatchGrammarMatcher(max_threads=2)
+        bitmask = self.xgr.allocate_token_bitmask(len(requests), self.vocab_size)
+        self._batch.batch_fill_next_token_bitmask([requests[i].matcher for i in rows], bitmask, indices=rows)
+        json_rows = [i for i in rows if requests[i].params.structured.kind in ("json_schema", "json_object")]
+        if json_rows:
+            bitmask[json_rows] &= self.json_words
+        mask_logits(logits, bitmask, rows, self.vocab_size)
+
+    def accept(self, matchers: list, tokens: list[int]) -> None:
+        self.xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
