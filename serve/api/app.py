@@ -289,7 +289,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             job = await prepare_job()
             if job.requests and job.requests[0].params.structured is not None:
-                await anyio.to_thread.run_sync(serving.compile_grammars, state, job)
+                await anyio.to_thread.run_sync(serving.compile_grammars, state, job, limiter=grammars)
             rs = await serving.submit(state, job, stream)
             if stream:
                 def on_close():
@@ -312,6 +312,8 @@ def create_app(state: ServerState) -> FastAPI:
     # Tokenizing a text prompt of several MB takes seconds and about 200x its size in memory: at most two of
     # those at once. Shorter texts (the usual case) use anyio's shared worker threads and never wait behind them.
     big_texts = anyio.CapacityLimiter(2)
+    # At most two grammar compiles (~0.4 s of CPU each) at once: many distinct schemas queue instead of flooding.
+    grammars = anyio.CapacityLimiter(2)
 
     def prepare(fn, body, text_chars: int | None):
         """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the

@@ -63,9 +63,12 @@ def token_bytes(state, tid: int) -> bytes:
     return text.encode("utf-8")
 
 
-def _top_dict(state, top) -> dict[str, float]:
+def _top_dict(state, top, as_ids: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     for t in top:
+        if as_ids:
+            out[f"token_id:{t.token_id}"] = _lp(t.logprob)
+            continue
         key = _tok(state, t.token_id)
         if "\ufffd" in key:
             key = "bytes:" + "".join(f"\\x{b:02x}" for b in token_bytes(state, t.token_id))
@@ -79,13 +82,14 @@ def _lp(x: float | None) -> float | None:
     return x if x is None or x > MIN_LOGPROB else MIN_LOGPROB
 
 
-def completion_logprobs(state, entries, offset: int) -> dict:
+def completion_logprobs(state, entries, offset: int, as_ids: bool = False) -> dict:
+    """as_ids (vLLM's return_tokens_as_token_ids): tokens and keys "token_id:N"; text offsets stay the text's."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for chosen, top in entries:
         s = _tok(state, chosen.token_id)
-        tokens.append(s)
+        tokens.append(f"token_id:{chosen.token_id}" if as_ids else s)
         token_lps.append(_lp(chosen.logprob))
-        tops.append((_top_dict(state, top) or None) if chosen.logprob is not None else None)
+        tops.append((_top_dict(state, top, as_ids) or None) if chosen.logprob is not None else None)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -100,9 +104,9 @@ def echo_logprob_entries(out: RequestOutput) -> list:
     return [first] + [e for e in pl[1:]]
 
 
-def chat_logprobs(state, entries) -> dict:
+def chat_logprobs(state, entries, as_ids: bool = False) -> dict:
     def item(lp):
-        s = _tok(state, lp.token_id)
+        s = f"token_id:{lp.token_id}" if as_ids else _tok(state, lp.token_id)
         return {"token": s, "logprob": _lp(lp.logprob), "bytes": list(token_bytes(state, lp.token_id))}
 
     return {"content": [{**item(chosen), "top_logprobs": [item(t) for t in top]} for chosen, top in entries]}

@@ -57,6 +57,7 @@ class Job:
     echo: bool = False
     n: int = 1
     best_of: int | None = None  # > n: candidates per prompt, ranked by cumulative logprob (completions only)
+    ids: bool = False  # return_tokens_as_token_ids: logprob tokens as "token_id:N"
 
 
 # -- preparing ----------------------------------------------------------------------
@@ -147,7 +148,7 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
     so = req.stream_options if req.stream else None
     include_usage = "always" if so and so.continuous_usage_stats else bool(so and so.include_usage)
     return Job(kind, jid, state.model_name, int(time.time()), reqs, choices, total_prompt, logprobs,
-               include_usage, echo, req.n, k if k > req.n else None)
+               include_usage, echo, req.n, k if k > req.n else None, req.return_tokens_as_token_ids)
 
 
 def prepare_completion(state, req: CompletionRequest) -> Job:
@@ -295,12 +296,12 @@ def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
             if lps is not None and job.echo:
                 lps, offset = echo_logprob_entries(out) + lps, 0
             choices.append({"index": index, "text": ch.prompt_text + comp.text,
-                            "logprobs": completion_logprobs(state, lps, offset) if lps is not None
+                            "logprobs": completion_logprobs(state, lps, offset, job.ids) if lps is not None
                             else None,
                             "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
         else:
             choices.append({"index": index, "message": {"role": "assistant", "content": comp.text},
-                            "logprobs": chat_logprobs(state, lps) if lps is not None else None,
+                            "logprobs": chat_logprobs(state, lps, job.ids) if lps is not None else None,
                             "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
@@ -340,11 +341,11 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
     ch.started = True
     if text or new_lps or finished:
         if job.kind == "completion":
-            lp = completion_logprobs(state, new_lps, offset) if new_lps is not None else None
+            lp = completion_logprobs(state, new_lps, offset, job.ids) if new_lps is not None else None
             choice = {"index": ch.index, "text": text, "logprobs": lp,
                       "finish_reason": comp.finish_reason if finished else None}
         else:
-            lp = chat_logprobs(state, new_lps) if new_lps is not None else None
+            lp = chat_logprobs(state, new_lps, job.ids) if new_lps is not None else None
             choice = {"index": ch.index, "delta": {"content": text} if text else {}, "logprobs": lp,
                       "finish_reason": comp.finish_reason if finished else None}
         if finished:

@@ -228,3 +228,16 @@ def test_top_logprobs_always_hold_the_number_asked_for(openai_client):
     for entry in chat.choices[0].logprobs.content:
         assert len(entry.top_logprobs) == 20
         assert all(t.bytes != list("\ufffd".encode()) for t in entry.top_logprobs)
+
+
+def test_return_tokens_as_token_ids(openai_client, offline_llm):
+    want = offline_llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+    out = openai_client.completions.create(model="llama", prompt="Hello", max_tokens=3, temperature=0, logprobs=2,
+                                           extra_body={"return_tokens_as_token_ids": True})
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in want]
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    chat = openai_client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=2, temperature=0, logprobs=True, top_logprobs=1,
+                                                 extra_body={"return_tokens_as_token_ids": True})
+    assert all(c.token.startswith("token_id:") for c in chat.choices[0].logprobs.content)
