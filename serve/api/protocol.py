@@ -45,6 +45,7 @@ class _SamplingFields(_Model):
     user: str | None = None
     allowed_token_ids: list[StrictInt] | None = Field(None, description="sample only among these token ids")
     return_tokens_as_token_ids: bool = Field(False, description="logprob tokens as \"token_id:N\"")
+    bad_words: list[str] | None = Field(None, description="words never to generate (vLLM's extra)")
     # Structured outputs, vLLM's extras (packserve.api.structured); OpenAI's response_format is per request type.
     guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output must match")
     guided_regex: str | None = Field(None, description="a regex the output must match")

@@ -66,7 +66,8 @@ def _param_error(e: ParameterError) -> APIError:
 
 
 def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None,
-              prompt_logprobs: int | None = None, structured: GuidedSpec | None = None) -> SamplingParams:
+              prompt_logprobs: int | None = None, structured: GuidedSpec | None = None,
+              bad_words: tuple = ()) -> SamplingParams:
     # Token-id ranges (stop_token_ids vs the vocabulary) are checked by the engine's validate_request.
     stop = req.stop if req.stop is not None else ()
     try:
@@ -79,9 +80,25 @@ def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: in
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
             logprobs=logprobs, include_stop_str_in_output=req.include_stop_str_in_output,
             min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias or (),
-            allowed_token_ids=tuple(req.allowed_token_ids or ()), structured=structured)
+            allowed_token_ids=tuple(req.allowed_token_ids or ()), structured=structured,
+            bad_words_ids=bad_words)
     except ParameterError as e:
         raise _param_error(e) from None
+
+
+def _bad_words(state, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+    """Each word's tokens, alone and after a space (how it reads mid-sentence), as vLLM bans them."""
+    if not words:
+        return ()
+    seqs = []  # (encode() refuses without a tokenizer)
+    for w in words:
+        if not isinstance(w, str) or not w.strip():
+            raise APIError(400, "bad_words must be non-empty strings", "bad_words", "invalid_value")
+        for text in dict.fromkeys((w, " " + w.lstrip())):
+            ids = encode(state, text, "bad_words")
+            if ids:
+                seqs.append(tuple(ids))
+    return tuple(dict.fromkeys(seqs))
 
 
 def _check_common(state, req) -> None:
@@ -121,7 +138,7 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
     if len(prompts) * k > state.max_waiting:
         raise APIError(400, f"{len(prompts)} prompts x {'best_of' if k > req.n else 'n'}={k} exceeds the server's "
                             f"queue capacity ({state.max_waiting})", "prompt", "invalid_value")
-    structured = guided_spec(req)
+    structured, bad_words = guided_spec(req), _bad_words(state, req.bad_words)
     jid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
     now = time.monotonic()
     reqs, choices, total_prompt = [], {}, 0
@@ -141,7 +158,7 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
             want = logprobs if logprobs is not None or k == req.n else 0
             params = _sampling(state, req, mt, want, _seed(req.seed, j),
                                prompt_logprobs=logprobs if (echo and logprobs is not None) else None,
-                               structured=structured)
+                               structured=structured, bad_words=bad_words)
             rid = f"{jid}-{p_idx * k + j}"
             reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
             choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)  # best_of: re-indexed once ranked

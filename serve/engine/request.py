@@ -11,6 +11,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string (a matched string is held back from streaming)
 MAX_LOGIT_BIAS = 2048  # logit_bias entries per request (applied at every step)
+MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS = 256, 32  # bad word sequences per request, tokens per sequence
 
 
 class ParameterError(ValueError):
@@ -67,6 +68,8 @@ class SamplingParams:
     # -> bias, stored as sorted (id, bias) pairs. Logprobs stay those of the model's raw distribution.
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()  # vLLM's extra: sample only among these (empty: the whole vocabulary)
+    # Token sequences never to generate: a sequence's last token is banned whenever the output ends with the rest.
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     structured: GuidedSpec | None = None  # constrained decoding (packserve.engine.structured)
 
     def __post_init__(self) -> None:
@@ -123,6 +126,13 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in allowed):
             raise ParameterError("allowed_token_ids must be non-negative token ids", "allowed_token_ids")
         object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
+        bad_words = tuple(tuple(w) for w in (self.bad_words_ids or ()))
+        if len(bad_words) > MAX_BAD_WORDS or any(
+                not w or len(w) > MAX_BAD_WORD_TOKENS or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                                                            for t in w) for w in bad_words):
+            raise ParameterError(f"bad words: at most {MAX_BAD_WORDS} sequences of 1 to {MAX_BAD_WORD_TOKENS} "
+                                 "non-negative token ids", "bad_words")
+        object.__setattr__(self, "bad_words_ids", tuple(dict.fromkeys(bad_words)))
 
     @property
     def greedy(self) -> bool:
@@ -251,6 +261,10 @@ def validate_request(token_ids: Sequence[int], params: SamplingParams, vocab_siz
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         raise ParameterError(f"stop_token_ids {bad[:4]} are outside the vocabulary [0, {vocab_size})", "stop_token_ids")
+    bad = [t for w in params.bad_words_ids for t in w if t >= vocab_size]
+    if bad:
+        raise ParameterError(f"bad words token ids {bad[:4]} are outside the vocabulary [0, {vocab_size})",
+                             "bad_words")
     bad = [t for t in params.allowed_token_ids if t >= vocab_size]
     if bad:
         raise ParameterError(f"allowed_token_ids {bad[:4]} are outside the vocabulary [0, {vocab_size})",

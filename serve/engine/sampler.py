@@ -47,11 +47,12 @@ class Sampler:
         raw = logits
         device = logits.device
         # Copy only when a request edits its row (penalties, min_tokens, logit_bias): raw feeds the logprobs.
-        if any(r.params.needs_penalties or r.params.logit_bias or r.params.allowed_token_ids
+        if any(r.params.needs_penalties or r.params.logit_bias or r.params.allowed_token_ids or r.params.bad_words_ids
                or len(r.output_token_ids) < r.params.min_tokens for r in requests):
             logits = logits.clone()
         _apply_logit_bias(logits, requests)
         _apply_allowed(logits, requests)
+        _apply_bad_words(logits, requests)
         constrained = [i for i, r in enumerate(requests) if r.matcher is not None and not r.matcher.is_terminated()]
         if constrained:
             if logits is raw:
@@ -115,6 +116,19 @@ def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
     if rows:
         index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
         logits.index_put_(index, torch.tensor(vals, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def _apply_bad_words(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Ban the last token of every bad word whose other tokens end the output so far, for all rows at once."""
+    rows, cols = [], []
+    for i, req in enumerate(requests):
+        out = req.output_token_ids
+        for w in req.params.bad_words_ids:
+            if len(w) == 1 or (len(out) >= len(w) - 1 and tuple(out[len(out) - len(w) + 1:]) == w[:-1]):
+                rows.append(i)
+                cols.append(w[-1])
+    if rows:
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
 
 
 def _apply_allowed(logits: torch.Tensor, requests: list[Request]) -> None:

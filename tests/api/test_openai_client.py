@@ -241,3 +241,20 @@ def test_return_tokens_as_token_ids(openai_client, offline_llm):
                                                  max_tokens=2, temperature=0, logprobs=True, top_logprobs=1,
                                                  extra_body={"return_tokens_as_token_ids": True})
     assert all(c.token.startswith("token_id:") for c in chat.choices[0].logprobs.content)
+
+
+def test_bad_words_are_never_generated(openai_client, offline_llm):
+    """A word the greedy output contains, banned with bad_words (alone and after a space, as vLLM tokenizes it):
+    the output changes and holds neither token sequence."""
+    tok = offline_llm.tokenizer
+    greedy = offline_llm.generate(["The capital"], SamplingParams(max_tokens=16, temperature=0))[0].outputs[0]
+    word = next((tok.decode([t]).strip() for t in greedy.token_ids if tok.decode([t]).strip().isalpha()), None)
+    if word is None:
+        pytest.skip("the random model's greedy output has no alphabetic token")
+    out = openai_client.completions.create(model="llama", prompt="The capital", max_tokens=16, temperature=0,
+                                           logprobs=0, extra_body={"bad_words": [word],
+                                                                   "return_tokens_as_token_ids": True})
+    ids = [int(t.split(":")[1]) for t in out.choices[0].logprobs.tokens]
+    banned = {tuple(tok.encode(w, add_special_tokens=False)) for w in (word, " " + word)}
+    assert ids != list(greedy.token_ids)
+    assert not any(tuple(ids[i:i + len(b)]) == b for b in banned for i in range(len(ids)))

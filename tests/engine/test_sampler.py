@@ -165,3 +165,25 @@ def test_allowed_token_ids_restrict_each_row_in_one_step():
         SamplingParams(allowed_token_ids=[-1])
     with pytest.raises(ParameterError, match="outside the vocabulary"):
         validate_request([1], SamplingParams(allowed_token_ids=[40]), 40, 64)
+
+
+def test_bad_words_ban_a_sequence_only_after_its_prefix():
+    from packserve.engine.request import ParameterError, Request, SamplingParams
+    from packserve.engine.sampler import Sampler
+
+    logits = torch.zeros(2, 10)
+    logits[:, 4] = 5.0  # the greedy choice
+    params = SamplingParams(temperature=0, bad_words_ids=[[4], [7, 3]])
+    a = Request("a", [1], params)
+    b = Request("b", [1], SamplingParams(temperature=0, bad_words_ids=[[2, 9]]))
+    b.output_token_ids = [5, 2]
+    logits[1, 9] = 9.0
+    out = Sampler()(logits.clone(), [a, b])
+    assert out.token_ids[0] != 4 and out.token_ids[1] != 9  # [4] always; [2, 9] after 2
+    a.output_token_ids = [7]
+    logits[0, 3] = 6.0
+    assert Sampler()(logits.clone(), [a]).token_ids[0] not in (3, 4)
+    a.output_token_ids = [8]
+    assert Sampler()(logits.clone(), [a]).token_ids[0] == 3  # [7, 3] only after 7
+    with pytest.raises(ParameterError):
+        SamplingParams(bad_words_ids=[[]])
