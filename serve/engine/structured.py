@@ -20,6 +20,7 @@ JSON constraints.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -98,6 +99,7 @@ class StructuredOutputs:
                 compiled = self.compiler.compile_grammar(spec.value)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's message
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", message)  # xgrammar's "[time] file.cc:94: " prefix
             raise ParameterError(f"the {spec.kind.replace('_', ' ')} does not compile: {message[:300]}",
                                  spec.param) from None
         with self._lock:

@@ -93,3 +93,4 @@ def test_bad_constraints_are_400s_naming_the_field(openai_client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         openai_client.completions.create(model="llama", prompt="x", max_tokens=5, extra_body=extra)
     assert e.value.body["param"] == param, e.value.body
+    assert ".cc:" not in e.value.body["message"]  # the parser's message, not its C++ source location
