@@ -67,6 +67,18 @@ def gpu_llama_config():
                                         "original_max_position_embeddings": 8192})
 
 
+def timed(fn, reps: int = 50, warmup: int = 2) -> float:
+    """Median wall time of fn() in ms, after `warmup` calls (CPU: no device sync)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
 def timeit(fn, repeats: int, device: torch.device) -> float:
     """Median wall time in seconds (after one warm-up call)."""
     fn()

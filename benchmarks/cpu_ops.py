@@ -14,22 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 AVX2_LIBS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-
-def timed(fn, reps: int = 50) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def cases(B: int):
@@ -92,6 +80,9 @@ def main() -> int:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_LIBS})
 
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import timed  # after the ISA variables: common imports torch
 
     from packserve.kernels import cpu_lib
 

@@ -10,24 +10,16 @@ ratio to fp32 (below 1.00x: faster), with the CPU model and whether it has AMX-B
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed  # noqa: E402
+
 SHAPES = {"qkv": (640, 384), "o": (384, 384), "gate_up": (2048, 384), "down": (384, 1024), "lm_head": (32000, 384)}
-
-
-def _time(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> int:
@@ -64,13 +56,13 @@ def main() -> int:
             for k in SHAPES:
                 torch.ops.aten._weight_int8pack_mm(xs[k], *int8[k])
 
-        base = _time(fp32)
+        base = timed(fp32, reps=10, warmup=3)
         torch.backends.mkldnn.matmul.fp32_precision = "bf16"
         try:
-            mode = _time(fp32)
+            mode = timed(fp32, reps=10, warmup=3)
         finally:
             torch.backends.mkldnn.matmul.fp32_precision = "ieee"
-        cells = [f"{t:8.3f} {t / base:5.2f}x" for t in (mode, _time(bf16_tensors), _time(int8_weights, reps=3))]
+        cells = [f"{t:8.3f} {t / base:5.2f}x" for t in (mode, timed(bf16_tensors, reps=10, warmup=3), timed(int8_weights, reps=3, warmup=3))]
         print(f"{m:>6} {base:9.3f} " + " ".join(f"{c:>16}" for c in cells))
     return 0
 

@@ -361,9 +361,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models/{model_id:path}")  # :path: served names may hold slashes ("org/model")
     async def model(model_id: str):
-        if model_id not in state.model_names:
-            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {state.model_name!r}",
-                           "model", "model_not_found")
+        serving.check_model(state, model_id)
         return model_card(model_id)
 
     @app.post("/tokenize", openapi_extra=openapi_body(TokenizeBody))

@@ -101,10 +101,15 @@ def _bad_words(state, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
     return tuple(dict.fromkeys(seqs))
 
 
-def _check_common(state, req) -> None:
-    if req.model is not None and req.model not in state.model_names:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r}",
+def check_model(state, model: str | None) -> None:
+    """404 for a model name this server does not serve (None: the served one)."""
+    if model is not None and model not in state.model_names:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
                        "model", "model_not_found")
+
+
+def _check_common(state, req) -> None:
+    check_model(state, req.model)
     bad = unsupported_fields(req)
     if bad is not None:
         raise APIError(400, f"{bad} is not supported by this server", bad, "unsupported_parameter")

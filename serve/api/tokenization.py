@@ -16,6 +16,7 @@ from pydantic import Discriminator, Field, RootModel, StrictInt, Tag
 
 from packserve.api.errors import APIError
 from packserve.api.protocol import ChatMessage, _Model
+from packserve.api.serving import check_model
 from packserve.api.text import check_text, render_chat
 
 
@@ -54,9 +55,7 @@ class DetokenizeRequest(_Model):
 
 
 def _check_model(state, model: str | None) -> None:
-    if model is not None and model not in state.model_names:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                       "model", "model_not_found")
+    check_model(state, model)
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer", None, "no_tokenizer")
 

@@ -12,8 +12,8 @@ import torch
 
 from packserve import envs
 from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from packserve.engine.precision import CpuMatmulPrecision
 from packserve.engine.detokenizer import IncrementalDetokenizer
+from packserve.engine.precision import CpuMatmulPrecision
 from packserve.engine.stop import StopMatcher
 from packserve.engine.threads import ThreadTuner
 from packserve.engine.kv_cache import BlockAllocator, KVCache
