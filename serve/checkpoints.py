@@ -24,10 +24,25 @@ Unicode: café, naïve, 日本語, 中文, emoji 🙂🚀, Ελληνικά, р�
 Once upon a time there was a small model that served many requests at once.
 """
 
-CHAT_TEMPLATE = (
+# Role-tagged turns; with tools, a system turn lists them and asks for Hermes-style calls (<tool_call> JSON, the
+# format packserve.api.tool_parsers detects from this template). Without tools a chat renders as
+# "<|role|>\ncontent<|end|>\n" per message.
+CHAT_TEMPLATE = (  # (no newline right after a block tag: templates render with trim_blocks)
+    "{% if tools %}<|system|>\n"
+    "{% if messages[0]['role'] in ['system', 'developer'] %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n\n"
+    "For each call, write a JSON object with the function's name and arguments within <tool_call></tool_call> "
+    "tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|end|>\n"
+    "{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}"
+    "{% if not (tools and loop.first and message['role'] in ['system', 'developer']) %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}{% for call in message['tool_calls'] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}<tool_call>\n"
+    "{\"name\": {{ call['function']['name'] | tojson }}, \"arguments\": {{ call['function']['arguments'] | tojson }}}"
+    "\n</tool_call>{% endfor %}{% endif %}<|end|>\n"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"  # 2: the chat template lists tools and writes tool calls
 DEMO_MODEL_NAME = "packserve-demo"
 MARKER = "packserve_demo.json"
 

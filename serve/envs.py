@@ -84,6 +84,10 @@ _VARS = [
            "which waiting requests start first: shortest (fewest prompt tokens first; preempted ones and those "
            "waiting 32 steps or more go first, in arrival order) or fcfs (arrival order)", "--admission-order",
            choices=("shortest", "fcfs")),
+    EnvVar("TOOL_CALL_PARSER", str, "auto",
+           "how the model writes tool calls: hermes (<tool_call> JSON: Hermes, Qwen), llama3_json (Llama 3.x), "
+           "mistral ([TOOL_CALLS]), or auto (from the chat template; hermes when it shows none)",
+           "--tool-call-parser", choices=("auto", "hermes", "llama3_json", "mistral")),
     EnvVar("BATCH_WINDOW_MS", float, 10.0,
            "on an idle server, how long the first request may wait for more to arrive (until a 2 ms pause) so a "
            "burst is packed into one prefill; 0 starts at once", "--batch-window-ms"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,18 +19,18 @@ from functools import partial
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.responses import StreamingResponse
-
 from packserve import __version__
-from packserve.api import errors, serving
+from packserve.api import errors, responses, serving, tokenization
 from packserve.api.body import install_schemas, openapi_body, parse_body
 from packserve.api.errors import APIError
-from packserve.api import tokenization
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from packserve.api.tokenization import DetokenizeRequest, TokenizeBody
+from packserve.api.tool_parsers import detect
+from packserve.checkpoints import CHAT_TEMPLATE
 from packserve.engine.async_engine import AsyncEngine
 from packserve.host import trim_heap
 from packserve.metrics import CONTENT_TYPE, EngineMetrics
+from starlette.responses import StreamingResponse
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ServerState:
     max_body_bytes: int = 8 * 2**20
     read_timeout: float = 15.0  # seconds each part of a request body may take to arrive
     is_demo: bool = False
+    tool_call_parser: str = "auto"  # "auto": chosen from the chat template (packserve.api.tool_parsers.detect)
     extra_model_names: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
@@ -62,6 +64,12 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len
+
+    @property
+    def tool_format(self) -> str:
+        if self.tool_call_parser != "auto":
+            return self.tool_call_parser
+        return detect(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -136,7 +144,7 @@ class BodyLimitMiddleware:
         while True:
             try:
                 msg = await asyncio.wait_for(receive(), self.read_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await self._error(APIError(408, f"the request body did not arrive within "
                                                        f"{self.read_timeout:g} s", None, "request_timeout"),
                                          scope, receive, send)
@@ -173,7 +181,7 @@ class BodyLimitMiddleware:
                 if msg["type"] != "http.request" or not msg.get("more_body", False):
                     break
                 drained += len(msg.get("body", b""))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         err = APIError(413, f"request body exceeds {self.max_bytes} bytes", None, "request_too_large")
         await self._error(err, scope, receive, send)
@@ -244,9 +252,9 @@ CHAT_MESSAGE_CHARS = 32  # what a chat template adds around each message (role m
 def _chat_chars(body: ChatCompletionRequest) -> int:
     """The rendered size of a chat, estimated from every field before rendering: 100,000 messages of "hi" are
     200k characters of content but ~1.2M tokens once the template wraps each one."""
-    n = 0
+    n = len(json.dumps(body.tools)) if body.tools else 0  # the template lists the tools
     for m in body.messages:
-        n += CHAT_MESSAGE_CHARS + len(m.name or "")
+        n += CHAT_MESSAGE_CHARS + len(m.name or "") + (len(json.dumps(m.tool_calls)) if m.tool_calls else 0)
         c = m.content
         if isinstance(c, str):
             n += len(c)
@@ -297,14 +305,14 @@ def create_app(state: ServerState) -> FastAPI:
                     state.release()
 
                 handed_off = True
-                return SSEResponse(serving.stream_events(state, job, rs), on_close=on_close)
+                return SSEResponse(responses.stream_events(state, job, rs), on_close=on_close)
             try:
                 finals = await serving.collect(request, rs)
             except serving.EngineDeadError:
                 raise APIError(500, "the engine stopped while generating", None, "engine_failed") from None
             if finals is None:  # the client went away; nobody reads this
                 return Response(status_code=499)
-            return JSONResponse(serving.full_response(state, job, finals))
+            return JSONResponse(responses.full_response(state, job, finals))
         finally:
             if not handed_off:
                 state.release()

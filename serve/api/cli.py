@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_n=args.max_n, api_keys=tuple(args.api_key or ()),
                         allowed_origins=tuple(args.allowed_origin or ()), max_body_bytes=args.max_body_bytes,
                         read_timeout=args.read_timeout,
-                        is_demo=is_demo)
+                        is_demo=is_demo, tool_call_parser=args.tool_call_parser)
     if is_demo:
         log.info("serving the built-in DEMO model %r (random weights, for trying packserve out) from %s",
                  name, model)

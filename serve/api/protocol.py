@@ -100,6 +100,8 @@ class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant's past tool calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -110,8 +112,11 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = Field(None, description="{\"type\": \"text\" | \"json_object\" | "
                                                                    "\"json_schema\", \"json_schema\": {...}}")
-    tools: list[Any] | None = Field(None, description="not supported: must be empty")
-    tool_choice: Any = Field(None, description="not supported: must be \"none\"")
+    tools: list[Any] | None = Field(None, description="function tools: [{\"type\": \"function\", \"function\": "
+                                                      "{\"name\", \"description\", \"parameters\"}}]")
+    tool_choice: Any = Field(None, description="\"none\", \"auto\" (default with tools), \"required\", or "
+                                               "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call")
     functions: list[Any] | None = Field(None, description="not supported: must be empty")
     function_call: Any = Field(None, description="not supported: must be \"none\"")
     audio: Any = Field(None, description="not supported")
@@ -130,10 +135,6 @@ def unsupported_fields(req: _SamplingFields) -> str | None:
             return "suffix"
         return None
     assert isinstance(req, ChatCompletionRequest)
-    if _set(req.tools):
-        return "tools"
-    if req.tool_choice not in (None, "none"):
-        return "tool_choice"
     if _set(req.functions):
         return "functions"
     if req.function_call not in (None, "none"):

@@ -1,30 +1,38 @@
-"""Completions and chat: request -> engine requests -> OpenAI responses (JSON or SSE chunks).
+"""Completions and chat: request -> validated job of engine requests -> submitted -> final outputs.
 
 One HTTP request becomes prompts x n engine requests (choice index = prompt
-index x n + j), submitted all-or-none. Outputs carry cumulative text and token
-ids; each choice remembers how much it has sent, so a slow consumer can skip
-intermediate outputs and still stream every character and logprob once.
+index x n + j), submitted all-or-none. packserve.api.responses turns the
+outputs into OpenAI responses (JSON or SSE chunks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
 
 from fastapi import Request
-
-from packserve.api.errors import APIError, error_body
-from packserve.api.logprobs import chat_logprobs, completion_logprobs, echo_logprob_entries
+from packserve.api.errors import APIError
+from packserve.api.protocol import (
+    UINT64_MAX,
+    ChatCompletionRequest,
+    CompletionRequest,
+    unsupported_fields,
+)
+from packserve.api import tool_calls
 from packserve.api.structured import guided_spec
-from packserve.api.protocol import ChatCompletionRequest, CompletionRequest, UINT64_MAX, unsupported_fields
+from packserve.api.tool_calls import ToolSetup, ToolStream
 from packserve.api.text import encode, render_chat
 from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
-from packserve.engine.request import GuidedSpec, ParameterError, RequestOutput, SamplingParams, validate_prompt
+from packserve.engine.request import (
+    GuidedSpec,
+    ParameterError,
+    RequestOutput,
+    SamplingParams,
+    validate_prompt,
+)
 from packserve.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ class _Choice:
     sent_tokens: int = 0
     started: bool = False
     final: RequestOutput | None = None
+    tool_stream: ToolStream | None = None  # streamed chat with tools
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Job:
     n: int = 1
     best_of: int | None = None  # > n: candidates per prompt, ranked by cumulative logprob (completions only)
     ids: bool = False  # return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    tools: ToolSetup | None = None  # chat with tools: outputs are parsed into content and tool_calls
 
 
 # -- preparing ----------------------------------------------------------------------
@@ -138,12 +148,18 @@ def _candidates(state, req) -> int:
     return best_of
 
 
-def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, echo=False) -> Job:
+def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, echo=False,
+           tools: ToolSetup | None = None) -> Job:
     k = _candidates(state, req)
     if len(prompts) * k > state.max_waiting:
         raise APIError(400, f"{len(prompts)} prompts x {'best_of' if k > req.n else 'n'}={k} exceeds the server's "
                             f"queue capacity ({state.max_waiting})", "prompt", "invalid_value")
     structured, bad_words = guided_spec(req), _bad_words(state, req.bad_words)
+    if tools is not None and tools.spec is not None:
+        if structured is not None:
+            raise APIError(400, f"{structured.param} cannot be combined with tool calls (set tool_choice to "
+                                "\"none\" to use it)", structured.param, "invalid_value")
+        structured = tools.spec
     jid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
     now = time.monotonic()
     reqs, choices, total_prompt = [], {}, 0
@@ -167,10 +183,12 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
             rid = f"{jid}-{p_idx * k + j}"
             reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
             choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)  # best_of: re-indexed once ranked
+            if tools is not None and tools.mode is not None and req.stream:
+                choices[rid].tool_stream = ToolStream(tools)
     so = req.stream_options if req.stream else None
     include_usage = "always" if so and so.continuous_usage_stats else bool(so and so.include_usage)
     return Job(kind, jid, state.model_name, int(time.time()), reqs, choices, total_prompt, logprobs,
-               include_usage, echo, req.n, k if k > req.n else None, req.return_tokens_as_token_ids)
+               include_usage, echo, req.n, k if k > req.n else None, req.return_tokens_as_token_ids, tools)
 
 
 def prepare_completion(state, req: CompletionRequest) -> Job:
@@ -198,7 +216,8 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
     _check_common(state, req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs", "invalid_value")
-    text = render_chat(state, req)
+    tools = tool_calls.setup(req, state.tool_format)
+    text = render_chat(state, req, tools=tools.tools if tools is not None else ())
     ids = encode(state, text, "messages")
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if limit is None:  # default: whatever context is left (documented)
@@ -206,7 +225,7 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
             return max(1, state.max_model_len - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     try:
-        return _build(state, "chat", req, [(text, ids)], limit, logprobs)
+        return _build(state, "chat", req, [(text, ids)], limit, logprobs, tools=tools)
     except APIError as e:
         if e.param == "max_tokens" and req.max_completion_tokens is not None:
             e.param = "max_completion_tokens"
@@ -273,132 +292,3 @@ async def collect(request: Request, stream: RequestStream) -> dict[str, RequestO
             if not t.done():
                 t.cancel()
         stream.abort()
-
-
-# -- formatting ---------------------------------------------------------------------
-def _usage(job: Job, outs) -> dict:
-    completion = sum(len(o.outputs[0].token_ids) for o in outs)
-    cached: dict[int, int] = {}  # per prompt: its tokens served from the prefix cache (n choices share a prompt)
-    for o in outs:
-        p = job.choices[o.request_id].prompt_index
-        cached[p] = max(cached.get(p, 0), o.num_cached_tokens)
-    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": job.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
-
-
-def _cumulative_logprob(out: RequestOutput) -> float:
-    return sum(chosen.logprob for chosen, _ in (out.outputs[0].logprobs or []))
-
-
-def _returned(job: Job, finals: dict[str, RequestOutput]) -> list[tuple[str, int]]:
-    """(request id, choice index) of the choices to return: all of them, or per prompt the n of its best_of
-    candidates with the highest cumulative logprob (ties: the earlier candidate)."""
-    if job.best_of is None:
-        return sorted(((rid, ch.index) for rid, ch in job.choices.items()), key=lambda x: x[1])
-    by_prompt: dict[int, list[str]] = {}
-    for rid, ch in job.choices.items():
-        by_prompt.setdefault(ch.prompt_index, []).append(rid)
-    picked = []
-    for p_idx in sorted(by_prompt):
-        ranked = sorted(by_prompt[p_idx], key=lambda rid: -_cumulative_logprob(finals[rid]))  # stable
-        picked += [(rid, p_idx * job.n + rank) for rank, rid in enumerate(ranked[:job.n])]
-    return picked
-
-
-def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
-    choices = []
-    for rid, index in _returned(job, finals):
-        ch = job.choices[rid]
-        out = finals[rid]
-        comp = out.outputs[0]
-        lps = (comp.logprobs or []) if job.logprobs is not None else None
-        if job.kind == "completion":
-            offset = len(ch.prompt_text)
-            if lps is not None and job.echo:
-                lps, offset = echo_logprob_entries(out) + lps, 0
-            choices.append({"index": index, "text": ch.prompt_text + comp.text,
-                            "logprobs": completion_logprobs(state, lps, offset, job.ids) if lps is not None
-                            else None,
-                            "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
-        else:
-            choices.append({"index": index, "message": {"role": "assistant", "content": comp.text},
-                            "logprobs": chat_logprobs(state, lps, job.ids) if lps is not None else None,
-                            "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
-    obj = "text_completion" if job.kind == "completion" else "chat.completion"
-    return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": choices,
-            "usage": _usage(job, finals.values())}
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _chunk(job: Job, choice: dict, out: RequestOutput) -> dict:
-    obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
-    c = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}
-    if job.include_usage == "always":  # this choice's usage so far
-        n_prompt, n_out = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
-        c["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-    elif job.include_usage:
-        c["usage"] = None
-    return c
-
-
-def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
-    ch = job.choices[out.request_id]
-    comp = out.outputs[0]
-    text = comp.text[ch.sent_text:] if len(comp.text) > ch.sent_text else ""
-    new_lps = comp.logprobs[ch.sent_tokens:] if (job.logprobs is not None and comp.logprobs) else None
-    finished = out.finished
-    chunks = []
-    if job.kind == "chat" and not ch.started:
-        chunks.append(_sse(_chunk(job, {"index": ch.index, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}, out)))
-    offset = ch.sent_text + (len(ch.prompt_text) if job.echo else 0)
-    if job.kind == "completion" and not ch.started and ch.prompt_text:
-        text = ch.prompt_text + text
-        if job.echo and job.logprobs is not None:  # the echoed prompt's logprobs lead the first chunk
-            new_lps, offset = echo_logprob_entries(out) + (new_lps or []), 0
-    ch.started = True
-    if text or new_lps or finished:
-        if job.kind == "completion":
-            lp = completion_logprobs(state, new_lps, offset, job.ids) if new_lps is not None else None
-            choice = {"index": ch.index, "text": text, "logprobs": lp,
-                      "finish_reason": comp.finish_reason if finished else None}
-        else:
-            lp = chat_logprobs(state, new_lps, job.ids) if new_lps is not None else None
-            choice = {"index": ch.index, "delta": {"content": text} if text else {}, "logprobs": lp,
-                      "finish_reason": comp.finish_reason if finished else None}
-        if finished:
-            choice["stop_reason"] = comp.stop_reason
-        chunks.append(_sse(_chunk(job, choice, out)))
-    ch.sent_text = len(comp.text)
-    ch.sent_tokens = len(comp.token_ids)
-    if finished:
-        ch.final = out
-    return chunks
-
-
-async def stream_events(state, job: Job, stream: RequestStream) -> AsyncIterator[str]:
-    """SSE body: chunks, the usage chunk when asked, an error chunk if something fails, then [DONE]."""
-    try:
-        async for out in stream:
-            # Coalesce: outputs are cumulative, so only the newest per request matters.
-            latest = {out.request_id: out}
-            while (more := stream.get_nowait()) is not None:
-                latest[more.request_id] = more
-            for o in latest.values():
-                for c in _delta_chunks(state, job, o):
-                    yield c
-        if job.include_usage:
-            finals = [ch.final for ch in job.choices.values() if ch.final is not None]
-            obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
-            yield _sse({"id": job.id, "object": obj, "created": job.created, "model": job.model,
-                        "choices": [], "usage": _usage(job, finals)})
-    except EngineDeadError:
-        yield _sse(error_body("the engine stopped while generating", "server_error", None, "engine_unavailable"))
-    except Exception:
-        log.exception("error while streaming %s", job.id)
-        yield _sse(error_body("internal error while streaming", "server_error", None, "internal_error"))
-    yield "data: [DONE]\n\n"

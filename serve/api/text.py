@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from packserve.api.errors import APIError
+from packserve.api.tool_calls import template_message
+from packserve.checkpoints import CHAT_TEMPLATE
 
-# Used when the checkpoint's tokenizer has no chat template (documented in the README).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+# Used when the checkpoint's tokenizer has no chat template (documented in the README): the demo model's.
+FALLBACK_CHAT_TEMPLATE = CHAT_TEMPLATE
 
 
 def check_text(text: str, param: str) -> None:
@@ -29,8 +26,10 @@ def encode(state, text: str, param: str) -> list[int]:
     return state.tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def render_chat(state, req, add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
-    """req: anything with `messages` (a chat completion or a /tokenize request)."""
+def render_chat(state, req, add_generation_prompt: bool = True, continue_final_message: bool = False,
+                tools: tuple[dict, ...] = ()) -> str:
+    """req: anything with `messages` (a chat completion or a /tokenize request); tools: the function tools the
+    template lists (tool_calls.ToolSetup.tools)."""
     messages = []
     for i, m in enumerate(req.messages):
         content = m.content
@@ -45,14 +44,14 @@ def render_chat(state, req, add_generation_prompt: bool = True, continue_final_m
                 texts.append(part.text)
             content = "".join(texts)
         check_text(content or "", f"messages[{i}].content")
-        messages.append({"role": m.role, "content": content or ""})
+        messages.append({**template_message(i, m), "content": content or ""})
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
     template = getattr(state.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
     try:
         return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                    continue_final_message=continue_final_message,
-                                                   chat_template=template)
+                                                   chat_template=template, tools=list(tools) or None)
     except Exception as exc:  # a template may raise on message orders it does not accept
         raise APIError(400, f"the chat template rejected these messages ({type(exc).__name__})",
                        "messages", "invalid_value") from None

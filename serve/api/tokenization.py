@@ -18,6 +18,7 @@ from packserve.api.errors import APIError
 from packserve.api.protocol import ChatMessage, _Model
 from packserve.api.serving import check_model
 from packserve.api.text import check_text, render_chat
+from packserve.api.tool_calls import check_tools
 
 
 class TokenizeCompletionRequest(_Model):
@@ -34,6 +35,7 @@ class TokenizeChatRequest(_Model):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     return_token_strs: bool = False
+    tools: list[Any] | None = Field(None, description="function tools the chat template lists, as in chat")
 
 
 TokenizeRequest = Union[TokenizeChatRequest, TokenizeCompletionRequest]
@@ -66,7 +68,8 @@ def _tokenize(state, body: TokenizeRequest) -> dict[str, Any]:
             raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true",
                            "continue_final_message", "invalid_value")
         text = render_chat(state, body, add_generation_prompt=body.add_generation_prompt,
-                           continue_final_message=body.continue_final_message)
+                           continue_final_message=body.continue_final_message,
+                           tools=tuple(check_tools(body.tools)) if body.tools else ())
     else:
         check_text(body.prompt, "prompt")
         text = body.prompt

@@ -26,7 +26,7 @@ class ParameterError(ValueError):
 MIN_TEMPERATURE = 1e-5  # temperatures below this sample greedily
 
 
-GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(frozen=True)

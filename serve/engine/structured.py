@@ -1,7 +1,7 @@
 """Structured outputs: constrained decoding with xgrammar (the grammar engine vLLM and SGLang use).
 
 A request's `SamplingParams.structured` (a `GuidedSpec`: a JSON schema, any JSON object, a regex, a choice of
-strings, or an EBNF grammar in xgrammar's GBNF dialect) is compiled once per distinct spec (an LRU cache here,
+strings, an EBNF grammar in xgrammar's GBNF dialect, or a structural tag) is compiled once per distinct spec (an LRU cache here,
 plus xgrammar's own), and each request gets its own matcher. Every step, the sampler fills the next-token bitmask
 of all constrained rows and applies it to their logits in one op, then advances each matcher by the sampled
 token; a matcher that has accepted a complete output ends its request (finish_reason "stop"), also under
@@ -10,6 +10,9 @@ are recomputed, not re-sampled). Logprobs stay those of the model's raw distribu
 
 The API compiles in a worker thread before it queues a request (`compile` is thread-safe), so a slow schema
 never stalls the engine loop; the engine thread then finds the grammar in the cache.
+
+A structural tag (tool calls, packserve.api.tool_calls) holds free text and JSON arguments: there, tokens with
+control characters other than newlines are masked, and JSON whitespace is at most one character in a row.
 
 JSON is generated compact (no free whitespace: a model, especially a small one, may otherwise loop on spaces),
 and without raw control characters: xgrammar's JSON strings admit bytes 0x00-0x1f other than \\r and \\n, which
@@ -69,11 +72,15 @@ class StructuredOutputs:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
-        # The bitmask words of JSON constraints: every token but those with a raw control character.
+        # The bitmask words of JSON constraints: every token but those with a raw control character; of structural
+        # tags (tool calls: text and JSON arguments), the same but newlines allowed.
         self.json_words = xgr.allocate_token_bitmask(1, vocab_size)[0]
+        self.text_words = xgr.allocate_token_bitmask(1, vocab_size)[0]
         for tid, piece in enumerate(info.decoded_vocab):
             if tid not in stop_token_ids and any(b < 0x20 for b in piece):
                 self.json_words[tid // 32] &= ~(1 << (tid % 32))
+                if any(b < 0x20 and b != 0x0A for b in piece):
+                    self.text_words[tid // 32] &= ~(1 << (tid % 32))
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()
         self._batch = None  # xgrammar's BatchGrammarMatcher (a thread pool), made on first use
         self._lock = threading.Lock()
@@ -93,6 +100,8 @@ class StructuredOutputs:
                                                              strict_mode=False)
             elif spec.kind == "regex":
                 compiled = self.compiler.compile_regex(spec.value)
+            elif spec.kind == "structural_tag":
+                compiled = self.compiler.compile_structural_tag(spec.value)
             elif spec.kind == "choice":
                 compiled = self.compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
             else:
@@ -118,9 +127,13 @@ class StructuredOutputs:
             self._batch = self.xgr.BatchGrammarMatcher(max_threads=2)
         bitmask = self.xgr.allocate_token_bitmask(len(requests), self.vocab_size)
         self._batch.batch_fill_next_token_bitmask([requests[i].matcher for i in rows], bitmask, indices=rows)
-        json_rows = [i for i in rows if requests[i].params.structured.kind in ("json_schema", "json_object")]
+        kinds = [requests[i].params.structured.kind for i in rows]
+        json_rows = [i for i, k in zip(rows, kinds) if k in ("json_schema", "json_object")]
         if json_rows:
             bitmask[json_rows] &= self.json_words
+        tag_rows = [i for i, k in zip(rows, kinds) if k == "structural_tag"]
+        if tag_rows:
+            bitmask[tag_rows] &= self.text_words
         mask_logits(logits, bitmask, rows, self.vocab_size)
 
     def accept(self, matchers: list, tokens: list[int]) -> None:
