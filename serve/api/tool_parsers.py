@@ -207,7 +207,8 @@ class ToolFormat:
             if i < 0:
                 piece = text[start:]
                 if not final:  # hold back what may start a marker, and trailing space that may border a call
-                    piece = piece[:len(piece) - _marker_prefix(piece, self.begin)].rstrip()
+                    hold = max(_marker_prefix(piece, m) for m in (self.begin, *self.strip))
+                    piece = piece[:len(piece) - hold].rstrip()
                 pieces.append(piece.lstrip() if after_call else piece)
                 break
             n = len(calls)

@@ -30,7 +30,7 @@ class InProcessServer:
     """uvicorn in a thread around create_app(ServerState) (configurable internals, e.g. fault injection)."""
 
     def __init__(self, model: str, max_waiting: int = 64, api_keys=(), max_n: int = 16, wrap_engine=None,
-                 **engine_opts):
+                 tool_call_parser: str = "auto", **engine_opts):
         import uvicorn
 
         from packserve.api.app import ServerState, create_app
@@ -43,7 +43,8 @@ class InProcessServer:
         self.metrics = EngineMetrics("tiny")
         self.async_engine = AsyncEngine(engine, on_step=self.metrics.on_step, on_idle=self.metrics.set_gauges)
         self.state = ServerState(engine=self.async_engine, model_name="tiny", metrics=self.metrics,
-                                 max_waiting=max_waiting, max_n=max_n, api_keys=tuple(api_keys))
+                                 max_waiting=max_waiting, max_n=max_n, api_keys=tuple(api_keys),
+                                 tool_call_parser=tool_call_parser)
         if wrap_engine is not None:
             wrap_engine(self.state)
         self.port = free_port()

@@ -93,8 +93,7 @@ def test_unsupported_openai_fields(server, auth, inflight):
             _err(_post(server, auth, {"prompt": "hi", "logit_bias": bias}), 400, "logit_bias")
         _err(_post(server, auth, {"prompt": "hi", "max_tokens": 0}), 400, "max_tokens")  # 0 needs echo+logprobs
         chat = {"messages": [{"role": "user", "content": "hi"}]}
-        _err(_post(server, auth, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]},
-                   "/v1/chat/completions"), 400, "tools")
+        _err(_post(server, auth, {**chat, "functions": [{"name": "f"}]}, "/v1/chat/completions"), 400, "functions")
         _err(_post(server, auth, {**chat, "response_format": {"type": "xml"}}, "/v1/chat/completions"),
              400, "response_format")
         # Defaults of those fields are fine.
