@@ -70,6 +70,9 @@ class SchedulerConfig:
     # waiting aging_steps steps or more, or preempted, goes first in arrival order, so none starves).
     admission: str = "fcfs"
     aging_steps: int = 32
+    # Siblings (requests of one prompt with n > 1 or best_of) take the prompt's KV blocks from the first one to
+    # compute it instead of prefilling it again (not for linear-attention models, whose state is per request).
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")

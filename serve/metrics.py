@@ -51,6 +51,9 @@ class EngineMetrics:
                                       "Tokens of admitted requests looked up in the prefix cache")
         self.prefix_hits = counter("packserve:prefix_cache_hits",
                                    "Tokens found in the prefix cache (their prefill skipped)")
+        self.shared_prompt = counter("packserve:shared_prompt_tokens",
+                                     "Prompt tokens of n > 1 / best_of siblings taken from the first sibling's KV "
+                                     "blocks (their prefill skipped)")
         self._success = Counter("packserve:request_success", "Requests finished, by finish reason",
                                 L + ["finished_reason"], registry=r)
         self._http_errors = Counter("packserve:http_errors", "HTTP error responses, by status code",
@@ -68,7 +71,7 @@ class EngineMetrics:
                                    PREFILL_TOKEN_BUCKETS)
         self.packing_eff = hist("packserve:prefill_packing_efficiency",
                                 "Real tokens / token slots computed, per prefill step", EFFICIENCY_BUCKETS)
-        self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0, "pq": 0, "ph": 0}
+        self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0, "pq": 0, "ph": 0, "sp": 0}
         self._last_step = 0  # engine.stats.steps already recorded: on_step also runs after aborts
         self._last_token_time: dict[str, float] = {}
 
@@ -82,6 +85,7 @@ class EngineMetrics:
         self._inc(self.padding_avoided, "pad", s.padding_avoided)
         self._inc(self.prefix_queries, "pq", s.prefix_cache_queries)
         self._inc(self.prefix_hits, "ph", s.prefix_cache_hits)
+        self._inc(self.shared_prompt, "sp", s.shared_prompt_tokens)
         step = s.last_step
         if s.steps != self._last_step:  # a new engine step: record its prefill once
             self._last_step = s.steps

@@ -181,7 +181,8 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
                                prompt_logprobs=logprobs if (echo and logprobs is not None) else None,
                                structured=structured, bad_words=bad_words)
             rid = f"{jid}-{p_idx * k + j}"
-            reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now))
+            reqs.append(EngineRequest(rid, ids, params, prompt=text, arrival_time=now,
+                                      group=f"{jid}-{p_idx}" if k > 1 else None))
             choices[rid] = _Choice(p_idx * req.n + j, echoed, p_idx)  # best_of: re-indexed once ranked
             if tools is not None and tools.mode is not None and req.stream:
                 choices[rid].tool_stream = ToolStream(tools)

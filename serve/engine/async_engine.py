@@ -41,6 +41,7 @@ class EngineRequest:
     params: SamplingParams
     prompt: str | None = None
     arrival_time: float | None = None
+    group: str | None = None  # requests of one prompt sampled n times: the prompt is computed once
 
 
 @dataclass
@@ -250,7 +251,7 @@ class AsyncEngine:
             for r in sub.requests:
                 self.engine.add_request(r.prompt if r.prompt is not None else r.prompt_token_ids, r.params,
                                         request_id=r.request_id, arrival_time=r.arrival_time,
-                                        prompt_token_ids=r.prompt_token_ids)
+                                        prompt_token_ids=r.prompt_token_ids, group=r.group)
                 added.append(r.request_id)
         except Exception as exc:  # ParameterError / QueueFull: undo the partial submission
             for rid in added:

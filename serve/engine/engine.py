@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -38,6 +39,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache at admission
     prefix_cache_hits: int = 0  # of those, tokens found (their prefill skipped)
     prompt_tokens: int = 0
+    shared_prompt_tokens: int = 0  # prompt tokens of n > 1 siblings taken from a sibling's KV blocks
     generation_tokens: int = 0
     padding_avoided: int = 0
     steps: int = 0
@@ -95,11 +97,8 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks, cc.block_size, prefix_caching=cc.prefix_caching and not n_lin)
         self.kv_cache = KVCache(self.info.num_layers, num_blocks, cc.block_size, self.info.num_kv_heads,
                                 self.info.head_dim, self.dtype, self.device)
-        sc = config.scheduler
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
-            max_model_len=self.max_model_len, packing=sc.packing, pack_length=sc.pack_length,
-            max_waiting=sc.max_waiting)
+        # Every scheduler setting as configured (admission order included), with the model's context length.
+        self.scheduler_config = sc = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         # Linear-attention layers keep a fixed-size state per running request: one slot each.
         self.state_cache, state_slots = None, None
         if n_lin:
@@ -173,8 +172,9 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    prompt_token_ids: list[int] | None = None) -> str:
-        """Validate and queue a request. Raises ParameterError (bad input) or QueueFull."""
+                    prompt_token_ids: list[int] | None = None, group: str | None = None) -> str:
+        """Validate and queue a request. Raises ParameterError (bad input) or QueueFull. Requests of one group
+        (a prompt sampled several times) compute their common prompt once."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ParameterError("params must be a SamplingParams", "params")
@@ -182,7 +182,7 @@ class LLMEngine:
         validate_request(ids, params, self.info.vocab_size, self.max_model_len)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(rid, list(ids), params, arrival_time=arrival_time or time.monotonic(),
-                      eos_token_ids=self.eos_token_ids)
+                      eos_token_ids=self.eos_token_ids, group=group)
         if params.structured is not None:
             req.matcher = self.structured_outputs().matcher(params.structured)  # ParameterError if it fails
         self.scheduler.add_request(req)
@@ -247,6 +247,7 @@ class LLMEngine:
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries = self.scheduler.prefix_cache_queries
         s.prefix_cache_hits = self.scheduler.prefix_cache_hits
+        s.shared_prompt_tokens = self.scheduler.shared_prompt_tokens
         s.last_step = step_stats
 
     def _on_token(self, req: Request, logprob) -> RequestOutput:
@@ -331,7 +332,7 @@ def engine_config(model: str, **kw) -> EngineConfig:
                          max_num_batched_tokens=kw.pop("max_num_batched_tokens", 8192),
                          max_model_len=max(2, mc.max_model_len or 2), packing=kw.pop("packing", "ffd"),
                          pack_length=kw.pop("pack_length", None), max_waiting=kw.pop("max_waiting", None),
-                         admission=kw.pop("admission", "fcfs"))
+                         admission=kw.pop("admission", "fcfs"), share_prompt=kw.pop("share_prompt", True))
     if kw:
         raise TypeError(f"unknown engine options: {sorted(kw)}")
     return EngineConfig(mc, cc, sc)

@@ -192,6 +192,8 @@ class Request:
     first_token_time: float | None = None
     # params.structured: the xgrammar matcher, advanced by each sampled token (kept across preemptions).
     matcher: Any = None
+    # Requests of one prompt sampled n times share a group: the prompt's KV blocks are computed once (Scheduler).
+    group: str | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

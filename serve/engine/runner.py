@@ -192,6 +192,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
+        if out.block_copies:
+            self._copy_blocks(out.block_copies)
         hidden, last_index, stats = self._forward(out)
         dev = self.device
         self._prompt_logprobs(out, hidden, last_index)
@@ -205,6 +207,16 @@ class ModelRunner:
         tokens = {r.request_id: t for r, t in zip(reqs, result.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(reqs, result.logprobs) if lp is not None}
         return tokens, logprobs, stats
+
+    def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """Copy-on-write of shared prompt blocks: the leading slots of each source block into its destination, in
+        every layer's K and V, in one op."""
+        bs = self.block_size
+        src = [s * bs + j for s, _, n in copies for j in range(n)]
+        dst = [d * bs + j for _, d, n in copies for j in range(n)]
+        data = self.kv_cache.data  # [layers, 2, slots, kv heads, head dim]
+        idx = torch.tensor(dst, dtype=torch.long, device=data.device)
+        data.index_copy_(2, idx, data.index_select(2, torch.tensor(src, dtype=torch.long, device=data.device)))
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int],
                          rows_per_chunk: int = 512) -> None:

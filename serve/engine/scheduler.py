@@ -23,6 +23,13 @@ Contract
   least MIN_CACHED_FRACTION of it; it then continues from there like a chunked
   prefill. Requests that score their prompt
   (prompt_logprobs) compute every token.
+  Siblings (requests of one `group`: a prompt sampled n times) compute the
+  prompt once: the first admitted prefills it, the others wait until its
+  prompt is computed, then own its full blocks before the last prompt token
+  (ref counted) plus a copy of the block holding that token's predecessors
+  (copy-on-write: `SchedulerOutput.block_copies`, applied by the runner before
+  the step), and compute only the last prompt token (its logits give their
+  own first token).
 - `update(out, sampled)` applies the step's sampled token ids
   (request_id -> token id, only for entries with `sample=True`), advances
   computed-token counts, registers newly full blocks in the prefix cache, and
@@ -46,6 +53,9 @@ from packserve.engine.request import FinishReason, ParameterError, Request, Requ
 
 class QueueFull(RuntimeError):
     pass
+
+
+WAIT = object()  # _sibling_source: not yet
 
 
 # A cached prefix is used only when it covers at least this fraction of the request's tokens. The rest is then
@@ -75,6 +85,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # (source block, destination block, leading slots to copy): K/V copied before this step runs.
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -101,6 +113,8 @@ class Scheduler:
         # request is readmitted), and the tokens taken from it.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.groups: dict[str, list[Request]] = {}  # unfinished requests per sibling group
+        self.shared_prompt_tokens = 0  # prompt tokens siblings took from another sibling's blocks
 
     # -- queue management -------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -115,6 +129,8 @@ class Scheduler:
         self.requests[req.request_id] = req
         req.queued_step = self.num_steps
         self.waiting.append(req)
+        if req.group is not None:
+            self.groups.setdefault(req.group, []).append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -147,12 +163,23 @@ class Scheduler:
                     break
                 if self.state_slots is not None and self.state_slots.num_free == 0:
                     break
-                cached = self._take_cached_prefix(req)
+                source = self._sibling_source(req)
+                if source is WAIT:
+                    continue  # its sibling is still computing the prompt
+                cached = None
+                if source is not None:
+                    copy = self._share_prompt(req, source)
+                else:
+                    cached = self._take_cached_prefix(req)
                 num_new = min(req.num_tokens - req.num_computed_tokens, budget)
                 if not self._grow(req, req.num_computed_tokens + num_new):
                     self._release(req)  # give the cached prefix back too: admission is all or nothing
                     req.num_computed_tokens = 0
                     break
+                if source is not None:
+                    self.shared_prompt_tokens += req.num_computed_tokens
+                    if copy:
+                        out.block_copies.append((copy[0], req.block_ids[copy[1]], copy[2]))
                 if cached is not None:
                     self.prefix_cache_queries += req.num_tokens
                     self.prefix_cache_hits += cached
@@ -176,6 +203,36 @@ class Scheduler:
         rest = [r for r in self.waiting if not (r.num_preemptions or r.queued_step <= old)]
         rest.sort(key=lambda r: r.num_tokens - r.num_computed_tokens)  # stable: ties keep arrival order
         return first + rest
+
+    def _sibling_source(self, req: Request):
+        """For a fresh request of a sibling group: a running sibling whose computed tokens cover req's prompt but
+        its last token (share from it), WAIT while a sibling is still prefilling it, or None (compute it)."""
+        if (req.group is None or not self.config.share_prompt or self.state_slots is not None
+                or req.num_computed_tokens or req.num_preemptions or req.params.prompt_logprobs is not None
+                or req.num_prompt_tokens < 2):
+            return None
+        waiting_for = False
+        for r in self.groups.get(req.group, ()):
+            if r is req or r.status != RequestStatus.RUNNING:
+                continue
+            if r.num_computed_tokens >= req.num_prompt_tokens - 1:
+                return r
+            waiting_for = True
+        return WAIT if waiting_for else None
+
+    def _share_prompt(self, req: Request, source: Request) -> tuple[int, int, int] | None:
+        """Own source's blocks wholly before req's last prompt token and count those tokens as computed. Returns
+        the copy-on-write of the block holding the rest of them (source block, index in req's blocks, slots),
+        or None when the last prompt token starts a block."""
+        bs = self.allocator.block_size
+        last = req.num_prompt_tokens - 1
+        shared = source.block_ids[:last // bs]
+        for b in shared:
+            self.allocator.share(b)
+        req.block_ids = list(shared)
+        req.num_registered_blocks = len(shared) if self.allocator.prefix_caching else 0
+        req.num_computed_tokens = last
+        return (source.block_ids[len(shared)], len(shared), last % bs) if last % bs else None
 
     def _take_cached_prefix(self, req: Request) -> int | None:
         """On admission from scratch: own the cached blocks of req's longest cached prefix and count them as
@@ -287,6 +344,11 @@ class Scheduler:
         return req
 
     def _finish(self, req: Request, reason: FinishReason, stop_reason: int | str | None) -> None:
+        if req.group is not None:
+            group = self.groups[req.group]
+            group.remove(req)
+            if not group:
+                del self.groups[req.group]
         if req in self.running:
             self.running.remove(req)
         else:

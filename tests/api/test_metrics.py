@@ -92,3 +92,23 @@ def test_prefill_histograms_count_engine_steps_not_hook_calls(tiny_model):
     assert samples["packserve:prefill_tokens_per_step_count"] == 1
     assert samples["packserve:prefill_tokens_per_step_sum"] == 6
     assert samples["packserve:prefill_packing_efficiency_count"] == 1
+
+
+def test_n_siblings_compute_the_prompt_once(server, auth, helpers):
+    """n = 4 over HTTP: the prompt is prefilled once (prefill histogram), the other three take its KV blocks
+    (shared-prompt counter) and compute only its last token."""
+    import random
+
+    values = helpers["metric_values"]
+    prompt = [random.Random(7).randrange(3, 500) for _ in range(100)]  # unseen: no prefix-cache hit
+    before = values(server.url)
+    r = httpx.post(server.url + "/v1/completions", headers=auth, timeout=60,
+                   json={"prompt": prompt, "max_tokens": 3, "n": 4, "temperature": 1.0, "seed": 5})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    after = values(server.url)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("packserve:shared_prompt_tokens_total") == 3 * 99
+    assert delta("packserve:prefill_tokens_per_step_sum") == 100  # separately: 400

@@ -183,3 +183,13 @@ def test_admission_order_is_validated():
         SchedulerConfig(admission="random")
     with pytest.raises(ValueError, match="aging_steps"):
         SchedulerConfig(aging_steps=0)
+
+
+def test_engine_keeps_every_scheduler_setting(checkpoint_factory):
+    """engine_config's scheduler options reach the scheduler (the admission order once did not)."""
+    from packserve.engine.engine import LLMEngine, engine_config
+
+    engine = LLMEngine(engine_config(checkpoint_factory("llama"), device="cpu", dtype="float32", admission="shortest",
+                                     share_prompt=False, max_model_len=128, max_num_seqs=7))
+    cfg = engine.scheduler.config
+    assert (cfg.admission, cfg.share_prompt, cfg.max_num_seqs, cfg.max_model_len) == ("shortest", False, 7, 128)
