@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -199,8 +200,9 @@ class LLMEngine:
                     raise ParameterError("structured outputs need the model's tokenizer", "response_format")
                 from packserve.engine.structured import StructuredOutputs
 
+                threads = 1 if self.device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
                 self.runner.sampler.structured = StructuredOutputs(self.tokenizer, self.info.vocab_size,
-                                                                   sorted(self.eos_token_ids))
+                                                                   sorted(self.eos_token_ids), threads)
             return self.runner.sampler.structured
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
