@@ -102,7 +102,10 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
     ch = job.choices[out.request_id]
     comp = out.outputs[0]
     text = comp.text[ch.sent_text:] if len(comp.text) > ch.sent_text else ""
-    new_lps = comp.logprobs[ch.sent_tokens:] if (job.logprobs is not None and comp.logprobs) else None
+    # Logprobs go out with their tokens' text: never for a token whose text is still held back.
+    upto = len(comp.token_ids) if out.finished or comp.num_text_tokens is None else comp.num_text_tokens
+    upto = max(upto, ch.sent_tokens)
+    new_lps = comp.logprobs[ch.sent_tokens:upto] if (job.logprobs is not None and comp.logprobs) else None
     finished = out.finished
     chunks = []
     if job.kind == "chat" and not ch.started:
@@ -131,7 +134,7 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
             choice["stop_reason"] = comp.stop_reason
         chunks.append(_sse(_chunk(job, choice, out)))
     ch.sent_text = len(comp.text)
-    ch.sent_tokens = len(comp.token_ids)
+    ch.sent_tokens = upto
     if finished:
         ch.final = out
     return chunks

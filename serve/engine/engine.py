@@ -293,8 +293,11 @@ class LLMEngine:
     def _output(self, track: _Track) -> RequestOutput:
         req = track.request
         reason = req.finish_reason.value if req.finish_reason is not None else None
+        within = None
+        if track.detok is not None and not req.is_finished:
+            within = track.detok.tokens_within(len(track.text))
         comp = CompletionOutput(0, track.text, list(req.output_token_ids), reason, req.stop_reason,
-                                list(track.logprobs) if req.params.logprobs is not None else None)
+                                list(track.logprobs) if req.params.logprobs is not None else None, within)
         return RequestOutput(req.request_id, track.prompt, req.prompt_token_ids, [comp], req.is_finished,
                              prompt_logprobs=req.prompt_logprobs,
                              arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,

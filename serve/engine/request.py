@@ -236,6 +236,9 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     # Per generated token: (sampled token logprob, top-n alternatives).
     logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
+    # Generated tokens whose text is all in `text` (the rest wait for a character to complete or for a possible
+    # stop string to resolve); None: all of them.
+    num_text_tokens: int | None = None
 
 
 @dataclass
