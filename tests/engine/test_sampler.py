@@ -69,8 +69,9 @@ def test_penalties_follow_openai_and_hf_definitions():
     logits = torch.tensor([[2.0, 2.0, -1.0, 0.5]])
     from packserve.engine.sampler import _apply_penalties
 
-    row = logits[0].clone()
-    _apply_penalties(row, r, torch.device("cpu"))
+    rows = logits.clone()
+    _apply_penalties(rows, [r])
+    row = rows[0]
     # repetition over prompt+output (tokens 0, 1, 2): positive / 2, negative * 2; then OpenAI penalties on output.
     expected = torch.tensor([1.0, 1.0 - 1.0 - 0.5 * 2, -2.0 - 1.0 - 0.5, 0.5])
     assert torch.allclose(row, expected)
