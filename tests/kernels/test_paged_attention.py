@@ -22,7 +22,7 @@ from packserve.testing import (gather_sdpa_decode, interpreted_module, paged_cas
                                run_tests_in_interpreter, triton_interpreted)
 
 IN_PROCESS = ON_GPU or triton_interpreted()
-pa = interpreted_module("packserve.kernels.paged_attention", "_decode_kernel")
+pa = interpreted_module("packserve.kernels.paged_attention", "_paged_kernel")
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET; "
                                                        "test_interpreter_checks_in_subprocess runs these")
 
@@ -106,3 +106,53 @@ def test_num_splits_heuristic():
         assert pa.num_splits(1, 8, 32 * 1024, DEV) > 1  # one long request: split to fill the SMs
         assert pa.num_splits(4 * sms, 8, 32 * 1024, DEV) == 1  # plenty of programs already
         assert pa.num_splits(1, 8, 100, DEV) == 1  # too short to split
+
+
+# -- several new tokens per request (chunked-prefill continuations, prefix-cache hits, decodes in one call) -------
+CTX = [0, 5, 16, 63, 100, 300, 1, 31]
+QLENS = [1, 2, 17, 64, 65, 1, 33, 1]
+
+
+def unified(ctx, qlens, H, Hkv, D, bs, dtype=torch.float32, seed=0, splits=1):
+    """A step of requests with ctx cached tokens and qlens new ones (their K/V in the cache): output, reference."""
+    lens = [c + n for c, n in zip(ctx, qlens)]
+    _, kc, vc, tables, table = setup(lens, H, Hkv, D, bs, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    T = sum(qlens)
+    q = torch.randn(T, H + 2 * Hkv, D, generator=g)[:, :H].to(DEV, dtype)  # strided rows, like a fused QKV
+    start = [sum(qlens[:b]) for b in range(len(qlens))]
+    as_t = dict(dtype=torch.int32, device=DEV)
+    block_q = pa.block_q_for(max(qlens), H // Hkv)
+    tiles = pa.query_tiles(qlens, block_q, DEV)
+    out = pa.paged_attention_triton(q, kc, vc, table, torch.tensor(ctx, **as_t), torch.tensor(qlens, **as_t),
+                                    torch.tensor(start, **as_t), tiles, bs, D ** -0.5, max(lens), splits=splits)
+    ref = pa.paged_attention_ref(q, kc, vc, tables, ctx, qlens, bs, D ** -0.5)
+    return out, ref
+
+
+@in_process
+@pytest.mark.parametrize("H,Hkv,D,bs", [(6, 2, 64, 16), (4, 4, 32, 16), (8, 1, 80, 8), (12, 1, 24, 32),
+                                        (4, 2, 16, 64), (2, 2, 160, 16)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_unified_matches_naive_loop_fp32(H, Hkv, D, bs, splits):
+    out, ref = unified(CTX, QLENS, H, Hkv, D, bs, splits=splits)
+    assert out.shape == (sum(QLENS), H, D) and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+
+
+@in_process
+@pytest.mark.parametrize("splits", [1, 4])
+def test_unified_half_precision(splits):
+    out, ref = unified(CTX, QLENS, 8, 2, 64, 16, dtype=torch.float16, seed=2, splits=splits)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), ref, atol=5e-3, rtol=5e-3)
+
+
+@in_process
+def test_unified_equals_decode_kernel_on_one_token_each():
+    """q_lens all 1: the decode wrapper and the general call are the same computation."""
+    lens = [1, 16, 17, 70]
+    q, kc, vc, tables, table = setup(lens, 6, 2, 32, 16, seed=4)
+    dec = run(q, kc, vc, table, lens, 16, 1)
+    ref = pa.paged_attention_ref(q, kc, vc, tables, [n - 1 for n in lens], [1] * len(lens), 16, 32 ** -0.5)
+    torch.testing.assert_close(dec.double().cpu(), ref, atol=2e-5, rtol=2e-5)
