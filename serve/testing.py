@@ -149,17 +149,13 @@ def paged_case(lens: list[int], H: int, Hkv: int, D: int, block_size: int, seed:
 
 
 def gather_decode_meta(table, lens, block_size: int, dtype):
-    """The torch paged path's metadata for one decode step: one group, each request's blocks gathered, an
-    additive mask over its context (what the decode kernels replace; the runner builds the same)."""
-    import torch
+    """The torch paged path's metadata for one decode step (each request's blocks gathered, masked to its length:
+    what the decode kernels replace), from the same builder the runner uses."""
+    from packserve.layers.paged import build_paged_meta
 
-    from packserve.layers.paged import PagedGroup, PagedMeta, paged_mask
-
-    B, nb = table.shape
-    ctx = lens.to(table.device) - 1  # the query is the context's last token
-    mask = paged_mask(ctx, torch.ones_like(ctx), range(1), nb * block_size, dtype)
-    return PagedMeta(B, [PagedGroup(None, torch.arange(B, device=table.device), table.long(), mask, B, 1,
-                                    block_size)])
+    rows = [[b for b in r] for r in table.long().tolist()]
+    lens = [int(n) for n in lens.tolist()]
+    return build_paged_meta(rows, [n - 1 for n in lens], [1] * len(lens), block_size, "torch", table.device, dtype)
 
 
 def gather_sdpa_decode(q, k_cache, v_cache, table, lens, block_size: int, scale: float):

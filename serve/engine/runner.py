@@ -23,7 +23,7 @@ from packserve.layers import paged
 from packserve.layers.linear import prepack_cpu
 from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, row_layout,
                                         segment_causal_mask)
-from packserve.layers.paged import PagedGroup, PagedMeta
+from packserve.layers.paged import PagedMeta
 
 
 log = logging.getLogger(__name__)
@@ -37,32 +37,6 @@ class StepStats:
     num_rows: int = 0
     packing_efficiency: float = 1.0  # real tokens / slots computed by the attention backend
     padding_avoided: int = 0  # vs one padded batch of the same prompts
-
-
-def length_groups(lengths: list[int], max_groups: int = 4, min_saving: int = 512) -> list[list[int]]:
-    """Split requests (indices) into a few groups of similar context length.
-
-    Paged attention pads every request of a group to the group's longest context, so one group over a
-    lognormal mix of lengths wastes most of its gather and attention work. Each split is the one that
-    saves the most padded slots; we stop when it saves fewer than `min_saving` or at `max_groups`
-    (every group costs one more attention call per layer)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups = [order]
-    while len(groups) < max_groups:
-        best = (min_saving, -1, -1)
-        for gi, g in enumerate(groups):
-            ls = [lengths[i] for i in g]
-            n, top = len(ls), ls[-1]
-            for cut in range(1, n):
-                saving = cut * (top - ls[cut - 1])
-                if saving > best[0]:
-                    best = (saving, gi, cut)
-        if best[1] < 0:
-            break
-        _, gi, cut = best
-        g = groups.pop(gi)
-        groups[gi:gi] = [g[:cut], g[cut:]]
-    return groups
 
 
 class ModelRunner:
@@ -122,59 +96,11 @@ class ModelRunner:
         return batch, meta, efficiency
 
     def _paged_meta(self, cont: list[ScheduledRequest]) -> PagedMeta:
-        q_lens = [s.num_new_tokens for s in cont]
-        kv_lens = [s.context_len + s.num_new_tokens for s in cont]
-        if self.decode_kernel is not None and max(q_lens) == 1:
-            nb = -(-max(kv_lens) // self.block_size)
-            rows = [s.request.block_ids[:nb] for s in cont]
-            table = torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long)
-            seq_lens = torch.tensor(kv_lens, dtype=torch.long)
-            if self.device.type != "cpu":
-                table, seq_lens = (t.to(self.device, non_blocking=True) for t in (table, seq_lens))
-            return PagedMeta(len(cont), [], block_table=table, seq_lens=seq_lens, block_size=self.block_size,
-                             max_seq_len=max(kv_lens), kernel=self.decode_kernel)
-        groups = length_groups(kv_lens)
-        if len(groups) == 1:
-            return PagedMeta(sum(q_lens), [self._paged_group(cont, list(range(len(cont))), None)])
-        offsets = [0]
-        for n in q_lens:
-            offsets.append(offsets[-1] + n)
-        metas = []
-        for g in groups:
-            token_index = [t for b in g for t in range(offsets[b], offsets[b + 1])]
-            metas.append(self._paged_group(cont, g, token_index))
-        return PagedMeta(sum(q_lens), metas)
-
-    def _paged_group(self, cont: list[ScheduledRequest], members: list[int],
-                     token_index: list[int] | None) -> PagedGroup:
-        seqs = [cont[b] for b in members]
-        B = len(seqs)
-        q_lens = [s.num_new_tokens for s in seqs]
-        kv_lens = [s.context_len + s.num_new_tokens for s in seqs]
-        Q, L = max(q_lens), max(kv_lens)
-        bs = self.block_size
-        nb = -(-L // bs)
-        table = torch.zeros(B, nb, dtype=torch.long)
-        q_index = []
-        for b, s in enumerate(seqs):
-            blocks = s.request.block_ids[:nb]
-            table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-            q_index.extend(range(b * Q, b * Q + q_lens[b]))
-        # Whole blocks are gathered (token j of a request sits at block_table[j // bs], offset j % bs);
-        # positions past a request's length are masked (table padding points at block 0: valid memory).
-        # The additive float mask is built once per step (SDPA would convert a bool mask in every layer), unless
-        # it is too big to hold: then attention builds it per slice of query rows.
-        dev = self.device
-        ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.long).to(dev, non_blocking=True)
-        qlen = torch.tensor(q_lens, dtype=torch.long).to(dev, non_blocking=True)
-        mask = None
-        if B * Q * nb * bs <= paged.MASK_MAX_ELEMENTS:
-            mask = paged.paged_mask(ctx, qlen, range(Q), nb * bs, self.kv_cache.data.dtype)
-        return PagedGroup(
-            token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.long).to(dev),
-            q_index=torch.tensor(q_index, dtype=torch.long).to(dev, non_blocking=True),
-            block_table=table.to(dev, non_blocking=True), mask=mask, ctx_lens=ctx, q_lens=qlen,
-            batch=B, max_q=Q, block_size=bs)
+        """Every new token with cached context attends through the block table (packserve.layers.paged): the
+        Triton kernel on CUDA, the C decode kernel plus per-request SDPA on CPU, gather + SDPA without kernels."""
+        return paged.build_paged_meta([s.request.block_ids for s in cont], [s.context_len for s in cont],
+                                      [s.num_new_tokens for s in cont], self.block_size, self.decode_kernel or "torch",
+                                      self.device, self.kv_cache.data.dtype)
 
     def _linear_meta(self, seqs: list[ScheduledRequest]):
         from packserve.layers.linear_attention import LinearAttnMeta

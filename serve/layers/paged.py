@@ -1,115 +1,168 @@
-"""Attention of queries with cached context over the paged KV cache: chunked-prefill continuations and decodes.
+"""Attention of new tokens with cached context, through the block table: decodes, chunked-prefill continuations
+and prompts behind a prefix-cache hit, all in one call per layer with metadata built once per step.
 
-All-decode steps read the blocks in place with a decode kernel (the C kernel in packserve.kernels.cpu_ops on CPU,
-the Triton one in packserve.kernels.paged_attention on CUDA). Other steps gather each request's blocks, grouped by
-context length, and run SDPA with an additive mask (built once per step, or per slice of query rows when too big).
+`build_paged_meta` (the runner calls it once per step) lists each request's blocks, cached and new token counts.
+Then per layer:
+- CUDA (and the Triton interpreter in tests): one call of the unified paged kernel,
+  packserve.kernels.paged_attention, for every new token of the step whatever its request's query length.
+- CPU: the requests with one new token (decodes) go through the C decode kernel (packserve.kernels.cpu_ops) in
+  one call; each request with several new tokens attends over its own blocks with SDPA (causal from its cached
+  length; in slices of query rows when its mask would be large). Without the C kernels, the decodes are
+  gathered together and masked to each request's length instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
-from packserve.kernels.paged_attention import paged_decode_attention_triton
+from packserve.kernels.paged_attention import (PagedTiles, block_q_for, paged_attention_triton,
+                                               paged_decode_attention_triton, query_tiles)
 
-# A paged group's additive mask is built once per step when it has at most this many elements (256 MiB in fp32);
-# a bigger one (a long prompt's later chunks: 8192 queries x 32k keys would be 1 GiB in fp32) is built per layer
-# in query-row slices of about this size instead, which costs time (a 12k-token prompt in 4096-token chunks
-# prefilled in 6.1 s instead of 4.8 s on the 2-core CPU with 16M-element slices) but bounds the memory.
+# A request's causal mask is built whole when it has at most this many elements; a longer one (a long prompt's
+# later chunks: 8192 queries x 32k keys would be 256M) is built and attended in slices of query rows of about
+# this size, each over only the keys its rows can see.
 MASK_MAX_ELEMENTS = 1 << 26
 
 
-def paged_mask(ctx: torch.Tensor, q_lens: torch.Tensor, rows: range, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, len(rows), width] for query rows `rows` of a paged group: query i of request b (at
-    position ctx[b] + i) sees cache positions <= ctx[b] + i; padding rows (i >= q_lens[b]) see slot 0 only, so
-    no row is all -inf (no NaN). ctx, q_lens: long [B] on the mask's device."""
-    B = ctx.shape[0]
-    qi = torch.arange(rows.start, rows.stop, device=ctx.device).view(1, -1, 1)
-    kj = torch.arange(width, device=ctx.device).view(1, 1, width)
-    valid_q = qi < q_lens.view(B, 1, 1)
-    mask = (kj <= ctx.view(B, 1, 1) + qi) & valid_q
-    mask |= (~valid_q) & (kj == 0)
-    return torch.zeros(mask.shape, dtype=dtype, device=ctx.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
-
-
 @dataclass
-class PagedGroup:
-    """Requests attended together, padded to the group's longest context."""
+class Span:
+    """A request with several new tokens (CPU paths): its rows in the step's paged segment, its cached length and
+    the blocks holding its context."""
 
-    token_index: torch.Tensor | None  # long: positions of the group's query tokens in the paged segment
-    q_index: torch.Tensor  # long [Tq_group]: token -> b * max_q + i
-    block_table: torch.Tensor  # long [B, nb]: KV blocks of each request (padded with block 0)
-    # additive (0 / -inf) [B, 1, max_q, nb * block_size] in the KV cache's dtype; None when it would exceed
-    # MASK_MAX_ELEMENTS: then ctx_lens/q_lens (long [B]) give it, built per slice of query rows
-    mask: torch.Tensor | None
-    batch: int
-    max_q: int
-    block_size: int
-    ctx_lens: torch.Tensor | None = None
-    q_lens: torch.Tensor | None = None
+    start: int
+    num_new: int
+    ctx_len: int
+    blocks: torch.Tensor  # long [ceil((ctx_len + num_new) / block_size)]
 
 
 @dataclass
 class PagedMeta:
-    num_tokens: int
-    groups: list[PagedGroup]
-    # Set instead of groups when every request decodes one token and a decode kernel runs the step (the C kernel
-    # in packserve.kernels.cpu_ops on CPU, the Triton one in packserve.kernels.paged_attention on CUDA):
-    # int64 [B, max_blocks], int64 [B] context lengths, and their maximum known on the host.
-    block_table: torch.Tensor | None = None
-    seq_lens: torch.Tensor | None = None
-    block_size: int = 0
-    max_seq_len: int = 0
-    kernel: str = "cpu"  # "cpu" or "triton" (the runner's choice; Triton also runs on CPU in the interpreter)
+    num_tokens: int  # new tokens with cached context in this step (the rows of q)
+    block_table: torch.Tensor  # [B, nb] KV blocks of each request (padded with block 0)
+    seq_lens: torch.Tensor  # [B] cached + new tokens
+    q_lens_host: list[int]
+    block_size: int
+    max_seq_len: int
+    kernel: str  # "triton", "cpu" (C decode kernel) or "torch"
+    # triton: int32 [B] cached lengths, new-token counts and first rows; query tiles made on the first layer
+    ctx_lens: torch.Tensor | None = None
+    q_lens: torch.Tensor | None = None
+    q_start: torch.Tensor | None = None
+    tiles: PagedTiles | None = None
+    # cpu / torch: the one-token requests (rows in the segment, None when every request decodes; their table
+    # and lengths) and the multi-token ones
+    decode_rows: torch.Tensor | None = None
+    decode_table: torch.Tensor | None = None
+    decode_seq_lens: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None  # torch: additive [Bd, 1, 1, nb * block_size]
+    spans: list[Span] = field(default_factory=list)
+
+
+def build_paged_meta(block_ids: list[list[int]], ctx_lens: list[int], q_lens: list[int], block_size: int,
+                     kernel: str, device: torch.device, dtype: torch.dtype = torch.float32) -> PagedMeta:
+    """The step's paged metadata from the host lists: each request's blocks, cached and new token counts."""
+    kv = [c + n for c, n in zip(ctx_lens, q_lens)]
+    nb = -(-max(kv) // block_size)
+    table = torch.tensor([r[:nb] + [0] * (nb - len(r[:nb])) for r in block_ids], dtype=torch.long)
+    seq_lens = torch.tensor(kv, dtype=torch.long)
+    meta = PagedMeta(sum(q_lens), table, seq_lens, list(q_lens), block_size, max(kv), kernel)
+    if kernel == "triton":
+        starts = [0]
+        for n in q_lens[:-1]:
+            starts.append(starts[-1] + n)
+        ints = torch.tensor([ctx_lens, q_lens, starts], dtype=torch.int32).to(device, non_blocking=True)
+        meta.ctx_lens, meta.q_lens, meta.q_start = ints[0], ints[1], ints[2]
+        meta.block_table, meta.seq_lens = table.to(device, non_blocking=True), seq_lens.to(device, non_blocking=True)
+        return meta
+    one, rows, spans, row = [], [], [], 0
+    for b, n in enumerate(q_lens):
+        if n > 1:
+            spans.append(Span(row, n, ctx_lens[b], torch.tensor(block_ids[b][:-(-kv[b] // block_size)],
+                                                                dtype=torch.long, device=device)))
+        else:
+            one.append(b)
+            rows.append(row)
+        row += n
+    meta.spans = spans
+    if one:
+        meta.decode_rows = torch.tensor(rows, dtype=torch.long, device=device) if spans else None
+        sub = one if spans else slice(None)
+        meta.decode_table = table[sub].to(device, non_blocking=True)
+        meta.decode_seq_lens = seq_lens[sub].to(device, non_blocking=True)
+        if kernel == "torch":  # gathered blocks: each row sees its request's cached positions only
+            width = meta.decode_table.shape[1] * block_size
+            mask = torch.arange(width).view(1, -1) < seq_lens[sub].view(-1, 1)
+            meta.decode_mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")) \
+                .view(len(one), 1, 1, width).to(device, non_blocking=True)
+    return meta
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
                     scale: float) -> torch.Tensor:
-    """Queries with cached context: per group, gather each request's K/V by slot, then masked SDPA
-    (or, for an all-decode step, a paged decode kernel reading the blocks in place)."""
-    if meta.block_table is not None and meta.kernel == "triton":
-        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
-                                             scale, meta.max_seq_len)
-    if meta.block_table is not None:
-        return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
-                                              scale)
-    if len(meta.groups) == 1 and meta.groups[0].token_index is None:
-        return _attend_group(q, k_cache, v_cache, meta.groups[0], scale)
+    """q: [num_tokens, H, D], the step's new tokens with cached context (their own K/V already in the cache)."""
+    if meta.kernel == "triton":
+        if meta.tiles is None:  # made once per step (the first layer), from host lists
+            meta.tiles = query_tiles(meta.q_lens_host, block_q_for(max(meta.q_lens_host), q.shape[1] //
+                                                                   k_cache.shape[1]), q.device)
+        if meta.tiles.block_q == 1:  # every request decodes: the decode launch (its splits fit decode steps)
+            return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
+                                                 meta.block_size, scale, meta.max_seq_len)
+        return paged_attention_triton(q, k_cache, v_cache, meta.block_table, meta.ctx_lens, meta.q_lens,
+                                      meta.q_start, meta.tiles, meta.block_size, scale, meta.max_seq_len)
+    if not meta.spans:
+        return _decode(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-    for g in meta.groups:
-        out.index_copy_(0, g.token_index, _attend_group(q.index_select(0, g.token_index), k_cache, v_cache, g, scale))
+    if meta.decode_table is not None:
+        out.index_copy_(0, meta.decode_rows, _decode(q.index_select(0, meta.decode_rows), k_cache, v_cache, meta,
+                                                     scale))
+    for s in meta.spans:
+        out[s.start:s.start + s.num_new] = span_attention(q[s.start:s.start + s.num_new], k_cache, v_cache, s,
+                                                          meta.block_size, scale)
     return out
 
 
-def _attend_group(q, k_cache, v_cache, g: PagedGroup, scale: float) -> torch.Tensor:
-    B, Q = g.batch, g.max_q
-    H, D = q.shape[1], q.shape[2]
-    if Q == 1:  # pure decode: one query per request, already in order
-        qb = q.view(B, 1, H, D).transpose(1, 2)
-    else:
-        qb = q.new_zeros(B * Q, H, D)
-        qb.index_copy_(0, g.q_index, q)
-        qb = qb.view(B, Q, H, D).transpose(1, 2)
-    # Gather whole blocks (one contiguous block_size x Hkv x D chunk each), not token slots: far fewer,
-    # larger copies. index_select beats advanced indexing with a 2-D index on CPU.
-    blocks = g.block_table.view(-1)
-    bs = g.block_size
-    kb = k_cache.view(-1, bs * k_cache.shape[1] * k_cache.shape[2]).index_select(0, blocks)
-    vb = v_cache.view(-1, bs * v_cache.shape[1] * v_cache.shape[2]).index_select(0, blocks)
+def _decode(q, k_cache, v_cache, meta: PagedMeta, scale: float) -> torch.Tensor:
+    if meta.kernel == "cpu":
+        return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.decode_table, meta.decode_seq_lens,
+                                              meta.block_size, scale)
+    # torch: gather whole blocks (one contiguous block_size x Hkv x D chunk each: far fewer, larger copies than
+    # token slots; index_select beats advanced indexing with a 2-D index on CPU), masked to each length.
+    B, H, D = q.shape
+    bs, table = meta.block_size, meta.decode_table
+    kb = k_cache.view(-1, bs * k_cache.shape[1] * k_cache.shape[2]).index_select(0, table.view(-1))
+    vb = v_cache.view(-1, bs * v_cache.shape[1] * v_cache.shape[2]).index_select(0, table.view(-1))
     kb = kb.view(B, -1, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, nb * bs, D]
     vb = vb.view(B, -1, *v_cache.shape[1:]).transpose(1, 2)
-    gqa = kb.shape[1] != H
-    if g.mask is not None:
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=gqa)
-    else:  # a mask too big to hold whole: slices of query rows, each with its own slice of the mask
-        L = kb.shape[2]
-        step = max(1, MASK_MAX_ELEMENTS // (B * L))
-        out = torch.cat([F.scaled_dot_product_attention(
-            qb[:, :, r0:r0 + step], kb, vb, attn_mask=paged_mask(g.ctx_lens, g.q_lens, range(r0, min(Q, r0 + step)), L,
-                                                                  kb.dtype), scale=scale, enable_gqa=gqa)
-            for r0 in range(0, Q, step)], dim=2)
-    out = out.transpose(1, 2).reshape(B * Q, H, vb.shape[-1])
-    return out if Q == 1 else out.index_select(0, g.q_index)
+    out = F.scaled_dot_product_attention(q.view(B, 1, H, D).transpose(1, 2), kb, vb, attn_mask=meta.decode_mask,
+                                         scale=scale, enable_gqa=kb.shape[1] != H)
+    return out.transpose(1, 2).reshape(B, H, vb.shape[-1])
+
+
+def span_mask(ctx_len: int, rows: range, width: int, device: torch.device) -> torch.Tensor:
+    """bool [len(rows), width]: new token i (at position ctx_len + i) sees positions <= its own."""
+    return torch.arange(width, device=device).view(1, -1) <= (ctx_len + torch.arange(rows.start, rows.stop,
+                                                                                      device=device)).view(-1, 1)
+
+
+def span_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, s: Span, block_size: int,
+                   scale: float) -> torch.Tensor:
+    """One request's new tokens over its own blocks: SDPA, causal from its cached length."""
+    L = s.ctx_len + s.num_new
+    bs = block_size
+    kb = k_cache.view(-1, bs, *k_cache.shape[1:]).index_select(0, s.blocks).flatten(0, 1)[:L].transpose(0, 1)
+    vb = v_cache.view(-1, bs, *v_cache.shape[1:]).index_select(0, s.blocks).flatten(0, 1)[:L].transpose(0, 1)
+    qh = q.transpose(0, 1)  # [H, n, D]
+    gqa = kb.shape[0] != qh.shape[0]
+    step = max(1, MASK_MAX_ELEMENTS // L)
+    outs = []
+    for r0 in range(0, s.num_new, step):
+        r1 = min(s.num_new, r0 + step)
+        seen = s.ctx_len + r1  # keys any row of the slice can see
+        mask = span_mask(s.ctx_len, range(r0, r1), seen, q.device)
+        outs.append(F.scaled_dot_product_attention(qh[:, r0:r1], kb[:, :seen], vb[:, :seen], attn_mask=mask,
+                                                   scale=scale, enable_gqa=gqa))
+    return torch.cat(outs, dim=1).transpose(0, 1) if len(outs) > 1 else outs[0].transpose(0, 1)

@@ -119,14 +119,14 @@ def test_chunked_prefill_long_prompts(checkpoint_factory):
 
 
 def test_chunked_prefill_with_masks_built_per_slice(checkpoint_factory, monkeypatch):
-    """The same chunked prefill with the paged-attention mask limit at 500 elements: every later chunk's mask is
-    built per layer in slices of query rows instead of once per step (what keeps a long prompt's 8192 x 32k
-    mask out of memory); the greedy tokens still match transformers."""
+    """The same chunked prefill with the paged-attention mask limit at 500 elements: every later chunk's causal
+    mask is built in slices of query rows (what keeps a long prompt's 8192 x 32k mask out of memory); the greedy
+    tokens still match transformers."""
     import packserve.layers.paged as paged
 
     built = []
-    real = paged.paged_mask
-    monkeypatch.setattr(paged, "paged_mask", lambda *a: built.append(len(a[2])) or real(*a))
+    real = paged.span_mask
+    monkeypatch.setattr(paged, "span_mask", lambda *a: built.append(len(a[1])) or real(*a))
     monkeypatch.setattr(paged, "MASK_MAX_ELEMENTS", 500)
     path = checkpoint_factory("qwen3")
     ps = prompts(seed=2, lengths=[300, 129, 64, 65, 1, 250])
@@ -179,3 +179,44 @@ def test_abort_frees_blocks(checkpoint_factory):
     for i in (0, 1, 3, 4):
         engine.abort_request(f"r{i}")
     assert engine.allocator.num_used == 0 and not engine.has_unfinished()
+
+
+def _mixed_workload(vocab=500):
+    """Ragged prompts, four of them sharing a 96-token prefix with an earlier one (prefix-cache hits later on)."""
+    ps = prompts(seed=11, lengths=[120, 3, 65, 200, 1, 17, 64, 90])
+    shared = ps[0][:96]
+    g = torch.Generator().manual_seed(12)
+    ps += [shared + torch.randint(5, vocab, (n,), generator=g).tolist() for n in (4, 40, 1, 70)]
+    return ps
+
+
+@pytest.mark.parametrize("arch,kernel", [("llama", None), ("qwen3", None), ("gpt2", None), ("llama", "torch"),
+                                         ("llama", "triton")])
+def test_everything_mixed_in_the_same_steps(arch, kernel, checkpoint_factory, monkeypatch):
+    """Staggered arrivals, chunked prefill (a 64-token budget), prefix-cache hits and preemption (a small cache)
+    in the same steps, every new token attending through the block table: greedy tokens equal transformers'."""
+    import triton.language as tl
+
+    import packserve.layers.paged as paged
+
+    if kernel == "triton" and not torch.cuda.is_available() and \
+            type(tl.standard.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET")
+    path = checkpoint_factory(arch)
+    engine = LLMEngine(engine_config(path, device="cpu", dtype="float32", max_num_batched_tokens=64,
+                                     max_num_seqs=6, num_kv_blocks=26, block_size=16))
+    if kernel == "torch":
+        engine.runner.decode_kernel = None
+    elif kernel == "triton":
+        engine.runner.decode_kernel = "triton"
+    steps = []
+    real = paged.build_paged_meta
+    monkeypatch.setattr(paged, "build_paged_meta", lambda *a, **k: steps.append(sorted(set(a[2]))) or real(*a, **k))
+    ps = _mixed_workload()
+    new = 12 if kernel == "triton" else NEW
+    got = run_with_arrivals(engine, ps, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), every=3,
+                            per_arrival=2)
+    assert got == hf_greedy(path, ps, new=new)
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.prefix_cache_hits > 0
+    assert any(len(q) > 1 and q[0] == 1 for q in steps), "no step mixed decodes with longer queries"
+    assert engine.allocator.num_free == engine.allocator.num_blocks
