@@ -137,8 +137,9 @@ _VARS = [
            "on CPU, decode steps now and then try half the threads and keep the faster count (a core shared with "
            "another process stalls every step; packserve.engine.threads); 0 keeps the count fixed"),
     EnvVar("GPU_DECODE_KERNEL", _bool, True,
-           "on CUDA, decode steps read the paged KV cache in place with packserve's Triton kernel "
-           "(packserve.kernels.paged_attention); 0 gathers the blocks and runs SDPA instead"),
+           "on CUDA, every new token with cached context attends through the paged KV cache in place with "
+           "packserve's Triton kernel (packserve.kernels.paged_attention); 0 gathers the blocks and runs SDPA "
+           "instead"),
     EnvVar("CACHE_DIR", str, None, "where the demo model and the CPU kernels are built (default: ~/.cache/packserve)", "--cache-dir"),
 ]
 
