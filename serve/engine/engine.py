@@ -111,7 +111,7 @@ class LLMEngine:
             self.state_cache = StateCache(n_lin, sc.max_num_seqs, hkv, dk, dv, self.device)
         self.state_slots = state_slots
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, state_slots)
-        self.backend = select_backend(mc.backend, self.device)
+        self.backend = select_backend(mc.backend, self.device, self.dtype)
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
                                   state_cache=self.state_cache, allocator=self.allocator,
                                   cpu_precision=self.cpu_precision)
@@ -152,7 +152,9 @@ class LLMEngine:
     def warm_up(self) -> None:
         """One dummy prefill of a full step's token budget on the idle engine (the server runs it before it
         reports ready, as vLLM's start-up profile run does): allocators reach their high-water mark, lazy
-        kernels compile and the first real batch runs at steady-state speed."""
+        kernels compile and the first real batch runs at steady-state speed. Then a few short requests decode
+        together (greedy and sampled), so the decode kernels and the sampler are warm too. Counters are zeroed
+        afterwards and the prefix cache emptied: the server starts as if nothing had run."""
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine")
         sc = self.scheduler_config
@@ -163,7 +165,16 @@ class LLMEngine:
             budget -= lengths[-1]
         if self.state_cache is not None:
             lengths = lengths[:self.state_cache.num_slots]
-        self.runner.prefill_logits([[self.eos_token_ids[0] if self.eos_token_ids else 0] * n for n in lengths])
+        tok = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.runner.prefill_logits([[tok] * n for n in lengths])
+        for i in range(min(sc.max_num_seqs, 4)):
+            self.add_request([tok] * (i + 2), SamplingParams(max_tokens=3, temperature=1.0 if i % 2 else 0.0,
+                                                             ignore_eos=True), request_id=f"_warm_up_{i}")
+        while self.has_unfinished():
+            self.step()
+        self.allocator.reset_prefix_cache()
+        self.stats = EngineStats()
+        self.scheduler.reset_counters()
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -132,6 +132,10 @@ class Scheduler:
         if req.group is not None:
             self.groups.setdefault(req.group, []).append(req)
 
+    def reset_counters(self) -> None:
+        """Zero the cumulative counters (after a warm-up)."""
+        self.num_preemptions = self.prefix_cache_queries = self.prefix_cache_hits = self.shared_prompt_tokens = 0
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -121,6 +121,16 @@ class FlexBackend(AttentionBackend):
 
     def __init__(self, device: torch.device):
         self.uses_rows = device.type != "cuda"
+        self._flex = None
+
+    def _kernel(self):
+        """flex_attention, compiled on CUDA (eager FlexAttention materializes the T x T scores there; compiled,
+        dynamic shapes, it is the fused block-sparse kernel), eager on CPU (compiling costs ~10 s per shape)."""
+        if self._flex is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._flex = torch.compile(flex_attention, dynamic=True) if not self.uses_rows else flex_attention
+        return self._flex
 
     def prepare(self, meta, device):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -143,8 +153,7 @@ class FlexBackend(AttentionBackend):
         meta.extra = create_block_mask(document_causal, None, None, meta.num_tokens, meta.num_tokens, device=device)
 
     def packed(self, q, k, v, meta, scale):
-        from torch.nn.attention.flex_attention import flex_attention
-
+        flex_attention = self._kernel()
         gqa = k.shape[1] != q.shape[1]
         if self.uses_rows:
             out = flex_attention(to_rows(q, meta), to_rows(k, meta), to_rows(v, meta), block_mask=meta.extra,
@@ -264,8 +273,13 @@ def _xformers_usable(device: torch.device) -> str | None:
         return f"xformers unusable with torch {torch.__version__}: {type(exc).__name__}: {str(exc)[:200]}"
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick an attention backend; 'auto' is varlen (falling back to sdpa where torch has no varlen_attn)."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionBackend:
+    """Pick an attention backend. 'auto': varlen on CPU (packserve's C operator) and for fp16/bf16 on CUDA
+    (flash kernels); sdpa for fp32 on CUDA, which the flash kernels do not take (and wherever torch has no
+    varlen_attn)."""
+    if device.type == "cuda" and dtype == torch.float32 and name in ("auto", "varlen"):
+        log.info("fp32 on CUDA: the packed prefill runs on the sdpa backend (flash varlen kernels take fp16/bf16)")
+        return SdpaBackend()
     if name == "auto":
         try:
             return VarlenBackend(device)

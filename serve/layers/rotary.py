@@ -49,10 +49,14 @@ class RotaryEmbedding(nn.Module):
         self.cos = freqs.cos() * scale
         self.sin = freqs.sin() * scale
 
-    def _follow(self, device: torch.device) -> None:
-        """The tables live on the device of the positions they are indexed with."""
+    def place(self, device: torch.device) -> None:
+        """Move the tables (the loader does it with the weights, so the KV cache is sized after them)."""
         if self.cos.device != device:
             self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+
+    def _follow(self, device: torch.device) -> None:
+        """The tables live on the device of the positions they are indexed with."""
+        self.place(device)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows of `positions`: [T, 1, rot_dim / 2] each."""

@@ -16,7 +16,7 @@ from packserve.layers.linear import ColumnLinear
 from packserve.layers.linear_attention import LinearAttention
 from packserve.layers.norm import RMSNorm
 from packserve.models.base import CausalLM, ModelInfo
-from packserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from packserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, model_rotary
 
 
 class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
@@ -33,16 +33,16 @@ class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         layers, n_lin = [], 0
+        rotary = model_rotary(cfg, max_model_len) if softmax else None
         for i in range(n):
             if i in softmax:
-                mixer = LlamaAttention(cfg, softmax.index(i), qkv_bias=False, qk_norm=False,
-                                       max_positions=max_model_len)
+                mixer = LlamaAttention(cfg, softmax.index(i), qkv_bias=False, qk_norm=False, rotary=rotary)
             else:
                 mixer = LinearAttention(cfg["hidden_size"], heads, kv_heads, head_dim,
                                         cfg.get("feature_map", "elu1"), bool(cfg.get("normalize", True)),
                                         float(cfg.get("linear_attn_eps", 1e-6)), n_lin)
                 n_lin += 1
-            layers.append(LlamaDecoderLayer(cfg, i, False, False, max_model_len, mixer=mixer))
+            layers.append(LlamaDecoderLayer(cfg, i, False, False, None, mixer=mixer))
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.model.layers = nn.ModuleList(layers)

@@ -15,8 +15,14 @@ from packserve.layers.rotary import RotaryEmbedding
 from packserve.models.base import CausalLM, ModelInfo, load_into, rope_config
 
 
+def model_rotary(cfg: dict, max_positions: int) -> RotaryEmbedding:
+    """The model's one RoPE table (every layer shares it: per-layer copies took 2 GiB at 128k x 32 layers)."""
+    heads = cfg["num_attention_heads"]
+    return RotaryEmbedding(cfg.get("head_dim") or cfg["hidden_size"] // heads, max_positions, rope_config(cfg))
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, max_positions: int):
+    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding):
         super().__init__()
         hidden = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
@@ -31,7 +37,7 @@ class LlamaAttention(nn.Module):
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(self.head_dim, max_positions, rope_config(cfg))
+        self.rotary = rotary  # one table per model, shared by the layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -54,14 +60,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, max_positions: int,
+    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding | None,
                  mixer: nn.Module | None = None):
         """`mixer` replaces softmax attention as the token mixer (the linear-attention family)."""
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = mixer if mixer is not None else LlamaAttention(cfg, layer_idx, qkv_bias, qk_norm,
-                                                                        max_positions)
+        self.self_attn = mixer if mixer is not None else LlamaAttention(cfg, layer_idx, qkv_bias, qk_norm, rotary)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("hidden_act", "silu"),
                             bias=bool(cfg.get("mlp_bias", False)))
@@ -83,7 +88,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm, max_positions)
+        rotary = model_rotary(cfg, max_positions)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm, rotary)
                                     for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 

@@ -86,4 +86,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, max_m
         model = cls(cfg, max_model_len, **kwargs)
     model.load_weights(iter_safetensors(path, torch.float64 if norm_mode != "native" else dtype))
     model = model.to(device=device, dtype=dtype).eval()
+    from packserve.layers.rotary import RotaryEmbedding
+
+    for m in model.modules():  # RoPE tables are plain attributes (kept fp32): placed now, before the KV cache
+        if isinstance(m, RotaryEmbedding):
+            m.place(device)
     return model

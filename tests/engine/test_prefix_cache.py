@@ -206,3 +206,20 @@ def test_engine_multi_turn_and_preemption_with_the_cache(checkpoint_factory):
     assert cached.engine.stats.prefix_cache_hits > hits
     assert cached.engine.stats.num_preemptions > 0
     assert cached.engine.allocator.num_free == cached.engine.allocator.num_blocks
+
+
+def test_warm_up_decodes_too_and_leaves_nothing_behind(checkpoint_factory, monkeypatch):
+    """warm_up runs a prefill and then decode steps (the decode path is warm before traffic); afterwards the
+    engine is idle, every block free, nothing cached and every counter zero."""
+    import packserve.layers.paged as paged
+
+    llm = LLM(checkpoint_factory("llama"))
+    calls = []
+    real = paged.build_paged_meta
+    monkeypatch.setattr(paged, "build_paged_meta", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    llm.engine.warm_up()
+    assert any(q and all(n == 1 for n in q) for q in calls)  # a step where every request decoded
+    e = llm.engine
+    assert not e.has_unfinished() and e.allocator.num_used == 0 and e.allocator.num_cached == 0
+    assert e.stats.steps == e.stats.generation_tokens == e.stats.prompt_tokens == 0
+    assert e.scheduler.prefix_cache_queries == e.scheduler.num_preemptions == 0
