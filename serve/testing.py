@@ -148,14 +148,32 @@ def paged_case(lens: list[int], H: int, Hkv: int, D: int, block_size: int, seed:
     return q.to(**to), k_cache.to(**to), v_cache.to(**to), tables, table.to(device)
 
 
+def batch_view(block_ids: list[list[int]], ctx_lens: list[int], q_lens: list[int], block_size: int, device="cpu"):
+    """A persistent batch (packserve.engine.input_batch) holding these requests, filled for one step: its view."""
+    import torch
+
+    from packserve.engine.input_batch import InputBatch
+    from packserve.engine.request import Request, SamplingParams
+    from packserve.engine.scheduler import ScheduledRequest
+
+    entries = []
+    for i, (blocks, c, n) in enumerate(zip(block_ids, ctx_lens, q_lens)):
+        req = Request(f"v{i}", [1] * (c + n), SamplingParams(max_tokens=1))
+        req.block_ids = list(blocks)
+        entries.append(ScheduledRequest(req, n, c, True))
+    width = max(len(b) for b in block_ids)
+    batch = InputBatch(len(entries), width, sum(q_lens), block_size, torch.device(device))
+    return batch.fill(batch.update(entries), [], [], [])
+
+
 def gather_decode_meta(table, lens, block_size: int, dtype):
     """The torch paged path's metadata for one decode step (each request's blocks gathered, masked to its length:
     what the decode kernels replace), from the same builder the runner uses."""
     from packserve.layers.paged import build_paged_meta
 
-    rows = [[b for b in r] for r in table.long().tolist()]
     lens = [int(n) for n in lens.tolist()]
-    return build_paged_meta(rows, [n - 1 for n in lens], [1] * len(lens), block_size, "torch", table.device, dtype)
+    view = batch_view(table.long().tolist(), [n - 1 for n in lens], [1] * len(lens), block_size, table.device)
+    return build_paged_meta(view, block_size, "torch", table.device, dtype)
 
 
 def gather_sdpa_decode(q, k_cache, v_cache, table, lens, block_size: int, scale: float):

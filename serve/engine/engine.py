@@ -114,7 +114,8 @@ class LLMEngine:
         self.backend = select_backend(mc.backend, self.device, self.dtype)
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
                                   state_cache=self.state_cache, allocator=self.allocator,
-                                  cpu_precision=self.cpu_precision)
+                                  cpu_precision=self.cpu_precision, max_model_len=self.max_model_len,
+                                  max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens)
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:

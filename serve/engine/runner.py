@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from packserve import envs
+from packserve.engine.input_batch import InputBatch
 from packserve.engine.kv_cache import KVCache
 from packserve.engine.packing import build_packed_batch
 from packserve.engine.precision import CpuMatmulPrecision
@@ -42,7 +43,8 @@ class StepStats:
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
                  packing: str = "ffd", pack_length: int | None = None, state_cache=None, allocator=None,
-                 cpu_precision: CpuMatmulPrecision | None = None):
+                 cpu_precision: CpuMatmulPrecision | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192):
         self.model = model
         self.cpu_precision = cpu_precision  # CPU: per step, bf16 or exact fp32 matmuls (packserve.engine.precision)
         self.allocator = allocator  # the engine's BlockAllocator (prefill_logits bypasses it)
@@ -54,6 +56,9 @@ class ModelRunner:
         self.packing = packing
         self.pack_length = pack_length
         self.sampler = Sampler()
+        max_blocks = -(-(max_model_len or kv_cache.num_blocks * kv_cache.block_size) // kv_cache.block_size) + 1
+        self.input_batch = InputBatch(max_num_seqs, min(max_blocks, kv_cache.num_blocks), max_num_batched_tokens,
+                                      kv_cache.block_size, device)
         # All-decode steps read the paged KV in place instead of gathering it: the C kernel on CPU (fp32), the
         # Triton kernel on CUDA; None keeps the gather + SDPA path.
         self.decode_kernel: str | None = None
@@ -95,12 +100,11 @@ class ModelRunner:
         efficiency = layout.efficiency if self.backend.uses_rows else 1.0
         return batch, meta, efficiency
 
-    def _paged_meta(self, cont: list[ScheduledRequest]) -> PagedMeta:
+    def _paged_meta(self, view) -> PagedMeta:
         """Every new token with cached context attends through the block table (packserve.layers.paged): the
         Triton kernel on CUDA, the C decode kernel plus per-request SDPA on CPU, gather + SDPA without kernels."""
-        return paged.build_paged_meta([s.request.block_ids for s in cont], [s.context_len for s in cont],
-                                      [s.num_new_tokens for s in cont], self.block_size, self.decode_kernel or "torch",
-                                      self.device, self.kv_cache.data.dtype)
+        return paged.build_paged_meta(view, self.block_size, self.decode_kernel or "torch", self.device,
+                                      self.kv_cache.data.dtype)
 
     def _linear_meta(self, seqs: list[ScheduledRequest]):
         from packserve.layers.linear_attention import LinearAttnMeta
@@ -177,48 +181,44 @@ class ModelRunner:
             self._switch_to_cpu_kernels()
         fresh = [s for s in out.scheduled if s.context_len == 0]
         cont = [s for s in out.scheduled if s.context_len > 0]
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
         last_index: dict[int, int] = {}  # position in out.scheduled -> flat index of its last token
         packed_meta, stats = None, StepStats()
         flat_seqs: list[ScheduledRequest] = []  # sequences in flat token order
         pos_of = {id(s): k for k, s in enumerate(out.scheduled)}
+        fresh_inputs: tuple[list[int], list[int], list[int]] = ([], [], [])
         if fresh:
             batch, packed_meta, eff = self._packed_meta(fresh)
             flat_seqs += [fresh[i] for i in batch.seq_order]
-            ids += batch.token_ids
-            positions += batch.position_ids
-            slot_mapping += batch.slot_mapping
+            fresh_inputs = (batch.token_ids, batch.position_ids, batch.slot_mapping)
             for i, s in enumerate(fresh):
                 last_index[pos_of[id(s)]] = batch.last_token_index[i]
             lens = [s.num_new_tokens for s in fresh]
             stats = StepStats(num_prefill_tokens=len(batch.token_ids), num_prompts_packed=len(fresh),
                               num_rows=batch.layout.num_rows, packing_efficiency=eff,
                               padding_avoided=max(lens) * len(lens) - sum(lens))
+        # Requests with cached context keep their rows in the persistent batch; the step's inputs are written
+        # into its buffers and copied to the device once each.
+        order = self.input_batch.update(cont)
+        view = self.input_batch.fill(order, *fresh_inputs)
         paged_meta = None
         if cont:
-            for s in cont:
-                ids += s.token_ids
-                positions += range(s.context_len, s.context_len + s.num_new_tokens)
-                slot_mapping += s.slot_mapping(self.block_size)
-                last_index[pos_of[id(s)]] = len(ids) - 1
-            paged_meta = self._paged_meta(cont)
-            flat_seqs += cont
+            P = len(fresh_inputs[0])
+            ends = (P + view.q_host.cumsum() - 1).tolist()
+            for s, end in zip(order, ends):
+                last_index[pos_of[id(s)]] = end
+            paged_meta = self._paged_meta(view)
+            flat_seqs += order
             stats = replace(stats, num_context_tokens=paged_meta.num_tokens,
                             num_decode_tokens=sum(1 for s in cont if s.num_new_tokens == 1))
-
-        dev = self.device
-        attn = AttentionMetadata(torch.tensor(slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
-                                 packed_meta, paged_meta)
+        ids, positions, slots = self.input_batch.step_inputs()
+        attn = AttentionMetadata(slots, packed_meta, paged_meta)
         ctx = ForwardContext(attn, self.kv_cache, self.backend)
         if self.state_cache is not None:
             ctx.linear = self._linear_meta(flat_seqs)
             ctx.state_cache = self.state_cache
         if self.cpu_precision is not None:
-            self.cpu_precision.apply(len(ids))
-        hidden = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-                            torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True), ctx)
+            self.cpu_precision.apply(ids.shape[0])
+        hidden = self.model(ids, positions, ctx)
         return hidden, last_index, stats
 
     @torch.inference_mode()

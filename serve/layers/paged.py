@@ -1,7 +1,8 @@
 """Attention of new tokens with cached context, through the block table: decodes, chunked-prefill continuations
 and prompts behind a prefix-cache hit, all in one call per layer with metadata built once per step.
 
-`build_paged_meta` (the runner calls it once per step) lists each request's blocks, cached and new token counts.
+`build_paged_meta` (the runner calls it once per step) reads the rows of the persistent input batch
+(packserve.engine.input_batch): each request's block-table row, cached and new token counts.
 Then per layer:
 - CUDA (and the Triton interpreter in tests): one call of the unified paged kernel,
   packserve.kernels.paged_attention, for every new token of the step whatever its request's query length.
@@ -14,13 +15,18 @@ Then per layer:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
 from packserve.kernels.paged_attention import (PagedTiles, block_q_for, paged_attention_triton,
                                                paged_decode_attention_triton, query_tiles)
+
+if TYPE_CHECKING:
+    from packserve.engine.input_batch import BatchView
 
 # A request's causal mask is built whole when it has at most this many elements; a longer one (a long prompt's
 # later chunks: 8192 queries x 32k keys would be 256M) is built and attended in slices of query rows of about
@@ -42,7 +48,7 @@ class Span:
 @dataclass
 class PagedMeta:
     num_tokens: int  # new tokens with cached context in this step (the rows of q)
-    block_table: torch.Tensor  # [B, nb] KV blocks of each request (padded with block 0)
+    block_table: torch.Tensor  # int64 [B, max_blocks] KV blocks of each request (the batch's rows)
     seq_lens: torch.Tensor  # [B] cached + new tokens
     q_lens_host: list[int]
     block_size: int
@@ -62,42 +68,35 @@ class PagedMeta:
     spans: list[Span] = field(default_factory=list)
 
 
-def build_paged_meta(block_ids: list[list[int]], ctx_lens: list[int], q_lens: list[int], block_size: int,
-                     kernel: str, device: torch.device, dtype: torch.dtype = torch.float32) -> PagedMeta:
-    """The step's paged metadata from the host lists: each request's blocks, cached and new token counts."""
-    kv = [c + n for c, n in zip(ctx_lens, q_lens)]
-    nb = -(-max(kv) // block_size)
-    table = torch.tensor([r[:nb] + [0] * (nb - len(r[:nb])) for r in block_ids], dtype=torch.long)
-    seq_lens = torch.tensor(kv, dtype=torch.long)
-    meta = PagedMeta(sum(q_lens), table, seq_lens, list(q_lens), block_size, max(kv), kernel)
+def build_paged_meta(view: BatchView, block_size: int, kernel: str, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> PagedMeta:
+    """The step's paged metadata from the persistent batch's rows (packserve.engine.input_batch)."""
+    n = view.num_rows
+    q_host = view.q_host.tolist()
+    max_kv = int((view.ctx_host + view.q_host).max())
+    meta = PagedMeta(int(view.q_host.sum()), view.table, view.seq_lens, q_host, block_size, max_kv, kernel)
     if kernel == "triton":
-        starts = [0]
-        for n in q_lens[:-1]:
-            starts.append(starts[-1] + n)
-        ints = torch.tensor([ctx_lens, q_lens, starts], dtype=torch.int32).to(device, non_blocking=True)
-        meta.ctx_lens, meta.q_lens, meta.q_start = ints[0], ints[1], ints[2]
-        meta.block_table, meta.seq_lens = table.to(device, non_blocking=True), seq_lens.to(device, non_blocking=True)
+        meta.ctx_lens, meta.q_lens, meta.q_start = view.ctx_lens, view.q_lens, view.q_start
         return meta
-    one, rows, spans, row = [], [], [], 0
-    for b, n in enumerate(q_lens):
-        if n > 1:
-            spans.append(Span(row, n, ctx_lens[b], torch.tensor(block_ids[b][:-(-kv[b] // block_size)],
-                                                                dtype=torch.long, device=device)))
-        else:
-            one.append(b)
-            rows.append(row)
-        row += n
-    meta.spans = spans
+    one = [b for b in range(n) if q_host[b] == 1]
+    starts = (np.cumsum(view.q_host) - view.q_host).tolist()
+    ctx_host = view.ctx_host.tolist()
+    meta.spans = [Span(starts[b], q_host[b], ctx_host[b],
+                       view.table[b, :-(-(ctx_host[b] + q_host[b]) // block_size)]) for b in range(n) if q_host[b] > 1]
     if one:
-        meta.decode_rows = torch.tensor(rows, dtype=torch.long, device=device) if spans else None
-        sub = one if spans else slice(None)
-        meta.decode_table = table[sub].to(device, non_blocking=True)
-        meta.decode_seq_lens = seq_lens[sub].to(device, non_blocking=True)
+        all_decode = len(one) == n
+        idx = None if all_decode else torch.tensor(one, dtype=torch.long, device=device)
+        meta.decode_rows = None if all_decode else torch.tensor([starts[b] for b in one], dtype=torch.long,
+                                                                 device=device)
+        meta.decode_table = view.table if all_decode else view.table.index_select(0, idx)
+        meta.decode_seq_lens = view.seq_lens if all_decode else view.seq_lens.index_select(0, idx)
         if kernel == "torch":  # gathered blocks: each row sees its request's cached positions only
-            width = meta.decode_table.shape[1] * block_size
-            mask = torch.arange(width).view(1, -1) < seq_lens[sub].view(-1, 1)
-            meta.decode_mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")) \
-                .view(len(one), 1, 1, width).to(device, non_blocking=True)
+            nb = -(-max(ctx_host[b] + 1 for b in one) // block_size)
+            meta.decode_table = meta.decode_table[:, :nb].contiguous()
+            width = nb * block_size
+            mask = torch.arange(width, device=device).view(1, -1) < meta.decode_seq_lens.view(-1, 1)
+            meta.decode_mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(
+                ~mask, float("-inf")).view(len(one), 1, 1, width)
     return meta
 
 

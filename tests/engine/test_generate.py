@@ -211,7 +211,7 @@ def test_everything_mixed_in_the_same_steps(arch, kernel, checkpoint_factory, mo
         engine.runner.decode_kernel = "triton"
     steps = []
     real = paged.build_paged_meta
-    monkeypatch.setattr(paged, "build_paged_meta", lambda *a, **k: steps.append(sorted(set(a[2]))) or real(*a, **k))
+    monkeypatch.setattr(paged, "build_paged_meta", lambda *a, **k: steps.append(sorted(set(a[0].q_host.tolist()))) or real(*a, **k))
     ps = _mixed_workload()
     new = 12 if kernel == "triton" else NEW
     got = run_with_arrivals(engine, ps, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True), every=3,

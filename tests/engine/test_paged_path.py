@@ -10,7 +10,7 @@ import torch
 from packserve.kernels import cpu_ops
 from packserve.kernels.paged_attention import paged_attention_ref
 from packserve.layers import paged
-from packserve.testing import paged_case
+from packserve.testing import batch_view, paged_case
 
 CTX = [0, 5, 16, 63, 100, 300, 1, 31, 7]
 QLENS = [1, 2, 17, 64, 65, 1, 33, 1, 1]
@@ -22,7 +22,7 @@ def _step(ctx, qlens, H, Hkv, D, bs, kernel, seed=0, poison=True):
     if not poison:
         kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
     q = torch.randn(sum(qlens), H + 2 * Hkv, D, generator=torch.Generator().manual_seed(seed + 1))[:, :H]
-    meta = paged.build_paged_meta(tables, ctx, qlens, bs, kernel, torch.device("cpu"))
+    meta = paged.build_paged_meta(batch_view(tables, ctx, qlens, bs), bs, kernel, torch.device("cpu"))
     out = paged.paged_attention(q, kc, vc, meta, D ** -0.5)
     return out, paged_attention_ref(q, kc, vc, tables, ctx, qlens, bs, D ** -0.5)
 

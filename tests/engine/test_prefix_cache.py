@@ -216,7 +216,7 @@ def test_warm_up_decodes_too_and_leaves_nothing_behind(checkpoint_factory, monke
     llm = LLM(checkpoint_factory("llama"))
     calls = []
     real = paged.build_paged_meta
-    monkeypatch.setattr(paged, "build_paged_meta", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(paged, "build_paged_meta", lambda *a, **k: calls.append(a[0].q_host.tolist()) or real(*a, **k))
     llm.engine.warm_up()
     assert any(q and all(n == 1 for n in q) for q in calls)  # a step where every request decoded
     e = llm.engine

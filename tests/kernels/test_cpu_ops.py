@@ -6,7 +6,7 @@ import torch
 from packserve.kernels import cpu_ops as K
 from packserve.kernels.paged_attention import paged_decode_ref
 from packserve.layers.paged import build_paged_meta, paged_attention
-from packserve.testing import gather_sdpa_decode, paged_case as setup
+from packserve.testing import batch_view, gather_sdpa_decode, paged_case as setup
 
 pytestmark = pytest.mark.usefixtures("each_isa")  # tests/kernels/conftest.py: every ISA build
 
@@ -51,7 +51,8 @@ def test_matches_gather_sdpa_path():
     kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # the gather path reads whole blocks (masked afterwards)
     lens = torch.tensor(LENS)
     want = gather_sdpa_decode(q, kc, vc, table, lens, bs, D ** -0.5)
-    meta = build_paged_meta(tables, [n - 1 for n in LENS], [1] * len(LENS), bs, "cpu", torch.device("cpu"))
+    view = batch_view(tables, [n - 1 for n in LENS], [1] * len(LENS), bs)
+    meta = build_paged_meta(view, bs, "cpu", torch.device("cpu"))
     got = paged_attention(q, kc, vc, meta, D ** -0.5)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
