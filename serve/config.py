@@ -29,9 +29,12 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the checkpoint's context length
     norm_mode: str = "native"
     seed: int = 0
+    tensor_parallel_size: int = 1  # processes the weights and KV cache are split over (packserve.engine.tensor_parallel)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model must be a checkpoint folder path")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+               "tensor_parallel_size must be >= 1")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")

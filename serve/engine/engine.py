@@ -88,11 +88,14 @@ class LLMEngine:
 
         ctx_limit = _context_limit(hf_cfg)
         self.max_model_len = min(mc.max_model_len or ctx_limit, ctx_limit)
+        self.tp = self._start_tensor_parallel(hf_cfg) if mc.tensor_parallel_size > 1 else None
         self.model = load_model(mc.model, self.device, self.dtype, self.max_model_len, mc.norm_mode)
         self.info = self.model.info
 
         cc = config.cache
         num_blocks = self._num_blocks(cc, config.scheduler)
+        if self.tp is not None:
+            self.tp.start_workers(num_blocks)
         n_lin = getattr(self.model, "num_linear_layers", 0)
         # Linear-attention state is per request, not per block: such models run without prefix caching.
         self.allocator = BlockAllocator(num_blocks, cc.block_size, prefix_caching=cc.prefix_caching and not n_lin)
@@ -115,7 +118,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
                                   state_cache=self.state_cache, allocator=self.allocator,
                                   cpu_precision=self.cpu_precision, max_model_len=self.max_model_len,
-                                  max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens)
+                                  max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
+                                  tp=self.tp)
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -128,6 +132,30 @@ class LLMEngine:
         log.info("engine ready: %s on %s/%s, backend %s, %d KV blocks of %d tokens, max_model_len %d",
                  self.info.architecture, self.device, self.dtype, self.backend.name, num_blocks, cc.block_size,
                  self.max_model_len)
+
+    def _start_tensor_parallel(self, hf_cfg: dict):
+        """Check the split, spawn ranks 1..N-1 and join them as rank 0 (packserve.engine.tensor_parallel). On CPU
+        the N processes share the cores: each takes its share of this process's threads."""
+        from packserve.engine.tensor_parallel import TPGroup, WorkerSetup, check_tensor_parallel
+
+        mc, sc, cc = self.config.model, self.config.scheduler, self.config.cache
+        size = mc.tensor_parallel_size
+        check_tensor_parallel(hf_cfg, size, self.device)
+        threads = max(1, torch.get_num_threads() // size)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+            self.thread_tuner = None  # one rank changing its thread count alone would unbalance the group
+        setup = WorkerSetup(mc.model, self.device.type, str(self.dtype).removeprefix("torch."), self.max_model_len,
+                            mc.norm_mode, mc.backend, cc.block_size, sc.packing, sc.pack_length, sc.max_num_seqs,
+                            sc.max_num_batched_tokens, threads)
+        log.info("tensor parallel: %d ranks (%d threads each on CPU)", size, threads)
+        return TPGroup.start(setup, size)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op without them)."""
+        if self.tp is not None:
+            self.tp.shutdown()
+            self.tp = None
 
     def _num_blocks(self, cc: CacheConfig, sc: SchedulerConfig) -> int:
         per_block = KVCache.bytes_per_block(self.info.num_layers, cc.block_size, self.info.num_kv_heads,
@@ -342,7 +370,8 @@ def engine_config(model: str, **kw) -> EngineConfig:
     # PACKSERVE_DEVICE sets the default device for the offline API too (the test suite pins it to cpu).
     mc = ModelConfig(model=model, dtype=kw.pop("dtype", "auto"), device=kw.pop("device", None) or envs.get("DEVICE"),
                      backend=kw.pop("backend", "auto"), max_model_len=kw.pop("max_model_len", None),
-                     norm_mode=kw.pop("norm_mode", "native"), seed=kw.pop("seed", 0))
+                     norm_mode=kw.pop("norm_mode", "native"), seed=kw.pop("seed", 0),
+                     tensor_parallel_size=kw.pop("tensor_parallel_size", 1))
     cc = CacheConfig(block_size=kw.pop("block_size", 16), num_blocks=kw.pop("num_kv_blocks", None),
                      memory_gib=kw.pop("kv_cache_memory_gib", None), prefix_caching=kw.pop("prefix_caching", True))
     sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 128),

@@ -34,3 +34,13 @@ class LLM:
                 if out.finished:
                     final[out.request_id] = out
         return [final[r] for r in rids]
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (no-op without them)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -44,8 +44,9 @@ class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
                  packing: str = "ffd", pack_length: int | None = None, state_cache=None, allocator=None,
                  cpu_precision: CpuMatmulPrecision | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192):
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, tp=None):
         self.model = model
+        self.tp = tp  # rank 0 of a tensor-parallel group: packserve.engine.tensor_parallel.TPGroup
         self.cpu_precision = cpu_precision  # CPU: per step, bf16 or exact fp32 matmuls (packserve.engine.precision)
         self.allocator = allocator  # the engine's BlockAllocator (prefill_logits bypasses it)
         self.state_cache = state_cache  # linear-attention states (None for pure softmax models)
@@ -120,11 +121,17 @@ class ModelRunner:
             keep_state=torch.tensor([float(s.context_len > 0) for s in seqs]).to(dev, non_blocking=True),
             all_decode=all(n == 1 and s.context_len > 0 for n, s in zip(lens, seqs)))
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
+    def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
+        """The step's forward pass: with tensor parallelism, the step goes to the other ranks first."""
+        if self.tp is not None:
+            self.tp.send(out)
         if out.block_copies:
             self._copy_blocks(out.block_copies)
-        hidden, last_index, stats = self._forward(out)
+        return self._forward(out)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
+        hidden, last_index, stats = self.forward(out)
         dev = self.device
         self._prompt_logprobs(out, hidden, last_index)
         to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
@@ -244,6 +251,6 @@ class ModelRunner:
                 raise ValueError("more prompts than linear-attention state slots")
             for i, e in enumerate(sched.scheduled):
                 e.request.state_slot = i
-        hidden, last_index, _ = self._forward(sched)
+        hidden, last_index, _ = self.forward(sched)
         idx = torch.tensor([last_index[k] for k in range(len(prompts))], device=self.device)
         return self.model.compute_logits(hidden.index_select(0, idx))

@@ -1,9 +1,9 @@
-"""Linear layers written for a later tensor-parallel split.
+"""Linear layers with a tensor-parallel split (packserve.distributed).
 
 Column layers split their output features across ranks, row layers their input
-features (followed by an all-reduce). With tp_size == 1 they are plain linears;
-the weight loaders already take each rank's shard so adding TP later only means
-setting tp_rank/tp_size and inserting the all-reduce.
+features (followed by an all-reduce). With one rank they are plain linears. The
+rank and group size come from the process's TP state unless given; the weight
+loaders take each rank's shard of the checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from packserve import distributed
 from packserve.kernels import cpu_ops
 from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
+
+
+def _tp(rank: int | None, size: int | None) -> tuple[int, int]:
+    return (distributed.tp_rank() if rank is None else rank), (distributed.tp_size() if size is None else size)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: CpuPackedLinear | None = None) -> torch.Tensor:
@@ -26,8 +32,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class ColumnLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int | None = None,
+                 tp_size: int | None = None):
         super().__init__()
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
         if out_features % tp_size:
             raise ValueError(f"out_features {out_features} not divisible by tp_size {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -50,12 +58,22 @@ class ColumnLinear(nn.Module):
 
 
 class MergedColumnLinear(ColumnLinear):
-    """Several column linears with the same input, fused into one matmul (e.g. gate+up, q+k+v)."""
+    """Several column linears with the same input, fused into one matmul (e.g. gate+up, q+k+v). `replicas[k]`:
+    shard k is split into tp_size / replicas[k] parts, each held by that many consecutive ranks (KV heads fewer
+    than the ranks are replicated)."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False,
-                 tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(in_features, sum(shard_sizes.values()), bias, tp_rank, tp_size)
-        self.shard_sizes = {k: v // tp_size for k, v in shard_sizes.items()}
+                 tp_rank: int | None = None, tp_size: int | None = None, replicas: dict[str, int] | None = None):
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
+        self.replicas = {k: (replicas or {}).get(k, 1) for k in shard_sizes}
+        local = {}
+        for k, v in shard_sizes.items():
+            parts = tp_size // self.replicas[k]
+            if tp_size % self.replicas[k] or v % parts:
+                raise ValueError(f"shard {k!r} ({v}) does not split over {tp_size} ranks")
+            local[k] = v // parts
+        super().__init__(in_features, sum(local.values()) * tp_size, bias, tp_rank, tp_size)
+        self.shard_sizes = local
         offsets, off = {}, 0
         for k, v in self.shard_sizes.items():
             offsets[k] = off
@@ -68,13 +86,15 @@ class MergedColumnLinear(ColumnLinear):
             param.data.copy_(tensor)
             return
         size = self.shard_sizes[shard]
-        part = tensor.narrow(0, self.tp_rank * size, size)
+        part = tensor.narrow(0, (self.tp_rank // self.replicas[shard]) * size, size)
         param.data.narrow(0, self.shard_offsets[shard], size).copy_(part)
 
 
 class RowLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp_rank: int | None = None,
+                 tp_size: int | None = None):
         super().__init__()
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
         if in_features % tp_size:
             raise ValueError(f"in_features {in_features} not divisible by tp_size {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -86,7 +106,7 @@ class RowLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.packed)
-        return out  # + all_reduce when tp_size > 1
+        return distributed.all_reduce(out) if self.tp_size > 1 else out
 
     def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
         param = getattr(self, name)

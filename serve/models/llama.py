@@ -11,6 +11,7 @@ from packserve.layers.attention import Attention, ForwardContext
 from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
 from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
+from packserve import distributed
 from packserve.layers.rotary import RotaryEmbedding
 from packserve.models.base import CausalLM, ModelInfo, load_into, rope_config
 
@@ -25,12 +26,18 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding):
         super().__init__()
         hidden = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
-        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_size, self.kv_size = q, kv
-        self.qkv_proj = MergedColumnLinear(hidden, {"q": q, "k": kv, "v": kv}, bias=qkv_bias)
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        self.head_dim = cfg.get("head_dim") or hidden // heads
+        # Tensor parallel: each rank holds heads / N query heads and kv_heads / N KV heads, or, with fewer KV heads
+        # than ranks, the one KV head its query heads read (replicated over N / kv_heads ranks).
+        tp = distributed.tp_size()
+        kv_replicas = max(1, tp // kv_heads)
+        self.num_heads, self.num_kv_heads = heads // tp, max(1, kv_heads // tp)
+        q, kv = heads * self.head_dim, kv_heads * self.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedColumnLinear(hidden, {"q": q, "k": kv, "v": kv}, bias=qkv_bias,
+                                           replicas={"k": kv_replicas, "v": kv_replicas})
         # Llama's attention_bias covers o_proj too; Qwen2 has q/k/v biases only.
         o_bias = bool(cfg.get("attention_bias", False)) and cfg.get("model_type") != "qwen2"
         self.o_proj = RowLinear(q, hidden, bias=o_bias)
@@ -116,7 +123,8 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(cfg, self.qkv_bias or bool(cfg.get("attention_bias", False)), self.qk_norm,
                                 max_model_len)
         self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"])
+        # The LM head and the embedding are whole on every rank (vocab-parallel ones are still to come).
+        self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"], tp_rank=0, tp_size=1)
         attn = self.model.layers[0].self_attn
         self.info = ModelInfo(
             architecture=type(self).__name__, num_layers=cfg["num_hidden_layers"], num_kv_heads=attn.num_kv_heads,

@@ -1,0 +1,73 @@
+"""Tensor-parallel state of this process: its rank, the group size, and the all-reduce of row-parallel layers.
+
+Set once per process (`set_tensor_parallel`) before the model is built: the column/row linears and the attention
+layers read it at construction to take their shard (Megatron-style: column-parallel QKV and gate/up, row-parallel
+output and down projections with one all-reduce each). Collectives run on torch.distributed (gloo on CPU, NCCL on
+CUDA) with a timeout, so a dead rank turns into an error rather than a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+
+_RANK, _SIZE = 0, 1
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def tp_rank() -> int:
+    return _RANK
+
+
+def tp_size() -> int:
+    return _SIZE
+
+
+def set_tensor_parallel(rank: int, size: int) -> None:
+    global _RANK, _SIZE
+    if not 0 <= rank < size:
+        raise ValueError(f"rank {rank} outside a group of {size}")
+    _RANK, _SIZE = rank, size
+
+
+def init_group(rank: int, size: int, init_method: str, device: torch.device) -> None:
+    """Join the group (every rank calls it; it returns once all have) and set this process's TP state."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    set_tensor_parallel(rank, size)
+
+
+def destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_tensor_parallel(0, 1)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the ranks, in place (row-parallel layers' partial products)."""
+    if _SIZE > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard_range(total: int, rank: int | None = None, size: int | None = None) -> tuple[int, int]:
+    """(start, length) of this rank's equal share of `total` (divisible by the group size)."""
+    rank = _RANK if rank is None else rank
+    size = _SIZE if size is None else size
+    if total % size:
+        raise ValueError(f"{total} does not split into {size} equal shards")
+    return rank * (total // size), total // size

@@ -1,0 +1,172 @@
+"""Tensor parallelism: one process per rank, the engine in rank 0, every step's inputs broadcast once.
+
+Rank 0 (the engine's process) schedules, samples and detokenizes; ranks 1..N-1 are worker processes started
+here (torch.multiprocessing, spawn), each holding its shard of the weights (packserve.distributed: column-parallel
+QKV and gate/up, row-parallel output and down projections, heads split, KV heads fewer than the ranks replicated)
+and of the KV cache. Per step rank 0 broadcasts one object: each scheduled request's id, cached and new token
+counts, new tokens, blocks and preemption count, plus the step's block copies; every rank rebuilds the same
+attention metadata from it (the same runner code) and runs its shard; the row-parallel all-reduces keep the
+hidden states identical on every rank, so rank 0 alone computes logits (its LM head is whole).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from packserve import distributed
+from packserve.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+STOP = "stop"
+
+
+def check_tensor_parallel(cfg: dict, size: int, device: torch.device) -> None:
+    """One-line errors for a split that cannot work, before any process starts."""
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED:
+        raise ConfigError(f"tensor parallelism supports {', '.join(SUPPORTED)} so far, not {arch}")
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    if heads % size:
+        raise ConfigError(f"tensor_parallel_size {size} must divide the model's {heads} attention heads")
+    if kv % size and size % kv:
+        raise ConfigError(f"tensor_parallel_size {size} and the model's {kv} KV heads: one must divide the other")
+    if cfg["intermediate_size"] % size:
+        raise ConfigError(f"tensor_parallel_size {size} must divide the MLP width {cfg['intermediate_size']}")
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise ConfigError(f"tensor_parallel_size {size} needs {size} GPUs, {torch.cuda.device_count()} visible")
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker needs to build the same engine pieces as rank 0."""
+
+    model: str
+    device: str
+    dtype: str  # torch dtype name
+    max_model_len: int
+    norm_mode: str
+    backend: str
+    block_size: int
+    packing: str
+    pack_length: int | None
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    threads: int
+
+
+class _Shadow:
+    """A worker's view of a request: what the runner reads (blocks, the step's tokens, preemption count)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.block_ids: list[int] = []
+        self.num_preemptions = 0
+        self.state_slot = None
+        self._start, self._tokens = 0, []
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        assert start == self._start and stop - start <= len(self._tokens), "tokens outside the broadcast step"
+        return self._tokens[:stop - start]
+
+
+@dataclass
+class TPGroup:
+    """Rank 0's side: starts the workers, broadcasts steps, stops them."""
+
+    size: int
+    procs: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, setup: WorkerSetup, size: int) -> "TPGroup":
+        """Spawn ranks 1..size-1 and join the group as rank 0 (returns once every rank has joined)."""
+        import torch.multiprocessing as mp
+
+        init = f"tcp://127.0.0.1:{distributed.free_port()}"
+        ctx = mp.get_context("spawn")
+        group = cls(size=size)
+        for rank in range(1, size):
+            p = ctx.Process(target=worker_main, args=(rank, size, init, setup), daemon=True,
+                            name=f"packserve-tp{rank}")
+            p.start()
+            group.procs.append(p)
+        distributed.init_group(0, size, init, torch.device(setup.device))
+        return group
+
+    def start_workers(self, num_blocks: int) -> None:
+        """The KV cache size rank 0 chose: the workers build theirs and enter their step loop."""
+        _broadcast(num_blocks)
+
+    def send(self, out) -> None:
+        steps = [(s.request.request_id, s.context_len, s.num_new_tokens, s.sample,
+                  s.request.token_slice(s.context_len, s.context_len + s.num_new_tokens), list(s.request.block_ids),
+                  s.request.num_preemptions) for s in out.scheduled]
+        _broadcast({"steps": steps, "copies": list(out.block_copies)})
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def shutdown(self) -> None:
+        try:
+            if self.alive():
+                _broadcast(STOP)
+        except Exception:  # a worker already gone: the collective fails
+            pass
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        distributed.destroy_group()
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
+    """A worker rank: build the model shard, then run every step rank 0 broadcasts until told to stop."""
+    logging.basicConfig(level=os.environ.get("PACKSERVE_LOG_LEVEL", "WARNING").upper())
+    torch.set_num_threads(setup.threads)
+    device = torch.device(f"cuda:{rank}" if setup.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed.init_group(rank, size, init, device)
+    from packserve.engine.kv_cache import KVCache
+    from packserve.engine.runner import ModelRunner
+    from packserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+    from packserve.layers.attention import select_backend
+    from packserve.models.loader import load_model
+
+    dtype = getattr(torch, setup.dtype)
+    model = load_model(setup.model, device, dtype, setup.max_model_len, setup.norm_mode)
+    num_blocks = _broadcast(None)
+    info = model.info
+    kv = KVCache(info.num_layers, num_blocks, setup.block_size, info.num_kv_heads, info.head_dim, dtype, device)
+    runner = ModelRunner(model, select_backend(setup.backend, device, dtype), kv, device, setup.packing,
+                         setup.pack_length, max_model_len=setup.max_model_len, max_num_seqs=setup.max_num_seqs,
+                         max_num_batched_tokens=setup.max_num_batched_tokens)
+    shadows: dict[str, _Shadow] = {}
+    while True:
+        msg = _broadcast(None)
+        if msg == STOP:
+            break
+        scheduled, seen = [], {}
+        for rid, ctx, n, sample, tokens, blocks, preemptions in msg["steps"]:
+            sh = shadows.get(rid) or _Shadow(rid)
+            sh._start, sh._tokens, sh.block_ids, sh.num_preemptions = ctx, tokens, blocks, preemptions
+            seen[rid] = sh
+            scheduled.append(ScheduledRequest(sh, n, ctx, sample))
+        shadows = seen  # requests not in this step get a fresh row when they come back
+        with torch.inference_mode():
+            runner.forward(SchedulerOutput(scheduled=scheduled, block_copies=msg["copies"]))
+    distributed.destroy_group()
