@@ -84,6 +84,9 @@ _VARS = [
            "which waiting requests start first: shortest (fewest prompt tokens first; preempted ones and those "
            "waiting 32 steps or more go first, in arrival order) or fcfs (arrival order)", "--admission-order",
            choices=("shortest", "fcfs")),
+    EnvVar("TENSOR_PARALLEL_SIZE", int, 1,
+           "processes the weights and KV cache are split over (one per GPU; on CPU they share the cores); "
+           "Llama-family models", "--tensor-parallel-size"),
     EnvVar("TOOL_CALL_PARSER", str, "auto",
            "how the model writes tool calls: hermes (<tool_call> JSON: Hermes, Qwen), llama3_json (Llama 3.x), "
            "mistral ([TOOL_CALLS]), or auto (from the chat template; hermes when it shows none)",

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget, admission=args.admission_order,
             max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
             kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
-            norm_mode=args.norm_mode, seed=args.seed, prefix_caching=args.prefix_caching))
+            norm_mode=args.norm_mode, seed=args.seed, prefix_caching=args.prefix_caching,
+            tensor_parallel_size=args.tensor_parallel_size))
         engine.warm_up()
         return engine
 

@@ -125,6 +125,9 @@ class _RateLimitedLoopErrors:
         self.last, self.suppressed = now, 0
 
 
+ENGINE_WATCH_SECONDS = 1.0
+
+
 def run_server(app, state, sock: socket.socket, log_level: str, shutdown_timeout: float, read_timeout: float,
                max_idle_connections: int) -> int:
     limit = raise_open_file_limit()
@@ -136,10 +139,27 @@ def run_server(app, state, sock: socket.socket, log_level: str, shutdown_timeout
         _loop: asyncio.AbstractEventLoop | None = None
         _draining = False
 
+        exit_code = 0
+
         async def serve(self, sockets=None):
             self._loop = asyncio.get_running_loop()
             self._loop.set_exception_handler(_RateLimitedLoopErrors())
-            await super().serve(sockets)
+            watch = asyncio.ensure_future(self._watch_engine())
+            try:
+                await super().serve(sockets)
+            finally:
+                watch.cancel()
+
+        async def _watch_engine(self):
+            """A dead engine (its loop, or a tensor-parallel worker) ends the server with exit code 1 within about
+            a second: /health already answers 503, and a process manager restarts a process, not a loop."""
+            while not self.should_exit:
+                await asyncio.sleep(ENGINE_WATCH_SECONDS)
+                if self.started and not state.draining and not state.engine.alive:
+                    log.error("the engine is not running (%s); exiting", state.engine.error or "a worker died")
+                    self.exit_code = 1
+                    state.engine.abort_all()
+                    self.should_exit = True
 
         def handle_exit(self, sig, frame):
             if self._loop is None:
@@ -170,5 +190,6 @@ def run_server(app, state, sock: socket.socket, log_level: str, shutdown_timeout
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=1, lifespan="on",
                             http=guarded_protocol(read_timeout, max_idle), timeout_keep_alive=5)
-    DrainingServer(config).run(sockets=[sock])
-    return 0
+    server = DrainingServer(config)
+    server.run(sockets=[sock])
+    return server.exit_code

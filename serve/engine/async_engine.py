@@ -151,7 +151,10 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._started and self._thread.is_alive() and self.error is None and not self._stopping
+        """The loop runs and, with tensor parallelism, every worker process too."""
+        tp = getattr(self.engine, "tp", None)
+        return (self._started and self._thread.is_alive() and self.error is None and not self._stopping
+                and (tp is None or tp.alive()))
 
     # -- API (event-loop side) ----------------------------------------------
     async def submit(self, requests: Sequence[EngineRequest], final_only: bool = False) -> RequestStream:
@@ -219,6 +222,8 @@ class AsyncEngine:
         finally:
             self._stopping = True
             self._fail_all(EngineDeadError("the engine is shutting down"))
+            if self.engine is not None:
+                self.engine.shutdown()  # tensor-parallel workers stop with the loop that drives them
 
     def _gather(self, deadline: float) -> None:
         """Keep applying arrivals until none came for GATHER_GAP seconds or the deadline passed."""

@@ -1,0 +1,80 @@
+"""Tensor parallelism on CPU (gloo, 2 processes): greedy and seeded tokens identical to one process, with staggered
+arrivals, chunked prefill, prefix-cache hits and preemption; each rank holds half of the split weights and of the
+KV heads (or the one KV head its query heads read, replicated); bad splits are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from packserve import LLM, SamplingParams
+from packserve.config import ConfigError
+from packserve.engine.engine import LLMEngine, engine_config
+from packserve.testing import run_with_arrivals
+
+LENGTHS = [1, 2, 17, 63, 64, 65, 130, 7, 40, 3]
+
+
+def _prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randint(5, 500, (n,), generator=g).tolist() for n in LENGTHS]
+    return ps + [ps[6][:96] + [7, 8, 9]]  # a prefix-cache hit on a later arrival
+
+
+def _run(path, tp, params, **kw):
+    engine = LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=tp,
+                                     max_num_batched_tokens=64, max_num_seqs=5, num_kv_blocks=16, block_size=16, **kw))
+    try:
+        out = run_with_arrivals(engine, _prompts(), params, every=2, per_arrival=2)
+        stats = (engine.scheduler.num_preemptions, engine.scheduler.prefix_cache_hits)
+        return out, stats, engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("qwen3", {}),
+                                            ("mistral", {})])
+def test_two_ranks_match_one(checkpoint_factory, arch, overrides):
+    path = checkpoint_factory(arch, initializer_range=0.15, **overrides)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    one, stats, _ = _run(path, 1, greedy)
+    two, stats2, engine = _run(path, 2, greedy)
+    assert two == one
+    assert stats2[0] > 0 and stats2[1] > 0, "the workload should preempt and hit the prefix cache"
+    # Rank 0 holds its shard: half the query heads, half the KV heads (or the replicated one), half the MLP.
+    attn = engine.model.model.layers[0].self_attn
+    cfg = engine.model.cfg
+    kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    assert attn.num_heads == cfg["num_attention_heads"] // 2 and attn.num_kv_heads == max(1, kv // 2)
+    mlp = engine.model.model.layers[0].mlp
+    assert mlp.gate_up_proj.weight.shape[0] == cfg["intermediate_size"] and \
+        mlp.down_proj.weight.shape[1] == cfg["intermediate_size"] // 2
+    assert engine.kv_cache.data.shape[3] == max(1, kv // 2)
+
+
+def test_seeded_sampling_matches(checkpoint_factory):
+    path = checkpoint_factory("llama", initializer_range=0.15)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)
+    assert _run(path, 2, sampled)[0] == _run(path, 1, sampled)[0]
+
+
+def test_offline_llm_and_clean_shutdown(checkpoint_factory):
+    path = checkpoint_factory("llama", initializer_range=0.15)
+    ps = _prompts()[:4]
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2) as llm:
+        procs = list(llm.engine.tp.procs)
+        got = [o.outputs[0].token_ids for o in llm.generate(ps, greedy)]
+    assert all(not p.is_alive() for p in procs)
+    assert got == [o.outputs[0].token_ids for o in LLM(path, device="cpu", dtype="float32").generate(ps, greedy)]
+
+
+@pytest.mark.parametrize("arch,overrides,match", [
+    ("llama", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3}, "divide"),
+    ("gpt2", {}, "supports"),
+])
+def test_bad_splits_are_one_line_errors(checkpoint_factory, arch, overrides, match):
+    path = checkpoint_factory(arch, **overrides)
+    with pytest.raises(ConfigError, match=match) as e:
+        LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=4))
+    assert "\n" not in str(e.value)
