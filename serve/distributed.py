@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 
 import torch
 
 _RANK, _SIZE = 0, 1
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+# Seconds this process spent in collectives (all-reduces, step broadcasts), waiting for the other ranks included.
+collective_seconds = 0.0
 
 
 def tp_rank() -> int:
@@ -54,7 +57,10 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _SIZE > 1:
         import torch.distributed as dist
 
+        global collective_seconds
+        t = time.perf_counter()
         dist.all_reduce(x)
+        collective_seconds += time.perf_counter() - t
     return x
 
 

@@ -126,10 +126,14 @@ class TPGroup:
 
 
 def _broadcast(obj):
+    import time
+
     import torch.distributed as dist
 
+    t = time.perf_counter()
     box = [obj]
     dist.broadcast_object_list(box, src=0)
+    distributed.collective_seconds += time.perf_counter() - t
     return box[0]
 
 
