@@ -14,6 +14,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from packserve import distributed
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
@@ -71,7 +73,10 @@ class EngineMetrics:
                                    PREFILL_TOKEN_BUCKETS)
         self.packing_eff = hist("packserve:prefill_packing_efficiency",
                                 "Real tokens / token slots computed, per prefill step", EFFICIENCY_BUCKETS)
-        self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0, "pq": 0, "ph": 0, "sp": 0}
+        self.collective_seconds = counter("packserve:tp_collective_seconds",
+                                          "Tensor parallel: seconds rank 0 spent in collectives (all-reduces, step "
+                                          "broadcasts), waiting for the other ranks included")
+        self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0, "pq": 0, "ph": 0, "sp": 0, "coll": 0.0}
         self._last_step = 0  # engine.stats.steps already recorded: on_step also runs after aborts
         self._last_token_time: dict[str, float] = {}
 
@@ -86,6 +91,7 @@ class EngineMetrics:
         self._inc(self.prefix_queries, "pq", s.prefix_cache_queries)
         self._inc(self.prefix_hits, "ph", s.prefix_cache_hits)
         self._inc(self.shared_prompt, "sp", s.shared_prompt_tokens)
+        self._inc(self.collective_seconds, "coll", distributed.collective_seconds)
         step = s.last_step
         if s.steps != self._last_step:  # a new engine step: record its prefill once
             self._last_step = s.steps

@@ -45,6 +45,9 @@ def test_streams_the_same_tokens_as_offline(tp_server, tiny_model):
     ref = LLM(tiny_model, device="cpu", dtype="float32", max_model_len=256).generate(
         [prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=False))[0].outputs[0].text
     assert full.choices[0].text == ref
+    metrics = httpx.get(tp_server.url + "/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("packserve:tp_collective_seconds_total"))
+    assert float(line.split()[-1]) > 0  # rank 0's time in all-reduces and broadcasts
 
 
 def test_a_dead_worker_ends_the_server(tp_server):
