@@ -17,6 +17,11 @@ from packserve.kernels import cpu_ops
 from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
 
 
+def whole(t) -> torch.Tensor:
+    """A checkpoint tensor read whole if it is still lazy (packserve.models.loader.LazyTensor)."""
+    return t if isinstance(t, torch.Tensor) else t.load()
+
+
 def _tp(rank: int | None, size: int | None) -> tuple[int, int]:
     return (distributed.tp_rank() if rank is None else rank), (distributed.tp_size() if size is None else size)
 
@@ -83,7 +88,7 @@ class MergedColumnLinear(ColumnLinear):
     def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
         param = getattr(self, name)
         if shard is None:  # already fused in the checkpoint
-            param.data.copy_(tensor)
+            param.data.copy_(whole(tensor))
             return
         size = self.shard_sizes[shard]
         part = tensor.narrow(0, (self.tp_rank // self.replicas[shard]) * size, size)
@@ -113,7 +118,7 @@ class RowLinear(nn.Module):
         if name == "weight":
             size = self.in_features
             tensor = tensor.narrow(1, self.tp_rank * size, size)
-        param.data.copy_(tensor)
+        param.data.copy_(whole(tensor))
 
 
 def prepack_cpu(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
-from packserve.layers.linear import linear
+from packserve.layers.linear import linear, whole
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def load_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], ren
             param = params[name]
             if param.shape != tensor.shape:
                 raise ValueError(f"{raw_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-            param.data.copy_(tensor)
+            param.data.copy_(whole(tensor))
         loaded.add(name)
     missing = set(params) - loaded
     if missing:

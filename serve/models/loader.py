@@ -37,7 +37,29 @@ def read_config(path: str | Path) -> dict:
     return cfg
 
 
-def iter_safetensors(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+class LazyTensor:
+    """A checkpoint tensor read on demand: whole (`as_tensor`) or one slice along a dimension (`narrow`), so a
+    tensor-parallel rank reads only its shard of the split weights from the file."""
+
+    def __init__(self, fh, name: str, dtype: torch.dtype):
+        self._fh, self.name, self._dtype = fh, name, dtype
+        self._slice = fh.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def _convert(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self._dtype) if t.is_floating_point() else t
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._convert(self._slice[tuple(index)])
+
+    def load(self) -> torch.Tensor:
+        return self._convert(self._fh.get_tensor(self.name))
+
+
+def iter_safetensors(path: str | Path, dtype: torch.dtype, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor in `dtype`; lazy: LazyTensor handles instead (read on use)."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
@@ -51,6 +73,9 @@ def iter_safetensors(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str
             raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
         with fh:
             for name in fh.keys():
+                if lazy:
+                    yield name, LazyTensor(fh, name, dtype)
+                    continue
                 try:
                     t = fh.get_tensor(name)
                 except (SafetensorError, OSError) as exc:
@@ -84,7 +109,11 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, max_m
         raise CheckpointError(f"norm_mode {norm_mode!r} applies to Pre-LN models (GPT-2), not {cls.__name__}")
     with torch.device("cpu"):
         model = cls(cfg, max_model_len, **kwargs)
-    model.load_weights(iter_safetensors(path, torch.float64 if norm_mode != "native" else dtype))
+    from packserve import distributed
+
+    # Tensor parallel: each rank reads only its shards of the split weights (LazyTensor slices).
+    model.load_weights(iter_safetensors(path, torch.float64 if norm_mode != "native" else dtype,
+                                        lazy=distributed.tp_size() > 1))
     model = model.to(device=device, dtype=dtype).eval()
     from packserve.layers.rotary import RotaryEmbedding
 

@@ -78,3 +78,35 @@ def test_bad_splits_are_one_line_errors(checkpoint_factory, arch, overrides, mat
     with pytest.raises(ConfigError, match=match) as e:
         LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=4))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_reads_only_its_shards(checkpoint_factory, monkeypatch, rank):
+    """With two ranks, loading reads the split weights as slices (never whole) and each rank's shard equals the
+    matching slice of the checkpoint; only unsplit tensors (embedding, norms) are read whole."""
+    from safetensors.torch import load_file
+
+    from packserve import distributed
+    from packserve.models.loader import LazyTensor, load_model
+
+    path = checkpoint_factory("llama", num_key_value_heads=1)
+    whole = []
+    real = LazyTensor.load
+    monkeypatch.setattr(LazyTensor, "load", lambda self: whole.append(self.name) or real(self))
+    distributed.set_tensor_parallel(rank, 2)
+    try:
+        model = load_model(path, torch.device("cpu"), torch.float32, 128)
+    finally:
+        distributed.set_tensor_parallel(0, 1)
+    assert whole and all("proj" not in n for n in whole), whole
+    ref = {}
+    for f in sorted(__import__("pathlib").Path(path).glob("*.safetensors")):
+        ref.update(load_file(f))
+    attn = model.model.layers[0].self_attn
+    D, Hq = attn.head_dim, attn.num_heads
+    qkv = attn.qkv_proj.weight
+    assert torch.equal(qkv[:Hq * D], ref["model.layers.0.self_attn.q_proj.weight"][rank * Hq * D:(rank + 1) * Hq * D])
+    assert torch.equal(qkv[Hq * D:], torch.cat([ref["model.layers.0.self_attn.k_proj.weight"],
+                                               ref["model.layers.0.self_attn.v_proj.weight"]]))  # 1 KV head: both
+    o = attn.o_proj.weight
+    assert torch.equal(o, ref["model.layers.0.self_attn.o_proj.weight"][:, rank * Hq * D:(rank + 1) * Hq * D])
