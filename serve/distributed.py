@@ -64,6 +64,18 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def gather_columns(local: torch.Tensor, width: int) -> torch.Tensor | None:
+    """Concatenate every rank's column block on rank 0, trimmed to `width` columns; None on the other ranks."""
+    import torch.distributed as dist
+
+    global collective_seconds
+    t = time.perf_counter()
+    parts = [torch.empty_like(local) for _ in range(_SIZE)] if _RANK == 0 else None
+    dist.gather(local, parts, dst=0)
+    collective_seconds += time.perf_counter() - t
+    return torch.cat(parts, dim=1)[:, :width] if _RANK == 0 else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -124,7 +124,10 @@ class ModelRunner:
     def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         """The step's forward pass: with tensor parallelism, the step goes to the other ranks first."""
         if self.tp is not None:
-            self.tp.send(out)
+            self.tp.send(out, self.prompt_logprob_chunks(out))
+        return self._forward_local(out)
+
+    def _forward_local(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         if out.block_copies:
             self._copy_blocks(out.block_copies)
         return self._forward(out)
@@ -155,33 +158,57 @@ class ModelRunner:
         idx = torch.tensor(dst, dtype=torch.long, device=data.device)
         data.index_copy_(2, idx, data.index_select(2, torch.tensor(src, dtype=torch.long, device=data.device)))
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int],
-                         rows_per_chunk: int = 512) -> None:
-        """Score prompt tokens for requests that asked (request.prompt_logprobs grows as chunks are prefilled).
-        Position j predicts prompt token j + 1; a recomputed (preempted) prompt is not scored twice."""
-        from packserve.engine.request import Logprob
-
+    @staticmethod
+    def prompt_logprob_chunks(out: SchedulerOutput, rows_per_chunk: int = 512) -> list[tuple[int, int, int]]:
+        """(entry, first, end) prompt positions to score this step, in slices of rows_per_chunk: for requests that
+        asked for prompt logprobs, position j predicting prompt token j + 1, never twice for a recomputed
+        (preempted) prompt. Tensor parallel: rank 0 sends the list, so every rank computes the same logits."""
+        chunks = []
         for k, s in enumerate(out.scheduled):
             req = s.request
-            n_top = req.params.prompt_logprobs
-            if n_top is None or s.context_len >= req.num_prompt_tokens:
+            if req.params.prompt_logprobs is None or s.context_len >= req.num_prompt_tokens:
                 continue
-            if req.prompt_logprobs is None:
-                req.prompt_logprobs = [None]
-            first = max(s.context_len, len(req.prompt_logprobs) - 1)
+            done = len(req.prompt_logprobs) - 1 if req.prompt_logprobs is not None else 0
+            first = max(s.context_len, done)
             end = min(s.context_len + s.num_new_tokens, req.num_prompt_tokens - 1)
-            flat0 = last_index[k] - s.num_new_tokens + 1 - s.context_len  # flat index of position 0
-            for a in range(first, end, rows_per_chunk):
-                b = min(end, a + rows_per_chunk)
-                idx = torch.arange(flat0 + a, flat0 + b, device=hidden.device)
-                lp = torch.log_softmax(self.model.compute_logits(hidden.index_select(0, idx)).float(), dim=-1)
-                targets = torch.tensor(req.prompt_token_ids[a + 1:b + 1], device=hidden.device)
-                chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-                tops = lp.topk(n_top, dim=-1) if n_top else None
-                for r in range(b - a):
-                    top = ([Logprob(int(t), float(v)) for v, t in zip(tops.values[r].tolist(), tops.indices[r].tolist())]
-                           if tops is not None else [])
-                    req.prompt_logprobs.append((Logprob(int(targets[r]), chosen[r]), top))
+            chunks += [(k, a, min(end, a + rows_per_chunk)) for a in range(first, end, rows_per_chunk)]
+        return chunks
+
+    def _chunk_logits(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int], k: int, a: int,
+                      b: int) -> torch.Tensor | None:
+        s = out.scheduled[k]
+        flat0 = last_index[k] - s.num_new_tokens + 1 - s.context_len  # flat index of position 0
+        return self.model.compute_logits(hidden.index_select(0, torch.arange(flat0 + a, flat0 + b,
+                                                                             device=hidden.device)))
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int]) -> None:
+        """Score prompt tokens for requests that asked (request.prompt_logprobs grows as chunks are prefilled)."""
+        from packserve.engine.request import Logprob
+
+        for s in out.scheduled:  # the first prompt token has no logprob (None), even for a 1-token prompt
+            if s.request.params.prompt_logprobs is not None and s.request.prompt_logprobs is None:
+                s.request.prompt_logprobs = [None]
+        for k, a, b in self.prompt_logprob_chunks(out):
+            req = out.scheduled[k].request
+            n_top = req.params.prompt_logprobs
+            lp = torch.log_softmax(self._chunk_logits(out, hidden, last_index, k, a, b).float(), dim=-1)
+            targets = torch.tensor(req.prompt_token_ids[a + 1:b + 1], device=hidden.device)
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+            tops = lp.topk(n_top, dim=-1) if n_top else None
+            for r in range(b - a):
+                top = ([Logprob(int(t), float(v)) for v, t in zip(tops.values[r].tolist(), tops.indices[r].tolist())]
+                       if tops is not None else [])
+                req.prompt_logprobs.append((Logprob(int(targets[r]), chosen[r]), top))
+
+    def worker_step(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]]) -> None:
+        """A tensor-parallel worker's step: the forward pass and its share of every logits computation rank 0
+        makes (prompt-logprob chunks, then the sampled rows), in the same order."""
+        hidden, last_index, _ = self._forward_local(out)
+        for k, a, b in chunks:
+            self._chunk_logits(out, hidden, last_index, k, a, b)
+        to_sample = [last_index[k] for k, s in enumerate(out.scheduled) if s.sample]
+        if to_sample:
+            self.model.compute_logits(hidden.index_select(0, torch.tensor(to_sample, device=hidden.device)))
 
     def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         if self._cpu_kernels_pending:

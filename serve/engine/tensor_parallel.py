@@ -6,7 +6,9 @@ QKV and gate/up, row-parallel output and down projections, heads split, KV heads
 and of the KV cache. Per step rank 0 broadcasts one object: each scheduled request's id, cached and new token
 counts, new tokens, blocks and preemption count, plus the step's block copies; every rank rebuilds the same
 attention metadata from it (the same runner code) and runs its shard; the row-parallel all-reduces keep the
-hidden states identical on every rank, so rank 0 alone computes logits (its LM head is whole).
+hidden states identical on every rank. The embedding and the LM head are split by vocabulary rows
+(packserve.layers.vocab): every rank computes the logits of its slice for the rows rank 0 needs (the sampled
+rows, and the prompt-logprob chunks listed in the message) and rank 0 gathers them.
 """
 
 from __future__ import annotations
@@ -103,11 +105,11 @@ class TPGroup:
         """The KV cache size rank 0 chose: the workers build theirs and enter their step loop."""
         _broadcast(num_blocks)
 
-    def send(self, out) -> None:
+    def send(self, out, chunks: list[tuple[int, int, int]]) -> None:
         steps = [(s.request.request_id, s.context_len, s.num_new_tokens, s.sample,
                   s.request.token_slice(s.context_len, s.context_len + s.num_new_tokens), list(s.request.block_ids),
                   s.request.num_preemptions) for s in out.scheduled]
-        _broadcast({"steps": steps, "copies": list(out.block_copies)})
+        _broadcast({"steps": steps, "copies": list(out.block_copies), "chunks": chunks})
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
@@ -172,5 +174,5 @@ def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
             scheduled.append(ScheduledRequest(sh, n, ctx, sample))
         shadows = seen  # requests not in this step get a fresh row when they come back
         with torch.inference_mode():
-            runner.forward(SchedulerOutput(scheduled=scheduled, block_copies=msg["copies"]))
+            runner.worker_step(SchedulerOutput(scheduled=scheduled, block_copies=msg["copies"]), msg["chunks"])
     distributed.destroy_group()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
+from packserve import distributed
 from packserve.layers.linear import linear, whole
 
 
@@ -41,11 +42,16 @@ class CausalLM(nn.Module):
         """The embedding matrix the LM head is tied to, or None for an untied head (self.lm_head)."""
         raise NotImplementedError
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the rows of `hidden`. Tensor parallel: every rank calls it for the same rows; each computes
+        its vocabulary slice and rank 0 gets the whole rows (the other ranks None)."""
         w = self.tied_head_weight()
-        if w is None:
-            return self.lm_head(hidden)
-        return linear(hidden, w, packed=self.tied_head_packed)
+        local = self.lm_head(hidden) if w is None else linear(hidden, w, packed=self.tied_head_packed)
+        if distributed.tp_size() == 1:
+            return local
+        from packserve.layers.vocab import gather_logits
+
+        return gather_logits(local, self.info.vocab_size)
 
     def prepack_lm_head(self, calibration: Calibration) -> bool:
         """A prepacked copy of a tied head for decode (an untied head is a ColumnLinear, packed with the others)."""

@@ -13,6 +13,7 @@ from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
 from packserve import distributed
 from packserve.layers.rotary import RotaryEmbedding
+from packserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from packserve.models.base import CausalLM, ModelInfo, load_into, rope_config
 
 
@@ -93,8 +94,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: dict, qkv_bias: bool, qk_norm: bool, max_positions: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         rotary = model_rotary(cfg, max_positions)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm, rotary)
                                     for i in range(cfg["num_hidden_layers"]))
@@ -123,8 +123,8 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(cfg, self.qkv_bias or bool(cfg.get("attention_bias", False)), self.qk_norm,
                                 max_model_len)
         self.tie = bool(cfg.get("tie_word_embeddings", False))
-        # The LM head and the embedding are whole on every rank (vocab-parallel ones are still to come).
-        self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"], tp_rank=0, tp_size=1)
+        # Vocabulary-parallel head (packserve.layers.vocab): each rank its slice of the rows, padded to equal shards.
+        self.lm_head = None if self.tie else ParallelLMHead(cfg["hidden_size"], cfg["vocab_size"])
         attn = self.model.layers[0].self_attn
         self.info = ModelInfo(
             architecture=type(self).__name__, num_layers=cfg["num_hidden_layers"], num_kv_heads=attn.num_kv_heads,

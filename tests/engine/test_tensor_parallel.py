@@ -33,7 +33,8 @@ def _run(path, tp, params, **kw):
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("qwen3", {}),
-                                            ("mistral", {})])
+                                            ("mistral", {}), ("llama", {"vocab_size": 515}),
+                                            ("llama", {"tie_word_embeddings": True})])
 def test_two_ranks_match_one(checkpoint_factory, arch, overrides):
     path = checkpoint_factory(arch, initializer_range=0.15, **overrides)
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -50,6 +51,30 @@ def test_two_ranks_match_one(checkpoint_factory, arch, overrides):
     assert mlp.gate_up_proj.weight.shape[0] == cfg["intermediate_size"] and \
         mlp.down_proj.weight.shape[1] == cfg["intermediate_size"] // 2
     assert engine.kv_cache.data.shape[3] == max(1, kv // 2)
+    vocab = cfg["vocab_size"]
+    assert engine.model.model.embed_tokens.weight.shape[0] == -(-vocab // 2)  # half the vocabulary's rows
+
+
+def test_logprobs_and_prompt_logprobs_match(checkpoint_factory):
+    """Sampled and prompt logprobs (gathered from both ranks' vocabulary slices) equal one process's."""
+    path = checkpoint_factory("llama", initializer_range=0.15, vocab_size=515)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    ps = _prompts()[:5]
+
+    def run(tp):
+        with LLM(path, device="cpu", dtype="float32", tensor_parallel_size=tp, max_num_batched_tokens=48,
+                 max_num_seqs=4) as llm:
+            return llm.generate(ps, params)
+
+    one, two = run(1), run(2)
+    for a, b in zip(one, two):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for (ca, ta), (cb, tb) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert ca.token_id == cb.token_id and abs(ca.logprob - cb.logprob) < 1e-4
+            assert [t.token_id for t in ta] == [t.token_id for t in tb]
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_token_ids)
+        for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert ea[0].token_id == eb[0].token_id and abs(ea[0].logprob - eb[0].logprob) < 1e-4
 
 
 def test_seeded_sampling_matches(checkpoint_factory):
