@@ -30,6 +30,41 @@ def _runs_on_cpu(device: str | None) -> bool:
     return device in (None, "auto") and not torch.cuda.is_available()
 
 
+def _model_path(args) -> str:
+    from packserve import demo
+
+    return args.model if args.model is not None else str(demo.ensure_demo_model(args.cache_dir))
+
+
+def _engine_config(args, model: str):
+    """The engine's configuration from the serve options (rank 0 and torchrun's worker ranks build the same)."""
+    from packserve.engine.engine import engine_config
+
+    budget = args.max_num_batched_tokens
+    if budget is None:  # latency first on CPU, where a prefill step is slow (see the variable's help)
+        budget = max(CPU_STEP_TOKENS, args.max_num_seqs) if _runs_on_cpu(args.device) else 8192
+    return engine_config(
+        model, backend=args.backend, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget, admission=args.admission_order,
+        max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
+        norm_mode=args.norm_mode, seed=args.seed, prefix_caching=args.prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size)
+
+
+def _torchrun_worker(args) -> int:
+    """`packserve serve` on a rank > 0 under torchrun: a tensor-parallel worker for rank 0's server."""
+    from packserve.config import ConfigError
+    from packserve.engine.tensor_parallel import run_torchrun_worker, torchrun_env
+
+    threads = args.num_threads or max(1, cpu_budget() // torchrun_env()[2])
+    try:
+        return run_torchrun_worker(_engine_config(args, _model_path(args)), threads)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="packserve serve",
                                  description="Serve a model over an OpenAI-compatible HTTP API.")
@@ -69,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
 
+    from packserve.engine.tensor_parallel import torchrun_env
+
+    if torchrun_env() is not None and torchrun_env()[0] > 0:  # a worker rank started by torchrun: no HTTP here
+        return _torchrun_worker(args)
+
     from packserve.api.server import bind_socket, run_server
 
     try:  # before the model loads: a used port fails in a moment, not after the load
@@ -90,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from packserve.api.app import ServerState, create_app
     from packserve.config import ConfigError
     from packserve.engine.async_engine import AsyncEngine
-    from packserve.engine.engine import LLMEngine, engine_config
+    from packserve.engine.engine import LLMEngine
     from packserve.metrics import EngineMetrics
 
     model = args.model
@@ -102,18 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = args.served_model_name or (demo.DEMO_MODEL_NAME if is_demo else os.path.basename(os.path.normpath(model)))
 
-    budget = args.max_num_batched_tokens
-    if budget is None:  # latency first on CPU, where a prefill step is slow (see the variable's help)
-        budget = max(CPU_STEP_TOKENS, args.max_num_seqs) if _runs_on_cpu(args.device) else 8192
-
     def build() -> LLMEngine:
-        engine = LLMEngine(engine_config(
-            model, backend=args.backend, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget, admission=args.admission_order,
-            max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
-            kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
-            norm_mode=args.norm_mode, seed=args.seed, prefix_caching=args.prefix_caching,
-            tensor_parallel_size=args.tensor_parallel_size))
+        engine = LLMEngine(_engine_config(args, model))
         engine.warm_up()
         return engine
 

@@ -136,20 +136,22 @@ class LLMEngine:
     def _start_tensor_parallel(self, hf_cfg: dict):
         """Check the split, spawn ranks 1..N-1 and join them as rank 0 (packserve.engine.tensor_parallel). On CPU
         the N processes share the cores: each takes its share of this process's threads."""
-        from packserve.engine.tensor_parallel import TPGroup, WorkerSetup, check_tensor_parallel
+        from packserve.engine.tensor_parallel import TPGroup, WorkerSetup, check_tensor_parallel, torchrun_env
 
         mc, sc, cc = self.config.model, self.config.scheduler, self.config.cache
         size = mc.tensor_parallel_size
         check_tensor_parallel(hf_cfg, size, self.device)
-        threads = max(1, torch.get_num_threads() // size)
+        env = torchrun_env()
+        threads = max(1, torch.get_num_threads() // (env[2] if env else size))  # the ranks on this host share it
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
             self.thread_tuner = None  # one rank changing its thread count alone would unbalance the group
         setup = WorkerSetup(mc.model, self.device.type, str(self.dtype).removeprefix("torch."), self.max_model_len,
                             mc.norm_mode, mc.backend, cc.block_size, sc.packing, sc.pack_length, sc.max_num_seqs,
                             sc.max_num_batched_tokens, threads)
-        log.info("tensor parallel: %d ranks (%d threads each on CPU)", size, threads)
-        return TPGroup.start(setup, size)
+        log.info("tensor parallel: %d ranks (%d threads each on CPU)%s", size, threads,
+                 ", started by torchrun" if env else "")
+        return TPGroup.join(size, self.device) if env else TPGroup.start(setup, size)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (no-op without them)."""

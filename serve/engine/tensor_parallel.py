@@ -45,6 +45,15 @@ def check_tensor_parallel(cfg: dict, size: int, device: torch.device) -> None:
         raise ConfigError(f"tensor_parallel_size {size} needs {size} GPUs, {torch.cuda.device_count()} visible")
 
 
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, ranks on this host) when torchrun's variables are set (ranks started per host, possibly on
+    several hosts: MASTER_ADDR / MASTER_PORT name rank 0's), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
 @dataclass(frozen=True)
 class WorkerSetup:
     """What a worker needs to build the same engine pieces as rank 0."""
@@ -84,6 +93,17 @@ class TPGroup:
 
     size: int
     procs: list = field(default_factory=list)
+
+    @classmethod
+    def join(cls, size: int, device: torch.device) -> "TPGroup":
+        """Rank 0 of ranks started by torchrun (the others run `worker_main` through `packserve serve`)."""
+        env = torchrun_env()
+        if env[0] != 0:
+            raise ConfigError(f"the engine runs on rank 0; rank {env[0]} runs a worker")
+        if env[1] != size:
+            raise ConfigError(f"tensor_parallel_size {size} but torchrun's WORLD_SIZE is {env[1]}")
+        distributed.init_group(0, size, "env://", device)
+        return cls(size=size)
 
     @classmethod
     def start(cls, setup: WorkerSetup, size: int) -> "TPGroup":
@@ -127,6 +147,24 @@ class TPGroup:
         distributed.destroy_group()
 
 
+def run_torchrun_worker(config, threads: int) -> int:
+    """A rank > 0 started by torchrun: build the same setup rank 0 does from the same options, then serve steps."""
+    from packserve.engine.engine import _context_limit
+    from packserve.models.loader import read_config, resolve_dtype
+
+    rank, world, _ = torchrun_env()
+    mc, sc, cc = config.model, config.scheduler, config.cache
+    device = torch.device(mc.device if mc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    hf_cfg = read_config(mc.model)
+    check_tensor_parallel(hf_cfg, world, device)
+    limit = _context_limit(hf_cfg)
+    setup = WorkerSetup(mc.model, device.type, str(resolve_dtype(mc.dtype, hf_cfg, device)).removeprefix("torch."),
+                        min(mc.max_model_len or limit, limit), mc.norm_mode, mc.backend, cc.block_size, sc.packing,
+                        sc.pack_length, sc.max_num_seqs, sc.max_num_batched_tokens, threads)
+    worker_main(rank, world, "env://", setup)
+    return 0
+
+
 def _broadcast(obj):
     import time
 
@@ -143,7 +181,8 @@ def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
     """A worker rank: build the model shard, then run every step rank 0 broadcasts until told to stop."""
     logging.basicConfig(level=os.environ.get("PACKSERVE_LOG_LEVEL", "WARNING").upper())
     torch.set_num_threads(setup.threads)
-    device = torch.device(f"cuda:{rank}" if setup.device == "cuda" else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))  # torchrun: the GPU index on this host
+    device = torch.device(f"cuda:{local}" if setup.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     distributed.init_group(rank, size, init, device)

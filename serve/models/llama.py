@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from packserve.layers.attention import Attention, ForwardContext
-from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
+from packserve.layers.linear import MergedColumnLinear, RowLinear
 from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
 from packserve import distributed
