@@ -24,7 +24,7 @@ from packserve.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel")
 STOP = "stop"
 
 
@@ -33,14 +33,15 @@ def check_tensor_parallel(cfg: dict, size: int, device: torch.device) -> None:
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED:
         raise ConfigError(f"tensor parallelism supports {', '.join(SUPPORTED)} so far, not {arch}")
-    heads = cfg["num_attention_heads"]
+    heads = cfg.get("num_attention_heads") or cfg["n_head"]
     kv = cfg.get("num_key_value_heads") or heads
+    mlp = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * cfg["n_embd"]
     if heads % size:
         raise ConfigError(f"tensor_parallel_size {size} must divide the model's {heads} attention heads")
     if kv % size and size % kv:
         raise ConfigError(f"tensor_parallel_size {size} and the model's {kv} KV heads: one must divide the other")
-    if cfg["intermediate_size"] % size:
-        raise ConfigError(f"tensor_parallel_size {size} must divide the MLP width {cfg['intermediate_size']}")
+    if mlp % size:
+        raise ConfigError(f"tensor_parallel_size {size} must divide the MLP width {mlp}")
     if device.type == "cuda" and size > torch.cuda.device_count():
         raise ConfigError(f"tensor_parallel_size {size} needs {size} GPUs, {torch.cuda.device_count()} visible")
 

@@ -79,6 +79,7 @@ class MergedColumnLinear(ColumnLinear):
             local[k] = v // parts
         super().__init__(in_features, sum(local.values()) * tp_size, bias, tp_rank, tp_size)
         self.shard_sizes = local
+        self.full_sizes = dict(shard_sizes)
         offsets, off = {}, 0
         for k, v in self.shard_sizes.items():
             offsets[k] = off
@@ -87,8 +88,14 @@ class MergedColumnLinear(ColumnLinear):
 
     def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
         param = getattr(self, name)
-        if shard is None:  # already fused in the checkpoint
-            param.data.copy_(whole(tensor))
+        if shard is None:  # already fused in the checkpoint: each part's slice of this rank
+            if self.tp_size == 1:
+                param.data.copy_(whole(tensor))
+                return
+            tensor, start = whole(tensor), 0
+            for k, full in self.full_sizes.items():
+                self.load(name, tensor.narrow(0, start, full), k)
+                start += full
             return
         size = self.shard_sizes[shard]
         part = tensor.narrow(0, (self.tp_rank // self.replicas[shard]) * size, size)

@@ -49,10 +49,10 @@ def gather_logits(local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
 class ParallelLMHead(ColumnLinear):
     """The untied LM head split by vocabulary rows like the embedding (the last shard zero-padded)."""
 
-    def __init__(self, hidden: int, vocab_size: int):
+    def __init__(self, hidden: int, vocab_size: int, bias: bool = False):
         size = distributed.tp_size()
         shard = -(-vocab_size // size)
-        super().__init__(hidden, shard * size)
+        super().__init__(hidden, shard * size, bias=bias)
         self.start = self.tp_rank * shard
         self.end = min(vocab_size, self.start + shard)
 

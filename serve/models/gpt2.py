@@ -8,10 +8,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from packserve import distributed
 from packserve.layers.attention import Attention, ForwardContext
-from packserve.layers.linear import ColumnLinear, RowLinear
+from packserve.layers.linear import MergedColumnLinear, RowLinear, whole
 from packserve.layers.mlp import PlainMLP
 from packserve.layers.norm import CRMSNorm, LayerNorm, PlainRMSNorm
+from packserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from packserve.models.base import CausalLM, ModelInfo, load_into
 
 # Conv1D stores [in, out]; nn.Linear wants [out, in].
@@ -33,12 +35,13 @@ class GPT2Block(nn.Module):
         super().__init__()
         d = cfg["n_embd"]
         eps = cfg.get("layer_norm_epsilon", 1e-5)
-        self.num_heads = cfg["n_head"]
-        self.head_dim = d // self.num_heads
-        self.d = d
+        self.head_dim = d // cfg["n_head"]
+        self.num_heads = cfg["n_head"] // distributed.tp_size()  # tensor parallel: this rank's heads
+        self.d = self.num_heads * self.head_dim
         self.ln_1 = _norm(norm_mode, d, eps)
         self.ln_2 = _norm(norm_mode, d, eps)
-        self.c_attn = ColumnLinear(width, 3 * d, bias=True)
+        # The checkpoint's fused [q; k; v] is split per part (each rank: its heads of q, k and v).
+        self.c_attn = MergedColumnLinear(width, {"q": d, "k": d, "v": d}, bias=True)
         self.c_proj = RowLinear(d, width, bias=True)
         scale = self.head_dim ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
         if cfg.get("scale_attn_by_inverse_layer_idx", False):
@@ -68,16 +71,16 @@ class GPT2LMHeadModel(CausalLM):
         self.norm_mode = norm_mode
         # CRMSNorm keeps d-1 coordinates of the zero-mean residual stream.
         self.width = d - 1 if norm_mode == "crmsnorm" else d
-        self.wte = nn.Embedding(cfg["vocab_size"], self.width)
+        self.wte = VocabParallelEmbedding(cfg["vocab_size"], self.width)
         self.wpe = nn.Embedding(cfg["n_positions"], self.width)
         self.h = nn.ModuleList(GPT2Block(cfg, i, norm_mode, self.width) for i in range(cfg["n_layer"]))
         self.ln_f = _norm(norm_mode, d, cfg.get("layer_norm_epsilon", 1e-5))
         # After conversion the LM head carries the folded ln_f gain and bias: untied, with a bias.
-        self.lm_head = None if norm_mode == "native" else ColumnLinear(self.width, cfg["vocab_size"], bias=True)
+        self.lm_head = None if norm_mode == "native" else ParallelLMHead(self.width, cfg["vocab_size"], bias=True)
         for p in self.parameters():
             p.requires_grad_(False)
         self.info = ModelInfo(
-            architecture="GPT2LMHeadModel", num_layers=cfg["n_layer"], num_kv_heads=cfg["n_head"],
+            architecture="GPT2LMHeadModel", num_layers=cfg["n_layer"], num_kv_heads=self.h[0].num_heads,
             head_dim=d // cfg["n_head"], vocab_size=cfg["vocab_size"], max_position_embeddings=cfg["n_positions"],
             hidden_size=d, eos_token_id=cfg.get("eos_token_id"))
 
@@ -93,6 +96,7 @@ class GPT2LMHeadModel(CausalLM):
         return self.wte.weight if self.lm_head is None else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        weights = ((name, whole(t)) for name, t in weights)  # transposed and converted whole, then sliced
         if self.norm_mode != "native":
             from packserve.models.norm_conversion import convert_gpt2
 

@@ -22,6 +22,7 @@ def _prompts(seed=0):
 
 
 def _run(path, tp, params, **kw):
+    kw.setdefault("norm_mode", "native")
     engine = LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=tp,
                                      max_num_batched_tokens=64, max_num_seqs=5, num_kv_blocks=16, block_size=16, **kw))
     try:
@@ -30,6 +31,20 @@ def _run(path, tp, params, **kw):
         return out, stats, engine
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("arch,overrides,norm", [("gpt2", {}, "native"), ("gpt2", {}, "crmsnorm")])
+def test_two_ranks_match_one_gpt2(checkpoint_factory, arch, overrides, norm):
+    """GPT-2: the fused c_attn split per q/k/v part, the vocabulary-parallel tied head (native) or the converted
+    model's untied head with the folded bias (CRMSNorm)."""
+    path = checkpoint_factory(arch, initializer_range=0.15, **overrides)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    one, _, _ = _run(path, 1, greedy, norm_mode=norm)
+    two, stats2, engine = _run(path, 2, greedy, norm_mode=norm)
+    assert two == one and stats2[0] > 0
+    block = engine.model.h[0]
+    assert block.num_heads * 2 * block.head_dim == block.c_attn.full_sizes["q"]
+    assert engine.kv_cache.data.shape[3] == block.num_heads
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 1}), ("qwen3", {}),
@@ -96,10 +111,13 @@ def test_offline_llm_and_clean_shutdown(checkpoint_factory):
 
 @pytest.mark.parametrize("arch,overrides,match", [
     ("llama", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3}, "divide"),
-    ("gpt2", {}, "supports"),
+    ("linear", {}, "supports"),
 ])
-def test_bad_splits_are_one_line_errors(checkpoint_factory, arch, overrides, match):
-    path = checkpoint_factory(arch, **overrides)
+def test_bad_splits_are_one_line_errors(checkpoint_factory, tmp_path, arch, overrides, match):
+    from packserve.checkpoints import build_linear_attn_checkpoint
+
+    path = (str(build_linear_attn_checkpoint(tmp_path / "lin")) if arch == "linear"
+            else checkpoint_factory(arch, **overrides))
     with pytest.raises(ConfigError, match=match) as e:
         LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=4))
     assert "\n" not in str(e.value)
