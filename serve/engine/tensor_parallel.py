@@ -24,7 +24,8 @@ from packserve.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+             "PackserveLinearAttentionForCausalLM")
 STOP = "stop"
 
 
@@ -129,7 +130,7 @@ class TPGroup:
     def send(self, out, chunks: list[tuple[int, int, int]]) -> None:
         steps = [(s.request.request_id, s.context_len, s.num_new_tokens, s.sample,
                   s.request.token_slice(s.context_len, s.context_len + s.num_new_tokens), list(s.request.block_ids),
-                  s.request.num_preemptions) for s in out.scheduled]
+                  s.request.num_preemptions, s.request.state_slot) for s in out.scheduled]
         _broadcast({"steps": steps, "copies": list(out.block_copies), "chunks": chunks})
 
     def alive(self) -> bool:
@@ -198,18 +199,24 @@ def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
     num_blocks = _broadcast(None)
     info = model.info
     kv = KVCache(info.num_layers, num_blocks, setup.block_size, info.num_kv_heads, info.head_dim, dtype, device)
+    state_cache = None
+    n_lin = getattr(model, "num_linear_layers", 0)
+    if n_lin:  # linear-attention layers: this rank's heads of every request's state (slots numbered by rank 0)
+        from packserve.layers.linear_attention import StateCache
+
+        state_cache = StateCache(n_lin, setup.max_num_seqs, *model.linear_state_shape, device)
     runner = ModelRunner(model, select_backend(setup.backend, device, dtype), kv, device, setup.packing,
-                         setup.pack_length, max_model_len=setup.max_model_len, max_num_seqs=setup.max_num_seqs,
-                         max_num_batched_tokens=setup.max_num_batched_tokens)
+                         setup.pack_length, state_cache=state_cache, max_model_len=setup.max_model_len,
+                         max_num_seqs=setup.max_num_seqs, max_num_batched_tokens=setup.max_num_batched_tokens)
     shadows: dict[str, _Shadow] = {}
     while True:
         msg = _broadcast(None)
         if msg == STOP:
             break
         scheduled, seen = [], {}
-        for rid, ctx, n, sample, tokens, blocks, preemptions in msg["steps"]:
+        for rid, ctx, n, sample, tokens, blocks, preemptions, slot in msg["steps"]:
             sh = shadows.get(rid) or _Shadow(rid)
-            sh._start, sh._tokens, sh.block_ids, sh.num_preemptions = ctx, tokens, blocks, preemptions
+            sh._start, sh._tokens, sh.block_ids, sh.num_preemptions, sh.state_slot = ctx, tokens, blocks, preemptions, slot
             seen[rid] = sh
             scheduled.append(ScheduledRequest(sh, n, ctx, sample))
         shadows = seen  # requests not in this step get a fresh row when they come back

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from packserve import distributed
 from packserve.layers.linear import MergedColumnLinear, RowLinear
 
 
@@ -38,10 +39,15 @@ class LinearAttention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, feature_map: str,
                  normalize: bool, eps: float, linear_idx: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = MergedColumnLinear(hidden, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size})
-        self.o_proj = RowLinear(self.q_size, hidden)
+        # Tensor parallel (packserve.distributed): this rank's heads, KV heads fewer than the ranks replicated; its
+        # state slots hold only these heads.
+        tp = distributed.tp_size()
+        replicas = max(1, tp // num_kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads // tp, max(1, num_kv_heads // tp), head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        q, kv = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = MergedColumnLinear(hidden, {"q": q, "k": kv, "v": kv}, replicas={"k": replicas, "v": replicas})
+        self.o_proj = RowLinear(q, hidden)
         self.feature_map = feature_map  # applied inside the kernel dispatchers
         self.normalize, self.eps = normalize, eps
         self.linear_idx = linear_idx

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from packserve.layers.linear import ColumnLinear
+from packserve import distributed
 from packserve.layers.linear_attention import LinearAttention
 from packserve.layers.norm import RMSNorm
+from packserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from packserve.models.base import CausalLM, ModelInfo
 from packserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, model_rotary
 
@@ -44,20 +45,21 @@ class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
                 n_lin += 1
             layers.append(LlamaDecoderLayer(cfg, i, False, False, None, mixer=mixer))
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.model.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.model.layers = nn.ModuleList(layers)
         self.model.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tie else ColumnLinear(cfg["hidden_size"], cfg["vocab_size"])
+        self.lm_head = None if self.tie else ParallelLMHead(cfg["hidden_size"], cfg["vocab_size"])
         for p in self.parameters():
             p.requires_grad_(False)
         self.num_linear_layers = n_lin
         from packserve.kernels.linear_attention import feature_width
 
-        # (Hkv, Dk', Dv): the NaLaFormer map doubles the key feature width.
-        self.linear_state_shape = (kv_heads, feature_width(cfg.get("feature_map", "elu1"), head_dim), head_dim)
+        # (Hkv, Dk', Dv) of this rank's heads: the NaLaFormer map doubles the key feature width.
+        local_kv = max(1, kv_heads // distributed.tp_size())
+        self.linear_state_shape = (local_kv, feature_width(cfg.get("feature_map", "elu1"), head_dim), head_dim)
         self.info = ModelInfo(
-            architecture="PackserveLinearAttentionForCausalLM", num_layers=len(softmax), num_kv_heads=kv_heads,
+            architecture="PackserveLinearAttentionForCausalLM", num_layers=len(softmax), num_kv_heads=local_kv,
             head_dim=head_dim, vocab_size=cfg["vocab_size"],
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), hidden_size=cfg["hidden_size"],
             eos_token_id=cfg.get("eos_token_id"))

@@ -92,6 +92,21 @@ def test_logprobs_and_prompt_logprobs_match(checkpoint_factory):
             assert ea[0].token_id == eb[0].token_id and abs(ea[0].logprob - eb[0].logprob) < 1e-4
 
 
+@pytest.mark.parametrize("feature_map", ["elu1", "nalaformer"])
+def test_two_ranks_match_one_linear_attention(tmp_path, feature_map):
+    """The hybrid linear-attention model: linear layers' heads and recurrent states split by rank (state slots
+    numbered by rank 0), the softmax layer as in Llama."""
+    from packserve.checkpoints import build_linear_attn_checkpoint
+
+    path = str(build_linear_attn_checkpoint(tmp_path / "lin", softmax_attention_layers=[1], feature_map=feature_map,
+                                            initializer_range=0.2))
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    one, _, _ = _run(path, 1, greedy)
+    two, _, engine = _run(path, 2, greedy)
+    assert two == one
+    assert engine.state_cache.S.shape[2] == 1  # 2 KV heads over 2 ranks: one each
+
+
 def test_seeded_sampling_matches(checkpoint_factory):
     path = checkpoint_factory("llama", initializer_range=0.15)
     sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)
@@ -111,13 +126,10 @@ def test_offline_llm_and_clean_shutdown(checkpoint_factory):
 
 @pytest.mark.parametrize("arch,overrides,match", [
     ("llama", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3}, "divide"),
-    ("linear", {}, "supports"),
+    ("llama", {"intermediate_size": 97}, "MLP width"),
 ])
-def test_bad_splits_are_one_line_errors(checkpoint_factory, tmp_path, arch, overrides, match):
-    from packserve.checkpoints import build_linear_attn_checkpoint
-
-    path = (str(build_linear_attn_checkpoint(tmp_path / "lin")) if arch == "linear"
-            else checkpoint_factory(arch, **overrides))
+def test_bad_splits_are_one_line_errors(checkpoint_factory, arch, overrides, match):
+    path = checkpoint_factory(arch, **overrides)
     with pytest.raises(ConfigError, match=match) as e:
         LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=4))
     assert "\n" not in str(e.value)
