@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/gpu-keda")
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/gpu-keda", "overlays/gpu-tp")
 
 # A metric name as written in PromQL / exposition text (colons allowed, DESIGN.md §8 prefix).
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])packserve:[A-Za-z_][A-Za-z0-9_:]*")
@@ -139,7 +139,7 @@ def kustomize_command() -> list[str] | None:
 
 
 def render_all() -> dict[str, list[dict]]:
-    """{'base' | 'overlays/gpu' | 'overlays/gpu-keda': [resources]} as `kubectl kustomize` renders them."""
+    """{kustomization: [resources]} for every entry of KUSTOMIZATIONS, as `kubectl kustomize` renders them."""
     cmd = kustomize_command()
     if cmd is None:
         pytest.skip("neither `kubectl` nor `kustomize` is on PATH: cannot render the kustomize overlays")

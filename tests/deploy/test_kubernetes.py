@@ -269,3 +269,47 @@ def test_every_yaml_file_is_used():
     for path in K8S.rglob("*.yaml"):
         if path.name != "kustomization.yaml":
             assert path.resolve() in used, f"{path.relative_to(ROOT)} is not referenced by any kustomization"
+
+
+def test_tensor_parallel_overlay_gives_each_replica_its_gpus(rendered):
+    """overlays/gpu-tp: every GPU of the replica is a rank (the GPU count equals the tensor-parallel size), with a
+    larger /dev/shm for NCCL."""
+    res = rendered["overlays/gpu-tp"]
+    c, spec = _container(res), _pod_spec(res)
+    n = _config_env(res)["PACKSERVE_TENSOR_PARALLEL_SIZE"]
+    assert int(n) > 1 and c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == n
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]
+    assert shm["medium"] == "Memory" and int(shm["sizeLimit"].removesuffix("Gi")) >= 4 * int(n)
+
+
+def test_multi_host_pair_is_wired_like_torchrun():
+    """deploy/kubernetes/multi-host: the leader is rank 0 and the only HTTP endpoint, the workers are ranks 1.. (pod
+    index + 1), all agree on WORLD_SIZE, the tensor-parallel size and MASTER_ADDR (the leader's stable DNS name),
+    and no two ranks share a node."""
+    docs = [d for p in sorted((K8S / "multi-host").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    sets = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in of_kind(docs, "StatefulSet")}
+    leader, worker = sets["leader"], sets["worker"]
+
+    def env(sts):
+        (c,) = sts["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in c["env"]}, c
+
+    le, lc = env(leader)
+    we, wc = env(worker)
+    world = int(le["WORLD_SIZE"])
+    assert le["RANK"] == "0" and we["WORLD_SIZE"] == le["WORLD_SIZE"]
+    assert le["PACKSERVE_TENSOR_PARALLEL_SIZE"] == we["PACKSERVE_TENSOR_PARALLEL_SIZE"] == str(world)
+    assert world == 1 + worker["spec"]["replicas"] and leader["spec"]["replicas"] == 1
+    assert "RANK=$((POD_INDEX + 1))" in " ".join(wc["command"]) and "RANK" not in we
+    headless = next(s for s in of_kind(docs, "Service") if s["spec"].get("clusterIP") == "None")
+    assert le["MASTER_ADDR"] == we["MASTER_ADDR"] == f"{leader['metadata']['name']}-0.{headless['metadata']['name']}"
+    assert leader["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert any(p["containerPort"] == int(le["MASTER_PORT"]) for p in lc["ports"])
+    http = [s for s in of_kind(docs, "Service") if s["spec"].get("clusterIP") != "None"]
+    assert all(s["spec"]["selector"]["app.kubernetes.io/component"] == "leader" for s in http + [headless])
+    for sts in (leader, worker):
+        (c,) = sts["spec"]["template"]["spec"]["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        anti = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert "startupProbe" in lc and "readinessProbe" in lc and "readinessProbe" not in wc
