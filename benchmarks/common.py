@@ -56,6 +56,19 @@ def cpu_llama_config(vocab: int = 32000):
                        tie_word_embeddings=True, initializer_range=0.1, bos_token_id=1, eos_token_id=0)
 
 
+def save_serving_checkpoint(cfg, path) -> None:
+    """The serving model with seeded random weights and the offline tokenizer padded to its vocabulary, saved as a
+    checkpoint folder at `path`."""
+    from transformers import AutoModelForCausalLM
+
+    from packserve.checkpoints import build_tokenizer, save_checkpoint
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    tok.add_tokens([f"<t{i}>" for i in range(len(tok), cfg.vocab_size)])
+    save_checkpoint(AutoModelForCausalLM.from_config(cfg), tok, path)
+
+
 def gpu_llama_config():
     from transformers import LlamaConfig
 

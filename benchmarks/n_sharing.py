@@ -49,10 +49,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts
-    from packserve.checkpoints import build_tokenizer, save_checkpoint
+    from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts, save_serving_checkpoint
     from packserve.engine.engine import LLMEngine, engine_config
     from packserve.kernels import cpu_lib
 
@@ -61,10 +59,7 @@ def main() -> int:
     cfg = cpu_llama_config()
     prompts = lognormal_prompts(CPU_LOGNORMAL, cfg.vocab_size, args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        tok = build_tokenizer()
-        tok.add_tokens([f"<t{i}>" for i in range(len(tok), cfg.vocab_size)])
-        save_checkpoint(AutoModelForCausalLM.from_config(cfg), tok, tmp)
+        save_serving_checkpoint(cfg, tmp)
         engines = {name: LLMEngine(engine_config(tmp, prefix_caching=False, max_model_len=2048, share_prompt=share,
                                                  max_num_batched_tokens=8192))
                    for name, share in (("separate", False), ("shared", True))}

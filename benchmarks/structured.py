@@ -36,12 +36,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts
+    from common import CPU_LOGNORMAL, cpu_llama_config, lognormal_prompts, save_serving_checkpoint
     from packserve import LLM, SamplingParams
     from packserve.api.tool_parsers import FORMATS
-    from packserve.checkpoints import build_tokenizer, save_checkpoint
     from packserve.engine.request import GuidedSpec
     from packserve.kernels import cpu_lib
 
@@ -50,10 +48,7 @@ def main() -> int:
     cfg = cpu_llama_config()
     prompts = lognormal_prompts(CPU_LOGNORMAL, cfg.vocab_size, 32)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        tok = build_tokenizer()
-        tok.add_tokens([f"<t{i}>" for i in range(len(tok), cfg.vocab_size)])
-        save_checkpoint(AutoModelForCausalLM.from_config(cfg), tok, tmp)
+        save_serving_checkpoint(cfg, tmp)
         llm = LLM(tmp, prefix_caching=False, max_model_len=2048)
         spec = GuidedSpec("json_schema", json.dumps(SCHEMA))
         t = time.perf_counter()

@@ -38,21 +38,16 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=65)
     args = ap.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from common import cpu_llama_config
+    from common import cpu_llama_config, save_serving_checkpoint
     from packserve import LLM, distributed
-    from packserve.checkpoints import build_tokenizer, save_checkpoint
     from packserve.kernels import cpu_lib
 
     cpu_lib.wait()
     cfg = cpu_llama_config()
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        tok = build_tokenizer()
-        tok.add_tokens([f"<t{i}>" for i in range(len(tok), cfg.vocab_size)])
-        save_checkpoint(AutoModelForCausalLM.from_config(cfg), tok, tmp)
+        save_serving_checkpoint(cfg, tmp)
         rows = {}
         comm = {}
         for tp in (1, 2):

@@ -80,12 +80,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def shard_range(total: int, rank: int | None = None, size: int | None = None) -> tuple[int, int]:
-    """(start, length) of this rank's equal share of `total` (divisible by the group size)."""
-    rank = _RANK if rank is None else rank
-    size = _SIZE if size is None else size
-    if total % size:
-        raise ValueError(f"{total} does not split into {size} equal shards")
-    return rank * (total // size), total // size

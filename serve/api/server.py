@@ -7,7 +7,7 @@
   cancelled by any byte received, so `POST / HTTP/1.1\\r\\nHost: x\\r\\n` followed by silence held a socket
   forever. Connections waiting for headers are also capped (MAX_IDLE_CONNECTIONS, at most half the open-file
   limit): beyond the cap the longest-waiting one is closed, so a new connection (a /health probe) is always
-  accepted and answered. Request bodies must keep arriving too (app.BodyLimitMiddleware, same timeout).
+  accepted and answered. Request bodies must keep arriving too (middleware.BodyLimitMiddleware, same timeout).
 - accept() errors (EMFILE) are logged once per 10 s with a count, not as a traceback per attempt.
 - The first SIGTERM/SIGINT drains (new requests 503, in-flight ones finish within the shutdown timeout); a second
   one aborts what is in flight (streams still end with a final chunk and [DONE]) and exits within a second.

@@ -44,10 +44,6 @@ class InputBatch:
         self._written: list[int] = []  # blocks written into the row
         self._row: dict[int, int] = {}  # id(Request) -> row
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.reqs)
-
     def _buf(self, *shape) -> torch.Tensor:
         return torch.zeros(*shape, dtype=torch.int64, pin_memory=self.device.type == "cuda")
 
