@@ -16,8 +16,12 @@ import torch
 
 _RANK, _SIZE = 0, 1
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
-# Seconds this process spent in collectives (all-reduces, step broadcasts), waiting for the other ranks included.
+# Seconds this process spent in collectives (all-reduces, step broadcasts), waiting for the other ranks included,
+# and in its steps' forward passes (collectives included).
 collective_seconds = 0.0
+step_seconds = 0.0
+# Rank 0: every rank's (step_seconds, collective_seconds) as of the last `gather_rank_seconds` (index = rank).
+rank_seconds: list[tuple[float, float]] = []
 
 
 def tp_rank() -> int:
@@ -50,6 +54,8 @@ def destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel(0, 1)
+    global rank_seconds
+    rank_seconds = []
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,19 @@ def gather_columns(local: torch.Tensor, width: int) -> torch.Tensor | None:
     dist.gather(local, parts, dst=0)
     collective_seconds += time.perf_counter() - t
     return torch.cat(parts, dim=1)[:, :width] if _RANK == 0 else None
+
+
+def gather_rank_seconds(device: torch.device) -> None:
+    """Every rank calls it at the same point of a step: rank 0 collects the ranks' time counters (the per-rank
+    metrics; workers have no other way to report)."""
+    import torch.distributed as dist
+
+    global rank_seconds
+    local = torch.tensor([step_seconds, collective_seconds], dtype=torch.float64, device=device)
+    parts = [torch.empty_like(local) for _ in range(_SIZE)] if _RANK == 0 else None
+    dist.gather(local, parts, dst=0)
+    if _RANK == 0:
+        rank_seconds = [(float(p[0]), float(p[1])) for p in parts]
 
 
 def free_port() -> int:

@@ -73,10 +73,14 @@ class EngineMetrics:
                                    PREFILL_TOKEN_BUCKETS)
         self.packing_eff = hist("packserve:prefill_packing_efficiency",
                                 "Real tokens / token slots computed, per prefill step", EFFICIENCY_BUCKETS)
-        self.collective_seconds = counter("packserve:tp_collective_seconds",
-                                          "Tensor parallel: seconds rank 0 spent in collectives (all-reduces, step "
-                                          "broadcasts), waiting for the other ranks included")
-        self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0, "pq": 0, "ph": 0, "sp": 0, "coll": 0.0}
+        # Per rank (tensor parallel: workers' totals reach rank 0 about once a second; rank 0's are current).
+        self._step_seconds = Counter("packserve:tp_step_seconds",
+                                     "Seconds each rank spent in steps' model work (forward pass and logits, its "
+                                     "collectives included)", L + ["rank"], registry=r)
+        self._collective_seconds = Counter("packserve:tp_collective_seconds",
+                                           "Seconds each rank spent in collectives (all-reduces, step broadcasts, "
+                                           "gathers), waiting for the other ranks included", L + ["rank"], registry=r)
+        self._last = {"prompt": 0, "gen": 0, "pre": 0, "pad": 0, "pq": 0, "ph": 0, "sp": 0}
         self._last_step = 0  # engine.stats.steps already recorded: on_step also runs after aborts
         self._last_token_time: dict[str, float] = {}
 
@@ -91,7 +95,7 @@ class EngineMetrics:
         self._inc(self.prefix_queries, "pq", s.prefix_cache_queries)
         self._inc(self.prefix_hits, "ph", s.prefix_cache_hits)
         self._inc(self.shared_prompt, "sp", s.shared_prompt_tokens)
-        self._inc(self.collective_seconds, "coll", distributed.collective_seconds)
+        self._rank_times()
         step = s.last_step
         if s.steps != self._last_step:  # a new engine step: record its prefill once
             self._last_step = s.steps
@@ -108,8 +112,15 @@ class EngineMetrics:
         self.waiting.set(len(sched.waiting))
         self.kv_usage.set(engine.allocator.usage)
 
-    def _inc(self, counter, key: str, total: int) -> None:
-        delta = total - self._last[key]
+    def _rank_times(self) -> None:
+        ranks = list(distributed.rank_seconds) or [(0.0, 0.0)]
+        ranks[0] = (distributed.step_seconds, distributed.collective_seconds)
+        for rank, (step, coll) in enumerate(ranks):
+            self._inc(self._step_seconds.labels(self.model_name, str(rank)), f"step{rank}", step)
+            self._inc(self._collective_seconds.labels(self.model_name, str(rank)), f"coll{rank}", coll)
+
+    def _inc(self, counter, key: str, total: float) -> None:
+        delta = total - self._last.get(key, 0)
         if delta > 0:
             counter.inc(delta)
         self._last[key] = total

@@ -8,11 +8,12 @@ matmuls see only real tokens; logits are computed for the sampled positions only
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
 
-from packserve import envs
+from packserve import distributed, envs
 from packserve.engine.input_batch import InputBatch
 from packserve.engine.kv_cache import KVCache
 from packserve.engine.packing import build_packed_batch
@@ -125,6 +126,7 @@ class ModelRunner:
         """The step's forward pass: with tensor parallelism, the step goes to the other ranks first."""
         if self.tp is not None:
             self.tp.send(out, self.prompt_logprob_chunks(out))
+        self._step_start = time.perf_counter()  # the step's model work on this rank starts (broadcast excluded)
         return self._forward_local(out)
 
     def _forward_local(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
@@ -139,9 +141,11 @@ class ModelRunner:
         self._prompt_logprobs(out, hidden, last_index)
         to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
         if not to_sample:
+            distributed.step_seconds += time.perf_counter() - self._step_start
             return {}, {}, stats
         idx = torch.tensor([last_index[k] for k in to_sample], dtype=torch.long, device=dev)
         logits = self.model.compute_logits(hidden.index_select(0, idx))
+        distributed.step_seconds += time.perf_counter() - self._step_start  # forward and logits, as on workers
         reqs = [out.scheduled[k].request for k in to_sample]
         result: SampleResult = self.sampler(logits, reqs)
         tokens = {r.request_id: t for r, t in zip(reqs, result.token_ids)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
              "PackserveLinearAttentionForCausalLM")
 STOP = "stop"
+REPORT_SECONDS = 1.0  # how often the ranks' time counters are gathered to rank 0 (one small gather each time)
 
 
 def check_tensor_parallel(cfg: dict, size: int, device: torch.device) -> None:
@@ -94,7 +96,9 @@ class TPGroup:
     """Rank 0's side: starts the workers, broadcasts steps, stops them."""
 
     size: int
+    device: torch.device
     procs: list = field(default_factory=list)
+    _last_report: float = 0.0
 
     @classmethod
     def join(cls, size: int, device: torch.device) -> "TPGroup":
@@ -105,7 +109,7 @@ class TPGroup:
         if env[1] != size:
             raise ConfigError(f"tensor_parallel_size {size} but torchrun's WORLD_SIZE is {env[1]}")
         distributed.init_group(0, size, "env://", device)
-        return cls(size=size)
+        return cls(size=size, device=device)
 
     @classmethod
     def start(cls, setup: WorkerSetup, size: int) -> "TPGroup":
@@ -114,7 +118,7 @@ class TPGroup:
 
         init = f"tcp://127.0.0.1:{distributed.free_port()}"
         ctx = mp.get_context("spawn")
-        group = cls(size=size)
+        group = cls(size=size, device=torch.device(setup.device))
         for rank in range(1, size):
             p = ctx.Process(target=worker_main, args=(rank, size, init, setup), daemon=True,
                             name=f"packserve-tp{rank}")
@@ -131,7 +135,12 @@ class TPGroup:
         steps = [(s.request.request_id, s.context_len, s.num_new_tokens, s.sample,
                   s.request.token_slice(s.context_len, s.context_len + s.num_new_tokens), list(s.request.block_ids),
                   s.request.num_preemptions, s.request.state_slot) for s in out.scheduled]
-        _broadcast({"steps": steps, "copies": list(out.block_copies), "chunks": chunks})
+        now = time.monotonic()
+        report = now - self._last_report >= REPORT_SECONDS
+        _broadcast({"steps": steps, "copies": list(out.block_copies), "chunks": chunks, "report": report})
+        if report:  # the totals as of the previous step, on every rank
+            self._last_report = now
+            distributed.gather_rank_seconds(self.device)
 
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
@@ -168,14 +177,13 @@ def run_torchrun_worker(config, threads: int) -> int:
 
 
 def _broadcast(obj):
-    import time
-
     import torch.distributed as dist
 
     t = time.perf_counter()
     box = [obj]
     dist.broadcast_object_list(box, src=0)
-    distributed.collective_seconds += time.perf_counter() - t
+    if distributed.tp_rank() == 0:  # a worker's wait for the next step is mostly idle time, not overhead
+        distributed.collective_seconds += time.perf_counter() - t
     return box[0]
 
 
@@ -213,6 +221,9 @@ def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
         msg = _broadcast(None)
         if msg == STOP:
             break
+        if msg["report"]:
+            distributed.gather_rank_seconds(device)
+        t = time.perf_counter()
         scheduled, seen = [], {}
         for rid, ctx, n, sample, tokens, blocks, preemptions, slot in msg["steps"]:
             sh = shadows.get(rid) or _Shadow(rid)
@@ -222,4 +233,5 @@ def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
         shadows = seen  # requests not in this step get a fresh row when they come back
         with torch.inference_mode():
             runner.worker_step(SchedulerOutput(scheduled=scheduled, block_copies=msg["copies"]), msg["chunks"])
+        distributed.step_seconds += time.perf_counter() - t
     distributed.destroy_group()

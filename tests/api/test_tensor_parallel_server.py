@@ -45,9 +45,17 @@ def test_streams_the_same_tokens_as_offline(tp_server, tiny_model):
     ref = LLM(tiny_model, device="cpu", dtype="float32", max_model_len=256).generate(
         [prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=False))[0].outputs[0].text
     assert full.choices[0].text == ref
-    metrics = httpx.get(tp_server.url + "/metrics").text
-    line = next(x for x in metrics.splitlines() if x.startswith("packserve:tp_collective_seconds_total"))
-    assert float(line.split()[-1]) > 0  # rank 0's time in all-reduces and broadcasts
+    # The workers' time counters reach rank 0 with the first step a second after the last report.
+    time.sleep(1.2)
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    samples = {}
+    for line in httpx.get(tp_server.url + "/metrics").text.splitlines():
+        if line.startswith(("packserve:tp_step_seconds_total", "packserve:tp_collective_seconds_total")):
+            name, rank = line.split("{")[0], line.split('rank="')[1].split('"')[0]
+            samples[name, rank] = float(line.split()[-1])
+    assert set(samples) == {(n, r) for n in ("packserve:tp_step_seconds_total", "packserve:tp_collective_seconds_total")
+                            for r in ("0", "1")}
+    assert all(v > 0 for v in samples.values()), samples  # both ranks stepped and all-reduced
 
 
 def test_a_dead_worker_ends_the_server(tp_server):
