@@ -9,6 +9,7 @@ CUDA) with a timeout, so a dead rank turns into an error rather than a hang.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import time
 
@@ -43,8 +44,18 @@ def init_group(rank: int, size: int, init_method: str, device: torch.device) -> 
     """Join the group (every rank calls it; it returns once all have) and set this process's TP state."""
     import torch.distributed as dist
 
+    from packserve.config import ConfigError
+
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                timeout=COLLECTIVE_TIMEOUT)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        where = init_method if init_method != "env://" else \
+            f"MASTER_ADDR/MASTER_PORT {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise ConfigError(f"tensor parallel rank 0 cannot listen on {where}: the port is in use") from None
     set_tensor_parallel(rank, size)
 
 

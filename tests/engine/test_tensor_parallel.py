@@ -135,6 +135,22 @@ def test_bad_splits_are_one_line_errors(checkpoint_factory, arch, overrides, mat
     assert "\n" not in str(e.value)
 
 
+def test_rank_zero_port_in_use_is_a_one_line_error(checkpoint_factory, monkeypatch):
+    """Ranks started by torchrun: rank 0 listens on MASTER_PORT; when that port is taken, say so in one line."""
+    import socket
+
+    path = checkpoint_factory("llama")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "2"}.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: the port is in use") as e:
+            LLMEngine(engine_config(path, device="cpu", dtype="float32", tensor_parallel_size=2))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_reads_only_its_shards(checkpoint_factory, monkeypatch, rank):
     """With two ranks, loading reads the split weights as slices (never whole) and each rank's shard equals the
