@@ -30,6 +30,7 @@ class ModelConfig:
     norm_mode: str = "native"
     seed: int = 0
     tensor_parallel_size: int = 1  # processes the weights and KV cache are split over (packserve.engine.tensor_parallel)
+    enforce_eager: bool = False  # True: no CUDA graphs of the decode step (packserve.engine.cuda_graphs)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model must be a checkpoint folder path")

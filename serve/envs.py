@@ -44,6 +44,11 @@ class EnvVar:
     secret: bool = False  # never logged
 
     @property
+    def is_switch(self) -> bool:
+        """An on/off option: its flag alone means on."""
+        return self.type is _bool
+
+    @property
     def env(self) -> str:
         return PREFIX + self.name
 
@@ -85,8 +90,11 @@ _VARS = [
            "waiting 32 steps or more go first, in arrival order) or fcfs (arrival order)", "--admission-order",
            choices=("shortest", "fcfs")),
     EnvVar("TENSOR_PARALLEL_SIZE", int, 1,
-           "processes the weights and KV cache are split over (one per GPU; on CPU they share the cores); "
-           "Llama-family models", "--tensor-parallel-size"),
+           "processes the weights and KV cache are split over (one per GPU; on CPU they share the cores): "
+           "Llama, Mistral, Qwen2/3, GPT-2 and the linear-attention hybrid", "--tensor-parallel-size"),
+    EnvVar("ENFORCE_EAGER", _bool, False,
+           "on CUDA, run decode steps eagerly instead of replaying the CUDA graphs captured at start-up per "
+           "batch-size bucket", "--enforce-eager"),
     EnvVar("TOOL_CALL_PARSER", str, "auto",
            "how the model writes tool calls: hermes (<tool_call> JSON: Hermes, Qwen), llama3_json (Llama 3.x), "
            "mistral ([TOOL_CALLS]), or auto (from the chat template; hermes when it shows none)",

@@ -49,7 +49,7 @@ def _engine_config(args, model: str):
         max_waiting=args.max_waiting, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, packing=args.packing,
         norm_mode=args.norm_mode, seed=args.seed, prefix_caching=args.prefix_caching,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
 
 
 def _torchrun_worker(args) -> int:
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = v.choices
         if v.multiple:
             ap.add_argument(v.flag, action="append", **kw)
+        elif v.is_switch:  # a bare flag means on: --enforce-eager, --prefix-caching
+            ap.add_argument(v.flag, type=v.type, nargs="?", const=True, **kw)
         else:
             ap.add_argument(v.flag, type=v.type, **kw)
     return ap

@@ -120,6 +120,7 @@ class LLMEngine:
                                   cpu_precision=self.cpu_precision, max_model_len=self.max_model_len,
                                   max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
                                   tp=self.tp)
+        self._capture_decode_graphs()
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -179,6 +180,19 @@ class LLMEngine:
         if n < 1:
             raise RuntimeError("no memory left for the KV cache; lower max_model_len or raise the cache budget")
         return max(1, min(n, useful))
+
+    def _capture_decode_graphs(self) -> None:
+        """CUDA: capture the decode step's graphs now, before any request (packserve.engine.cuda_graphs)."""
+        from packserve.engine.cuda_graphs import capture_sizes
+
+        sc = self.config.scheduler
+        if self.device.type != "cuda" or self.config.model.enforce_eager:
+            return
+        if self.state_cache is not None or self.tp is not None or self.runner.decode_kernel != "triton":
+            log.info("decode steps run eagerly: CUDA graphs cover softmax-attention models on one GPU with the "
+                     "paged decode kernel")
+            return
+        self.runner.capture_decode_graphs(capture_sizes(sc.max_num_seqs, sc.max_num_batched_tokens))
 
     def warm_up(self) -> None:
         """One dummy prefill of a full step's token budget on the idle engine (the server runs it before it
@@ -373,7 +387,8 @@ def engine_config(model: str, **kw) -> EngineConfig:
     mc = ModelConfig(model=model, dtype=kw.pop("dtype", "auto"), device=kw.pop("device", None) or envs.get("DEVICE"),
                      backend=kw.pop("backend", "auto"), max_model_len=kw.pop("max_model_len", None),
                      norm_mode=kw.pop("norm_mode", "native"), seed=kw.pop("seed", 0),
-                     tensor_parallel_size=kw.pop("tensor_parallel_size", 1))
+                     tensor_parallel_size=kw.pop("tensor_parallel_size", 1),
+                     enforce_eager=kw.pop("enforce_eager", False))
     cc = CacheConfig(block_size=kw.pop("block_size", 16), num_blocks=kw.pop("num_kv_blocks", None),
                      memory_gib=kw.pop("kv_cache_memory_gib", None), prefix_caching=kw.pop("prefix_caching", True))
     sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 128),

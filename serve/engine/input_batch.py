@@ -106,9 +106,12 @@ class InputBatch:
         return order
 
     # -- one step's inputs --------------------------------------------------------
-    def fill(self, order: list, fresh_ids: list[int], fresh_positions: list[int], fresh_slots: list[int]) -> BatchView:
+    def fill(self, order: list, fresh_ids: list[int], fresh_positions: list[int], fresh_slots: list[int],
+             pad_to: int = 0, scratch_block: int = 0) -> BatchView:
         """Write the step's flat inputs: the packed fresh prompts first (from the packing), then every row's new
-        tokens in row order; copy each buffer to the device once."""
+        tokens in row order; copy each buffer to the device once. A decode step replayed by a CUDA graph captured
+        for `pad_to` rows gets padding rows after its own: one token each (id 0, position 0) whose K/V go to
+        slot 0 of `scratch_block` and which attends to that slot alone."""
         n, P = len(order), len(fresh_ids)
         ctx, q, seq, start = self._rows[0, :n], self._rows[1, :n], self._rows[2, :n], self._rows[3, :n]
         ctx[:] = [e.context_len for e in order]
@@ -127,11 +130,18 @@ class InputBatch:
             pos[P:T] = p
             bs = self.block_size
             slots[P:T] = self._table[row_of, p // bs] * bs + p % bs
+        padded = max(n, pad_to)
+        if padded > n:
+            assert P == 0 and T == n, "only a decode step (one token per row, no fresh prompt) is padded"
+            self._rows[:, n:padded] = np.array([[0], [1], [1], [0]])  # cached 0, new 1, length 1 (start unused)
+            self._table[n:padded, 0] = scratch_block
+            ids[n:padded], pos[n:padded], slots[n:padded] = 0, 0, scratch_block * self.block_size
+            T = padded
         if self.device.type != "cpu":
             self.tokens_dev[:, :T].copy_(self.tokens[:, :T], non_blocking=True)
-            self.rows_dev[:, :n].copy_(self.rows_i64[:, :n], non_blocking=True)
-            if n:
-                self.table_dev[:n].copy_(self.table[:n], non_blocking=True)
+            self.rows_dev[:, :padded].copy_(self.rows_i64[:, :padded], non_blocking=True)
+            if padded:
+                self.table_dev[:padded].copy_(self.table[:padded], non_blocking=True)
         self.num_tokens = T
         return BatchView(n, self.table_dev[:n], self.rows_dev[2, :n], self.rows_dev[0, :n], self.rows_dev[1, :n],
                          self.rows_dev[3, :n], ctx, q, self.table[:n])

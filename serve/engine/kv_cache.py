@@ -186,7 +186,9 @@ def slots_for(block_ids: Sequence[int], block_size: int, start: int, stop: int) 
 
 
 class KVCache:
-    """Per-layer K and V tensors: [num_blocks * block_size, num_kv_heads, head_dim] each."""
+    """Per-layer K and V tensors: [(num_blocks + 1) * block_size, num_kv_heads, head_dim] each. Blocks
+    0..num_blocks-1 are the allocator's; the last one (`scratch_block`) is written and read only by the padding
+    rows of a decode step padded to a captured CUDA graph's batch size (packserve.engine.cuda_graphs)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype, device):
@@ -194,7 +196,8 @@ class KVCache:
 
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     def layer(self, i: int):

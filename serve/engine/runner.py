@@ -58,6 +58,8 @@ class ModelRunner:
         self.packing = packing
         self.pack_length = pack_length
         self.sampler = Sampler()
+        self.max_model_len = max_model_len or kv_cache.num_blocks * kv_cache.block_size
+        self.graphs = None  # DecodeGraphs once captured (capture_decode_graphs)
         max_blocks = -(-(max_model_len or kv_cache.num_blocks * kv_cache.block_size) // kv_cache.block_size) + 1
         self.input_batch = InputBatch(max_num_seqs, min(max_blocks, kv_cache.num_blocks), max_num_batched_tokens,
                                       kv_cache.block_size, device)
@@ -237,17 +239,24 @@ class ModelRunner:
         # Requests with cached context keep their rows in the persistent batch; the step's inputs are written
         # into its buffers and copied to the device once each.
         order = self.input_batch.update(cont)
-        view = self.input_batch.fill(order, *fresh_inputs)
+        padded = self._graph_bucket(fresh, cont)
+        view = self.input_batch.fill(order, *fresh_inputs, pad_to=padded or 0,
+                                     scratch_block=self.kv_cache.scratch_block)
         paged_meta = None
         if cont:
             P = len(fresh_inputs[0])
             ends = (P + view.q_host.cumsum() - 1).tolist()
             for s, end in zip(order, ends):
                 last_index[pos_of[id(s)]] = end
-            paged_meta = self._paged_meta(view)
             flat_seqs += order
-            stats = replace(stats, num_context_tokens=paged_meta.num_tokens,
+            stats = replace(stats, num_context_tokens=int(view.q_host.sum()),
                             num_decode_tokens=sum(1 for s in cont if s.num_new_tokens == 1))
+        if padded:  # a decode step, replayed from the graph captured for its padded batch size
+            if self.cpu_precision is not None:
+                self.cpu_precision.apply(padded)
+            return self.graphs.replay(padded)[:len(cont)], last_index, stats
+        if cont:
+            paged_meta = self._paged_meta(view)
         ids, positions, slots = self.input_batch.step_inputs()
         attn = AttentionMetadata(slots, packed_meta, paged_meta)
         ctx = ForwardContext(attn, self.kv_cache, self.backend)
@@ -258,6 +267,40 @@ class ModelRunner:
             self.cpu_precision.apply(ids.shape[0])
         hidden = self.model(ids, positions, ctx)
         return hidden, last_index, stats
+
+    # -- CUDA graphs of the decode step (packserve.engine.cuda_graphs) -----------------------------------------
+    def _graph_bucket(self, fresh: list, cont: list) -> int | None:
+        if self.graphs is None or fresh or not cont or any(s.num_new_tokens != 1 for s in cont):
+            return None
+        padded = self.graphs.bucket(len(cont))
+        ib = self.input_batch
+        return padded if padded is not None and self.graphs.valid([ib.tokens_dev, ib.rows_dev, ib.table_dev]) \
+            else None
+
+    def _static_decode(self, rows: int) -> torch.Tensor:
+        """The decode forward over the first `rows` rows of the input batch's device buffers, as written by
+        fill(pad_to=rows): the same tensors every call, so a CUDA graph can replay it."""
+        ib = self.input_batch
+        meta = paged.static_decode_meta(ib.table_dev[:rows], ib.rows_dev[2, :rows], self.block_size,
+                                        self.decode_kernel, self.max_model_len)
+        ctx = ForwardContext(AttentionMetadata(ib.tokens_dev[2, :rows], None, meta), self.kv_cache, self.backend)
+        return self.model(ib.tokens_dev[0, :rows], ib.tokens_dev[1, :rows], ctx)
+
+    def capture_decode_graphs(self, sizes: list[int], mode: str = "cuda") -> None:
+        """Capture the decode forward for each batch size (after the kernels are ready: on CPU the C kernels).
+        Only for softmax-attention models on one rank with an in-place paged decode kernel."""
+        from packserve.engine.cuda_graphs import DecodeGraphs
+
+        if self.state_cache is not None or self.tp is not None or self.decode_kernel not in ("triton", "cpu"):
+            raise ValueError("decode graphs need a softmax-attention model on one rank with a paged decode kernel")
+        ib = self.input_batch
+        sizes = [s for s in sizes if s <= min(ib.table.shape[0], ib.tokens.shape[1])]
+        graphs = DecodeGraphs(sizes, mode)
+        # The buffers hold a valid padded step (every row padding) while the capture runs the forward.
+        self.input_batch.update([])
+        self.input_batch.fill([], [], [], [], pad_to=sizes[-1], scratch_block=self.kv_cache.scratch_block)
+        graphs.capture(self._static_decode, [ib.tokens_dev, ib.rows_dev, ib.table_dev])
+        self.graphs = graphs
 
     @torch.inference_mode()
     def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -100,6 +100,26 @@ def build_paged_meta(view: BatchView, block_size: int, kernel: str, device: torc
     return meta
 
 
+def static_decode_meta(table: torch.Tensor, seq_lens: torch.Tensor, block_size: int, kernel: str,
+                       max_seq_len: int) -> PagedMeta:
+    """Metadata of a decode step read from fixed device buffers, with nothing taken from the host: what a CUDA
+    graph of the decode forward captures (packserve.engine.cuda_graphs). `max_seq_len` bounds every request's
+    context (the model's context length), so the Triton kernel's split count is fixed for the batch size."""
+    rows = table.shape[0]
+    meta = PagedMeta(rows, table, seq_lens, [1] * rows, block_size, max_seq_len, kernel)
+    if kernel == "triton":
+        meta.tiles = DECODE_TILES
+    elif kernel == "cpu":
+        meta.decode_table, meta.decode_seq_lens = table, seq_lens
+    else:
+        raise ValueError(f"no static decode with the {kernel!r} paged kernel")
+    return meta
+
+
+# Every request decodes: paged_attention takes the decode launch, which makes its own tiles.
+DECODE_TILES = PagedTiles(None, None, 1)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
                     scale: float) -> torch.Tensor:
     """q: [num_tokens, H, D], the step's new tokens with cached context (their own K/V already in the cache)."""
