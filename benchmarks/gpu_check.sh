@@ -11,9 +11,10 @@ python -c "import torch, triton, transformers; print(torch.__version__, triton._
 # Correctness: bf16 kernel tests (skipped on CPU), GPU backends vs fp32 CPU.
 PACKSERVE_DEVICE=cpu timeout 240 python -m pytest -q -x -p no:cacheprovider --import-mode=importlib \
   tests/kernels tests/models/test_gpu_backends.py tests/models/test_norm_conversion.py \
-  tests/engine/test_generate.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+  tests/engine/test_generate.py tests/engine/test_decode_graphs.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
 timeout 150 python benchmarks/prefill.py --gpu 2>&1 | grep -v -E "Writing|Loading" | tee "$OUT/prefill.txt"
 timeout 90 python benchmarks/kernels.py 2>&1 | tee "$OUT/kernels.txt"
+timeout 180 python benchmarks/gpu_decode.py 2>&1 | grep -v -E "Writing|Loading" | tee "$OUT/gpu_decode.txt"
 timeout 60 python benchmarks/decode_attention.py 2>&1 | tee "$OUT/decode_attention.txt"
 [ -f benchmarks/linear_attention.py ] && timeout 90 python benchmarks/linear_attention.py 2>&1 | tee "$OUT/linear_attention.txt"
 exit 0
