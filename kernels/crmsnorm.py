@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from packserve.kernels import triton_ops
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
                                           stat_dtype, use_triton)
 from packserve.kernels.rmsnorm import launch as rms_launch
@@ -83,7 +84,7 @@ def fused_add_crms_norm_ref(x: torch.Tensor, residual: torch.Tensor, eps: float 
 def crms_norm(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,
               full_width: int | None = None) -> torch.Tensor:
     if use_triton(x):
-        return crms_norm_triton(x, eps, weight, full_width)
+        return torch.ops.packserve_triton.crms_norm(x, eps, weight, full_width)
     return crms_norm_ref(x, eps, weight, full_width)
 
 
@@ -91,5 +92,14 @@ def fused_add_crms_norm(x: torch.Tensor, residual: torch.Tensor, eps: float = 1e
                         weight: torch.Tensor | None = None, inplace: bool = False,
                         full_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return fused_add_crms_norm_triton(x, residual, eps, weight, inplace, full_width)
+        if inplace:
+            return fused_add_crms_norm_triton(x, residual, eps, weight, inplace, full_width)
+        return torch.ops.packserve_triton.add_crms_norm(x, residual, eps, weight, full_width)
     return fused_add_crms_norm_ref(x, residual, eps, weight, inplace, full_width)
+
+
+triton_ops.register("crms_norm(Tensor x, float eps, Tensor? weight, int? full_width) -> Tensor",
+                    lambda x, eps, w, fw: crms_norm_triton(x, eps, w, fw), triton_ops.fake_like)
+triton_ops.register("add_crms_norm(Tensor x, Tensor residual, float eps, Tensor? weight, int? full_width) "
+                    "-> (Tensor, Tensor)",
+                    lambda x, r, eps, w, fw: fused_add_crms_norm_triton(x, r, eps, w, False, fw), triton_ops.fake_like_pair)

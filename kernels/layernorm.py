@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from packserve.kernels import triton_ops
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
                                           launch_config, load_row_input, stat_dtype, use_triton)
 
@@ -136,7 +137,7 @@ def fused_add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: to
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5) -> torch.Tensor:
     if use_triton(x):
-        return layer_norm_triton(x, weight, bias, eps)
+        return torch.ops.packserve_triton.layer_norm(x, weight, bias, eps)
     return layer_norm_ref(x, weight, bias, eps)
 
 
@@ -144,5 +145,14 @@ def fused_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.
                          bias: torch.Tensor | None, eps: float = 1e-5,
                          inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return fused_add_layer_norm_triton(x, residual, weight, bias, eps, inplace)
+        if inplace:
+            return fused_add_layer_norm_triton(x, residual, weight, bias, eps, inplace)
+        return torch.ops.packserve_triton.add_layer_norm(x, residual, weight, bias, eps)
     return fused_add_layer_norm_ref(x, residual, weight, bias, eps, inplace)
+
+
+triton_ops.register("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor",
+                    lambda x, w, b, eps: layer_norm_triton(x, w, b, eps), triton_ops.fake_like)
+triton_ops.register("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) "
+                    "-> (Tensor, Tensor)",
+                    lambda x, r, w, b, eps: fused_add_layer_norm_triton(x, r, w, b, eps, False), triton_ops.fake_like_pair)

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from packserve.kernels import triton_ops
 from packserve.kernels.norm_utils import interpreting
 
 BLOCK_N = 64  # tokens per tile (half-precision caches; see _block_n)
@@ -275,3 +276,21 @@ def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             p = torch.softmax(k @ q[b, h].double().cpu() * scale, dim=0)
             out[b, h] = p @ v
     return out
+
+
+def _fake_attention(q, *_):
+    return q.new_empty(q.shape)
+
+
+triton_ops.register(
+    "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor ctx_lens, Tensor q_lens, "
+    "Tensor q_start, Tensor tile_seq, Tensor tile_q0, int block_q, int block_size, float scale, int max_kv_len) "
+    "-> Tensor",
+    lambda q, kc, vc, bt, ctx, ql, qs, ts, tq, bq, bs, scale, mx: paged_attention_triton(
+        q, kc, vc, bt, ctx, ql, qs, PagedTiles(ts, tq, bq), bs, scale, mx), _fake_attention)
+triton_ops.register(
+    "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+    "int block_size, float scale, int max_seq_len) -> Tensor",
+    lambda q, kc, vc, bt, sl, bs, scale, mx: paged_decode_attention_triton(q, kc, vc, bt, sl, bs, scale, mx),
+    _fake_attention)
+

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from packserve.kernels import cpu_ops
+from packserve.kernels import cpu_ops, triton_ops
 from packserve.kernels.norm_utils import (as_rows, check_out, check_param, check_same, fused_add_ref, fused_outputs,
                                           launch_config, load_row_input, stat_dtype, store_scaled, use_triton)
 
@@ -156,14 +156,24 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
     if use_triton(x):
-        return rms_norm_triton(x, weight, eps, offset)
+        return torch.ops.packserve_triton.rms_norm(x, weight, eps, offset)
     return rms_norm_cpu(x, weight, eps, offset)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
                        inplace: bool = False, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
-        return fused_add_rms_norm_triton(x, residual, weight, eps, inplace, offset)
+        if inplace:
+            return fused_add_rms_norm_triton(x, residual, weight, eps, inplace, offset)
+        return torch.ops.packserve_triton.add_rms_norm(x, residual, weight, eps, offset)
     if not inplace and cpu_ops.usable(x, residual):
         return cpu_ops.rms_norm(x, weight, eps, offset, residual=residual)
     return fused_add_ref(lambda h: rms_norm_cpu(h, weight, eps, offset), x, residual, inplace)
+
+
+triton_ops.register("rms_norm(Tensor x, Tensor? weight, float eps, float offset) -> Tensor",
+                    lambda x, w, eps, offset: rms_norm_triton(x, w, eps, offset), triton_ops.fake_like)
+triton_ops.register("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps, float offset) "
+                    "-> (Tensor, Tensor)",
+                    lambda x, r, w, eps, offset: fused_add_rms_norm_triton(x, r, w, eps, False, offset),
+                    triton_ops.fake_like_pair)

@@ -26,11 +26,21 @@ def _tp(rank: int | None, size: int | None) -> tuple[int, int]:
     return (distributed.tp_rank() if rank is None else rank), (distributed.tp_size() if size is None else size)
 
 
+# Off while oneDNN's bf16 mode is on (packserve.engine.precision): the panel GEMM is exact fp32 and was calibrated
+# against exact fp32 F.linear, not against the faster rounded one.
+_panels_on = True
+
+
+def use_panels(on: bool) -> None:
+    global _panels_on
+    _panels_on = on
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: CpuPackedLinear | None = None) -> torch.Tensor:
     """F.linear, or the panel GEMM for CPU inputs of the row counts where it measured faster (the panels carry
     their own copy of the bias)."""
-    if (packed is not None and x.dim() == 2 and packed.serves(x.shape[0]) and x.stride(-1) == 1
+    if (packed is not None and _panels_on and x.dim() == 2 and packed.serves(x.shape[0]) and x.stride(-1) == 1
             and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]) and cpu_ops.available()):  # a row layout
         return cpu_ops.linear_packed(x, packed.panels)
     return F.linear(x, weight, bias)

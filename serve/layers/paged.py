@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
-from packserve.kernels.paged_attention import (PagedTiles, block_q_for, paged_attention_triton,
-                                               paged_decode_attention_triton, query_tiles)
+from packserve.kernels.paged_attention import PagedTiles, block_q_for, query_tiles
 
 if TYPE_CHECKING:
     from packserve.engine.input_batch import BatchView
@@ -127,11 +126,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if meta.tiles is None:  # made once per step (the first layer), from host lists
             meta.tiles = query_tiles(meta.q_lens_host, block_q_for(max(meta.q_lens_host), q.shape[1] //
                                                                    k_cache.shape[1]), q.device)
+        ops = torch.ops.packserve_triton  # the kernels as torch operators (packserve.kernels.triton_ops)
         if meta.tiles.block_q == 1:  # every request decodes: the decode launch (its splits fit decode steps)
-            return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_table, meta.seq_lens,
-                                                 meta.block_size, scale, meta.max_seq_len)
-        return paged_attention_triton(q, k_cache, v_cache, meta.block_table, meta.ctx_lens, meta.q_lens,
-                                      meta.q_start, meta.tiles, meta.block_size, scale, meta.max_seq_len)
+            return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
+                                              scale, meta.max_seq_len)
+        t = meta.tiles
+        return ops.paged_attention(q, k_cache, v_cache, meta.block_table, meta.ctx_lens, meta.q_lens, meta.q_start,
+                                   t.tile_seq, t.tile_q0, t.block_q, meta.block_size, scale, meta.max_seq_len)
     if not meta.spans:
         return _decode(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])

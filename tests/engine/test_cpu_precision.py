@@ -6,7 +6,7 @@ import torch
 
 from packserve import LLM, SamplingParams
 from packserve.config import ConfigError
-from packserve.engine.precision import BF16_MIN_ROWS, CpuMatmulPrecision, cpu_has_bf16
+from packserve.engine.precision import BF16_MIN_ROWS, CpuMatmulPrecision, bf16_mode_rounds, cpu_has_bf16
 
 PROMPTS = [[5 + i for i in range(n)] for n in (1, 9, 40, 97)]
 
@@ -23,7 +23,17 @@ def test_bf16_is_refused_without_bf16_instructions(checkpoint_factory, monkeypat
         LLM(checkpoint_factory("llama"), device="cpu")
 
 
-@pytest.mark.skipif(not cpu_has_bf16(), reason="needs AMX-BF16 or AVX512-BF16")
+@pytest.mark.skipif(not cpu_has_bf16() or bf16_mode_rounds(), reason="needs bf16 instructions oneDNN's bf16 mode "
+                    "does not use (AVX512-BF16 without AMX)")
+def test_bf16_is_refused_where_it_would_change_nothing(checkpoint_factory, monkeypatch):
+    monkeypatch.setenv("PACKSERVE_CPU_MATMUL_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="would change nothing") as e:
+        LLM(checkpoint_factory("llama"), device="cpu")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not bf16_mode_rounds(), reason="needs a CPU whose fp32 matmuls oneDNN's bf16 mode rounds "
+                    "(AMX-BF16 seen)")
 def test_bf16_logits_stay_within_bf16_rounding_of_fp32(checkpoint_factory, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -81,10 +81,10 @@ def test_greedy_matches_transformers_on_the_triton_decode_path(checkpoint_factor
             pytest.skip("triton was imported without TRITON_INTERPRET")
         llm = LLM(path)
         llm.engine.runner.decode_kernel = "triton"
-    import packserve.layers.paged as paged
+    import packserve.kernels.paged_attention as kernel  # the operator's implementation calls the wrapper there
 
-    calls, real = [], paged.paged_decode_attention_triton
-    monkeypatch.setattr(paged, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], kernel.paged_decode_attention_triton
+    monkeypatch.setattr(kernel, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     outs = llm.generate(ps, GREEDY)
     assert calls  # the decode steps went through the Triton kernel
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps)
