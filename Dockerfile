@@ -60,7 +60,10 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "xformers==${XFORMERS_V
 
 # The CPU operators, built ahead for both ISA levels (AVX-512 and AVX2 builds run on any CPU of that level), so a
 # container on a CPU host (or the CPU side of a GPU host) never compiles at start (the runtime stage has no g++).
-RUN PACKSERVE_CACHE_DIR=/opt/packserve-cache packserve build-kernels --isa all
+# --ship puts them inside the venv (found first), where a cache volume mounted over the home folder (the Kubernetes
+# manifests mount an emptyDir there) cannot hide them.
+RUN PACKSERVE_CACHE_DIR=/tmp/packserve-build packserve build-kernels --isa all --ship \
+    && rm -rf /tmp/packserve-build
 
 # ---------------------------------------------------------------------------------------------------------------
 # runtime: the venv, a non-root user, and a C compiler plus Python headers, which Triton needs at run time to build
@@ -84,7 +87,6 @@ RUN apt-get update \
     && chown packserve:packserve /models
 
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build --chown=10001:10001 /opt/packserve-cache /home/packserve/.cache/packserve
 
 # Configuration is PACKSERVE_* variables (serve/envs.py); these are the image's defaults.
 # PACKSERVE_HOST: listen on every interface (the server's own default, 127.0.0.1, is unreachable from outside).

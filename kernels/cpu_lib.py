@@ -124,10 +124,19 @@ def selected_isa() -> str | None:
     return want
 
 
+def shipped_dir() -> Path:
+    """Builds shipped with the install, read-only (`packserve build-kernels --ship`: the Docker image puts them
+    in its venv, where a cache volume mounted over the home folder cannot hide them)."""
+    return Path(sys.prefix) / "share" / "packserve" / "cpu-kernels"
+
+
 def library_path(isa: str) -> Path:
-    """One file per ISA, sources, flags and torch version (the operators link against torch's C++ ABI)."""
+    """One file per ISA, sources, flags and torch version (the operators link against torch's C++ ABI): the
+    shipped build when there is one, else the cache folder's."""
     key = " ".join([sources_digest(), *CFLAGS, *LDFLAGS, *ISA_FLAGS[isa], torch.__version__])
-    return cache_dir() / f"packserve_cpu_{isa}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
+    name = f"packserve_cpu_{isa}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
+    shipped = shipped_dir() / name
+    return shipped if shipped.exists() else cache_dir() / name
 
 
 def _failure_marker(target: Path) -> Path:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,9 +132,24 @@ def test_cpu_isa_forces_the_avx2_build_and_rejects_what_the_cpu_lacks(tmp_path):
 
 
 def test_build_kernels_command_builds_ahead_of_time(tmp_path):
-    """`packserve build-kernels --isa all` (what the Docker image runs) leaves one library per ISA in the cache."""
-    proc = subprocess.run([sys.executable, "-m", "packserve", "build-kernels", "--isa", "all"], capture_output=True,
-                          text=True, env={**os.environ, "PACKSERVE_CACHE_DIR": str(tmp_path)}, timeout=300)
+    """`packserve build-kernels --isa all --ship` (what the Docker image runs) leaves one library per ISA in the
+    cache and copies them into the environment (here a stand-in sys.prefix), where they are found first even when
+    the cache folder is empty (a volume mounted over it)."""
+    prefix = tmp_path / "prefix"
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.prefix = {str(prefix)!r}
+        from packserve.kernels import cpu_build, cpu_lib
+        rc = cpu_build.main(["--isa", "all", "--ship"])
+        found = {{isa: str(cpu_lib.library_path(isa)) for isa in cpu_lib.ISAS}}
+        print(json.dumps({{"rc": rc, "found": found}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PACKSERVE_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
-    names = sorted(p.name.split("_")[2] for p in (tmp_path / "cpu-kernels").glob("*.so"))
-    assert names == sorted(cpu_lib.ISAS)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = sorted(p.name.split("_")[2] for p in (tmp_path / "cache" / "cpu-kernels").glob("*.so"))
+    assert got["rc"] == 0 and names == sorted(cpu_lib.ISAS)
+    shipped = prefix / "share" / "packserve" / "cpu-kernels"
+    assert sorted(p.name.split("_")[2] for p in shipped.glob("*.so")) == sorted(cpu_lib.ISAS)
+    assert all(Path(path).parent == shipped for path in got["found"].values())  # the shipped copies come first
