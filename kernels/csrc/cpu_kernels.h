@@ -284,20 +284,28 @@ ROW_TILE(rows1, ROWS1)
 
 static void linear_panels_f32(const float *x, int64_t sx, const float *wp, const float *bias, float *out, int64_t M,
                        int64_t K, int64_t N) {
-    const int64_t panels = (N + NR - 1) / NR, tiles = M / 8 + (M % 8 >= 4) + (M % 4 >= 2) + M % 2;
-    #pragma omp parallel for schedule(static)
-    for (int64_t pi = 0; pi < panels; pi++) {
-        const float *panel = wp + pi * K * NR, *next = pi + 1 < panels ? panel + K * NR : 0;
-        const int64_t n0 = pi * NR;
-        const int nw = N - n0 < NR ? (int)(N - n0) : NR;
-        const float *b = bias ? bias + n0 : 0;
-        float *o = out + n0;
-        int64_t m = 0, t = 0;
+    /* Rows in chunks of MC (a chunk of x stays in the caches while every panel passes it: a prefill's thousands
+       of rows would otherwise stream x from memory once per panel); the work items are (chunk, panel) pairs. */
+    constexpr int64_t MC = 64;
+    const int64_t panels = (N + NR - 1) / NR, chunks = (M + MC - 1) / MC;
+    #pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t c = 0; c < chunks; c++) {
+        for (int64_t pi = 0; pi < panels; pi++) {
+            const int64_t m0 = c * MC, mc = M - m0 < MC ? M - m0 : MC;
+            const int64_t tiles = mc / 8 + (mc % 8 >= 4) + (mc % 4 >= 2) + mc % 2;
+            const float *panel = wp + pi * K * NR, *next = pi + 1 < panels ? panel + K * NR : 0;
+            const int64_t n0 = pi * NR;
+            const int nw = N - n0 < NR ? (int)(N - n0) : NR;
+            const float *b = bias ? bias + n0 : 0;
+            const float *xc = x + m0 * sx;
+            float *o = out + m0 * N + n0;
+            int64_t m = 0, t = 0;
 #define PREFETCH_ROWS(t) K * (t) / tiles, K * ((t) + 1) / tiles
-        for (; m + 8 <= M; m += 8, t++) rows8(x + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t));
-        if (M - m >= 4) { rows4(x + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t)); m += 4; t++; }
-        if (M - m >= 2) { rows2(x + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t)); m += 2; t++; }
-        if (M - m >= 1) rows1(x + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t));
+            for (; m + 8 <= mc; m += 8, t++) rows8(xc + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t));
+            if (mc - m >= 4) { rows4(xc + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t)); m += 4; t++; }
+            if (mc - m >= 2) { rows2(xc + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t)); m += 2; t++; }
+            if (mc - m >= 1) rows1(xc + m * sx, sx, panel, next, K, o + m * N, N, nw, b, PREFETCH_ROWS(t));
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 The panel GEMM (packserve.kernels.cpu_ops.linear_packed) keeps 8 x 32 register tiles and prefetches the next
 weight panel: on AVX-512 it beats MKL's sgemm for decode-sized inputs (LM head at 32 rows: 2.2 vs 3.4 ms), but
 with AVX2's 16 vector registers the same tiles spill and it is 5-40x slower than MKL. Rather than trust one
-machine's numbers, each weight shape is timed at start-up against F.linear for 1, 4, 16, 64 and 256 rows (in that
-order); an input of r rows takes the verdict of the smallest timed row count >= r (the panel must win by
-CALIBRATION_MARGIN), and a shape the panel never wins keeps no packed copy at all. Results are cached
+machine's numbers, each weight shape is timed at start-up against F.linear for 1, 4, 16, 64, 256 and 1024 rows (in
+that order); an input of r rows takes the verdict of the smallest timed row count >= r, a larger one the verdict at
+1024 (prefill steps: MKL's sgemm is not everywhere at its best, e.g. 100-150 GFLOP/s on 2 cores of an AVX-512 AMD
+EPYC where the panels reach ~1.3x that), the panel must win by CALIBRATION_MARGIN, and a shape the panel never
+wins keeps no packed copy at all. Results are cached
 per CPU model, ISA build, torch version and thread count, so later starts skip the timing.
 """
 
@@ -26,20 +28,20 @@ from packserve.kernels import cpu_lib, cpu_ops
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_ROWS = (1, 4, 16, 64, 256)
+CALIBRATION_ROWS = (1, 4, 16, 64, 256, 1024)
 CALIBRATION_MARGIN = 0.95  # the panel must take at most 95% of torch's time: a tie goes to the library
 _REPS = 5
 
 
 @dataclass(frozen=True)
 class CpuPackedLinear:
-    """A panel-packed weight and, per input row count 0..256, whether the panel GEMM serves it (the rest and
-    larger inputs: F.linear)."""
+    """A panel-packed weight and, per input row count 0..1024, whether the panel GEMM serves it (the rest:
+    F.linear); larger inputs follow the verdict at 1024 rows."""
     panels: cpu_ops.PanelWeight
     use_panel: tuple[bool, ...]
 
     def serves(self, rows: int) -> bool:
-        return rows < len(self.use_panel) and self.use_panel[rows]
+        return self.use_panel[min(rows, len(self.use_panel) - 1)]
 
 
 def _median_time(fn) -> float:

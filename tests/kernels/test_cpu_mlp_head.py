@@ -56,19 +56,22 @@ def test_rejects_bad_input():
 
 
 def test_row_table_takes_the_verdict_of_the_next_timed_row_count():
-    table = row_table([True, False, True, False, True])  # timed at 1, 4, 16, 64, 256 rows
-    assert CALIBRATION_ROWS == (1, 4, 16, 64, 256) and len(table) == 257
+    table = row_table([True, False, True, False, True, False])  # timed at 1, 4, 16, 64, 256, 1024 rows
+    assert CALIBRATION_ROWS == (1, 4, 16, 64, 256, 1024) and len(table) == 1025
     assert table[0] is False and table[1] is True
     assert not any(table[2:5]) and all(table[5:17]) and not any(table[17:65]) and all(table[65:257])
+    assert not any(table[257:])
+    packed = CpuPackedLinear(None, row_table([False] * 5 + [True]))
+    assert not packed.serves(1024 - 769) and packed.serves(1024) and packed.serves(5000)  # past 1024: its verdict
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 256, 257])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 256, 257, 1024, 1025, 1100])
 def test_linear_dispatch_on_either_side_of_each_verdict(rows):
     """Rows the panel serves and rows it does not (and beyond the table): the same result either way."""
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
     x = torch.randn(rows, 48, generator=g)
-    packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True, False, True, False, True]))
+    packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True, False, True, False, True, True]))
     torch.testing.assert_close(linear(x, w, b, packed).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
 
 
