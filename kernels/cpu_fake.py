@@ -42,6 +42,10 @@ def register(ns: str) -> None:
     def _linear_panels(x, panels, bias, out_features):
         return x.new_empty(x.shape[0], out_features)
 
+    @fake("linear_brgemm")
+    def _linear_brgemm(x, panels, bias, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
     @fake("paged_decode_attention")
     def _paged(q, k_cache, v_cache, block_table, seq_lens, block_size, scale):
         return q.new_empty(q.shape)

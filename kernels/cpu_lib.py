@@ -42,7 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")  # shipped as package data (pyproject.toml)
-SOURCES = ("cpu_ops.cpp", "cpu_kernels.h", "varlen_attention.h")
+SOURCES = ("cpu_ops.cpp", "cpu_kernels.h", "varlen_attention.h", "brgemm_linear.h")
 
 # Reassociation lets gcc vectorize the dot products and sums; no -ffinite-math-only (exp of large negatives).
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]

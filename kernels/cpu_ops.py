@@ -16,9 +16,10 @@ one pass over the data:
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
 - `silu_mul`: the gated MLP's silu(gate) * up in one pass; `argmax_rows`: greedy sampling's row argmax;
   `apply_token_bitmask_`: constrained decoding's token mask (packserve.engine.structured).
-- `pack_linear` / `linear_packed`: decode-sized linear layers (a few rows times every weight) on weights
-  prepacked into 32-feature panels, register-tiled, with the next panel prefetched while one is multiplied (used
-  per shape and row count only where it measured faster than MKL: packserve.layers.cpu_gemm).
+- `pack_linear` / `linear_packed` / `linear_brgemm`: linear layers on weights prepacked into 32-feature panels,
+  either hand-written (register-tiled, the next panel prefetched while one is multiplied) or on oneDNN's brgemm
+  micro-kernel (generated for the running CPU); each used per weight shape and row count only where it measured
+  faster than MKL, the faster of the two where both do (packserve.layers.cpu_gemm).
 
 KV-cache writes stay on torch's index_copy_, which was as fast as a C loop (benchmarks/cpu_ops.py).
 
@@ -37,8 +38,8 @@ import torch
 
 from packserve.kernels.cpu_lib import available, ops
 
-__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "linear_packed", "pack_linear", "paged_decode_attention",
-           "has_varlen", "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
+__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "linear_brgemm", "linear_packed",
+           "pack_linear", "paged_decode_attention", "has_brgemm_linear", "has_varlen", "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
 
@@ -132,5 +133,16 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Panel
 
 
 def linear_packed(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
-    """x [M, in] fp32 (rows may be strided) @ weight^T + bias -> new [M, out]."""
+    """x [M, in] fp32 (rows may be strided) @ weight^T + bias -> new [M, out]: the hand-written panel GEMM."""
     return ops().linear_panels(x, w.panels, w.bias, w.out_features)
+
+
+def has_brgemm_linear() -> bool:
+    """`linear_brgemm` is built (it needs torch's fp32 brgemm, CPUBLAS_BRGEMM_F32F32F32)."""
+    return available() and hasattr(ops(), "linear_brgemm")
+
+
+def linear_brgemm(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+    """The same product as `linear_packed` on the same panels, with oneDNN's brgemm micro-kernel
+    (kernels/csrc/brgemm_linear.h)."""
+    return ops().linear_brgemm(x, w.panels, w.bias, w.out_features)

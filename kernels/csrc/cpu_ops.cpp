@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "brgemm_linear.h"
 #include "cpu_kernels.h"
 #include "varlen_attention.h"
 
@@ -114,6 +115,28 @@ Tensor linear_panels(const Tensor &x, const Tensor &panels, const std::optional<
     return out;
 }
 
+#ifdef PACKSERVE_HAS_BRGEMM_LINEAR
+Tensor linear_brgemm(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features) {
+    check_f32(panels, "panels");
+    TORCH_CHECK(panels.dim() == 3 && panels.size(2) == packserve::BRGEMM_NR && panels.is_contiguous(),
+                "panels must be contiguous [P, in, 32]");
+    TORCH_CHECK(out_features > 0 && (out_features + packserve::BRGEMM_NR - 1) / packserve::BRGEMM_NR == panels.size(0),
+                "out_features does not match the panels");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == panels.size(1), "x must be [M, in]");
+    if (bias.has_value()) {
+        check_f32(*bias, "bias");
+        TORCH_CHECK(bias->is_contiguous() && bias->numel() == panels.size(0) * packserve::BRGEMM_NR,
+                    "bias must be padded to the panels");
+    }
+    const Tensor x2 = as_rows(x, "x");
+    Tensor out = at::empty({x2.size(0), out_features}, x.options());
+    if (x2.size(0))
+        packserve::linear_brgemm_f32(x2.data_ptr<float>(), x2.stride(0), panels.data_ptr<float>(), opt_ptr(bias),
+                                     out.data_ptr<float>(), x2.size(0), x2.size(1), out_features);
+    return out;
+}
+#endif
+
 void apply_token_bitmask_(const Tensor &logits, const Tensor &bitmask, const Tensor &rows) {
     check_f32(logits, "logits");
     TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [B, V] with contiguous rows");
@@ -205,6 +228,9 @@ PACKSERVE_LIBRARY(PACKSERVE_NS, m) {
     m.def("silu_mul(Tensor gate_up) -> Tensor");
     m.def("argmax_rows(Tensor x) -> Tensor");
     m.def("linear_panels(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
+#ifdef PACKSERVE_HAS_BRGEMM_LINEAR
+    m.def("linear_brgemm(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
+#endif
     m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
     m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
           "int block_size, float scale) -> Tensor");
@@ -220,6 +246,9 @@ PACKSERVE_LIBRARY_IMPL(PACKSERVE_NS, m) {
     m.impl("silu_mul", &silu_mul);
     m.impl("argmax_rows", &argmax_rows);
     m.impl("linear_panels", &linear_panels);
+#ifdef PACKSERVE_HAS_BRGEMM_LINEAR
+    m.impl("linear_brgemm", &linear_brgemm);
+#endif
     m.impl("apply_token_bitmask_", &apply_token_bitmask_);
     m.impl("paged_decode_attention", &paged_decode_attention);
 #ifdef PACKSERVE_HAS_VARLEN

@@ -1,14 +1,16 @@
-"""Which decode-sized CPU linears run packserve's panel GEMM instead of torch's (MKL), decided by measuring.
+"""Which CPU linears run on packed weight panels instead of torch's F.linear (MKL), and with which kernel, decided
+by measuring.
 
-The panel GEMM (packserve.kernels.cpu_ops.linear_packed) keeps 8 x 32 register tiles and prefetches the next
-weight panel: on AVX-512 it beats MKL's sgemm for decode-sized inputs (LM head at 32 rows: 2.2 vs 3.4 ms), but
-with AVX2's 16 vector registers the same tiles spill and it is 5-40x slower than MKL. Rather than trust one
-machine's numbers, each weight shape is timed at start-up against F.linear for 1, 4, 16, 64, 256 and 1024 rows (in
-that order); an input of r rows takes the verdict of the smallest timed row count >= r, a larger one the verdict at
-1024 (prefill steps: MKL's sgemm is not everywhere at its best, e.g. 100-150 GFLOP/s on 2 cores of an AVX-512 AMD
-EPYC where the panels reach ~1.3x that), the panel must win by CALIBRATION_MARGIN, and a shape the panel never
-wins keeps no packed copy at all. Results are cached
-per CPU model, ISA build, torch version and thread count, so later starts skip the timing.
+Two kernels read the same 32-feature weight panels (packserve.kernels.cpu_ops): the hand-written panel GEMM
+(8 x 32 register tiles, the next panel prefetched: on AVX-512 it beat MKL for decode-sized inputs, LM head at 32
+rows 2.2 vs 3.4 ms, but with AVX2's 16 vector registers its tiles spill and it is 5-60x slower) and oneDNN's brgemm
+micro-kernel, generated at run time for the running CPU (on 2 cores of an AMD EPYC: 0.2-0.8x of MKL's time at
+decode and prefill sizes with AVX-512, 0.2-0.9x capped at AVX2). Rather than trust one machine's numbers, each
+weight shape is timed at start-up against F.linear for 1, 4, 16, 64, 256 and 1024 rows (in that order) with each
+kernel; per row count the fastest kernel is kept if it beats F.linear by CALIBRATION_MARGIN. An input of r rows
+takes the verdict of the smallest timed row count >= r, a larger one the verdict at 1024 (prefill steps), and a
+shape no kernel ever wins keeps no packed copy at all. Results are cached per CPU model, ISA build, torch version
+and thread count, so later starts skip the timing.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ CALIBRATION_MARGIN = 0.95  # the panel must take at most 95% of torch's time: a 
 _REPS = 5
 
 
+KERNELS = ("panel", "brgemm")
+
+
 @dataclass(frozen=True)
 class CpuPackedLinear:
-    """A panel-packed weight and, per input row count 0..1024, whether the panel GEMM serves it (the rest:
-    F.linear); larger inputs follow the verdict at 1024 rows."""
+    """A panel-packed weight and, per input row count 0..1024, the kernel that serves it ("panel", "brgemm", or
+    None: F.linear); larger inputs follow the verdict at 1024 rows."""
     panels: cpu_ops.PanelWeight
-    use_panel: tuple[bool, ...]
+    kernels: tuple[str | None, ...]
 
-    def serves(self, rows: int) -> bool:
-        return self.use_panel[min(rows, len(self.use_panel) - 1)]
+    def kernel(self, rows: int) -> str | None:
+        return self.kernels[min(rows, len(self.kernels) - 1)]
 
 
 def _median_time(fn) -> float:
@@ -56,28 +61,36 @@ def _median_time(fn) -> float:
     return statistics.median(times)
 
 
-def measure_wins(packed: cpu_ops.PanelWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> list[bool]:
-    """Per CALIBRATION_ROWS entry: does the panel GEMM beat F.linear by CALIBRATION_MARGIN? Once it is 3x
-    slower (a build whose tiles spill), larger row counts are not timed: they lose too."""
-    wins = []
+def _kernels() -> dict:
+    kernels = {"panel": cpu_ops.linear_packed}
+    if cpu_ops.has_brgemm_linear():
+        kernels["brgemm"] = cpu_ops.linear_brgemm
+    return kernels
+
+
+def measure_wins(packed: cpu_ops.PanelWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> list[str | None]:
+    """Per CALIBRATION_ROWS entry: the fastest kernel if it beats F.linear by CALIBRATION_MARGIN, else None. A
+    kernel 3x slower than F.linear (a build whose tiles spill) is not timed at larger row counts: it loses there
+    too."""
+    verdicts, kernels = [], _kernels()
     g = torch.Generator().manual_seed(0)
     for m in CALIBRATION_ROWS:
         x = torch.randn(m, weight.shape[1], generator=g)
-        ours = _median_time(lambda: cpu_ops.linear_packed(x, packed))
         ref = _median_time(lambda: F.linear(x, weight, bias))
-        wins.append(ours <= CALIBRATION_MARGIN * ref)
-        if ours > 3 * ref:
-            break
-    return wins + [False] * (len(CALIBRATION_ROWS) - len(wins))
+        times = {name: _median_time(lambda: fn(x, packed)) for name, fn in kernels.items()}
+        best = min(times, key=times.get, default=None)
+        verdicts.append(best if best is not None and times[best] <= CALIBRATION_MARGIN * ref else None)
+        kernels = {name: kernels[name] for name in kernels if times[name] <= 3 * ref}
+    return verdicts
 
 
-def row_table(wins: list[bool]) -> tuple[bool, ...]:
-    """rows 0..max -> the verdict of the smallest calibrated row count >= rows."""
+def row_table(verdicts: list[str | None]) -> tuple[str | None, ...]:
+    """rows 0..max -> the verdict of the smallest calibrated row count >= rows (None for 0 rows)."""
     table, k = [], 0
     for rows in range(CALIBRATION_ROWS[-1] + 1):
         while CALIBRATION_ROWS[k] < rows:
             k += 1
-        table.append(wins[k] and rows > 0)
+        table.append(verdicts[k] if rows > 0 else None)
     return tuple(table)
 
 
@@ -88,18 +101,20 @@ def _cache_key() -> str:
 
 
 class Calibration:
-    """Per weight shape, the panel GEMM's wins at CALIBRATION_ROWS, for this machine; read from and written to the cache folder."""
+    """Per weight shape, the kernel verdicts at CALIBRATION_ROWS for this machine; read from and written to the
+    cache folder."""
 
     def __init__(self) -> None:
         self.path = cpu_lib.cache_dir() / "gemm-calibration.json"
         self.key = _cache_key()
         try:
-            self.table: dict[str, list[bool]] = json.loads(self.path.read_text()).get(self.key, {})
+            self.table: dict[str, list[str | None]] = json.loads(self.path.read_text()).get(self.key, {})
         except (OSError, ValueError):
             self.table = {}
         self.dirty = False
 
-    def wins(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: cpu_ops.PanelWeight) -> list[bool]:
+    def wins(self, weight: torch.Tensor, bias: torch.Tensor | None,
+             packed: cpu_ops.PanelWeight) -> list[str | None]:
         shape = f"{weight.shape[0]}x{weight.shape[1]}{'+b' if bias is not None else ''}"
         if len(self.table.get(shape, ())) != len(CALIBRATION_ROWS):
             self.table[shape] = measure_wins(packed, weight, bias)
@@ -125,10 +140,10 @@ class Calibration:
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None, calibration: Calibration) -> CpuPackedLinear | None:
-    """The panel-packed copy of an fp32 CPU weight [out, in] where the panel GEMM measured faster, else None
+    """The panel-packed copy of an fp32 CPU weight [out, in] where a panel kernel measured faster, else None
     (the C kernels must be loaded: prepack_cpu checks)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
         return None
     panels = cpu_ops.pack_linear(weight, bias)
-    wins = calibration.wins(weight, bias, panels)
-    return CpuPackedLinear(panels, row_table(wins)) if any(wins) else None
+    verdicts = calibration.wins(weight, bias, panels)
+    return CpuPackedLinear(panels, row_table(verdicts)) if any(verdicts) else None

@@ -38,11 +38,15 @@ def use_panels(on: bool) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: CpuPackedLinear | None = None) -> torch.Tensor:
-    """F.linear, or the panel GEMM for CPU inputs of the row counts where it measured faster (the panels carry
-    their own copy of the bias)."""
-    if (packed is not None and _panels_on and x.dim() == 2 and packed.serves(x.shape[0]) and x.stride(-1) == 1
+    """F.linear, or a panel kernel for CPU inputs of the row counts where it measured faster (the panels carry
+    their own copy of the bias; packserve.layers.cpu_gemm)."""
+    if (packed is not None and _panels_on and x.dim() == 2 and x.stride(-1) == 1
             and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]) and cpu_ops.available()):  # a row layout
-        return cpu_ops.linear_packed(x, packed.panels)
+        kernel = packed.kernel(x.shape[0])
+        if kernel == "panel":
+            return cpu_ops.linear_packed(x, packed.panels)
+        if kernel == "brgemm":
+            return cpu_ops.linear_brgemm(x, packed.panels)
     return F.linear(x, weight, bias)
 
 

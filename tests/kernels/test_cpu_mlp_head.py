@@ -1,5 +1,6 @@
-"""The C kernels of a decode step outside attention: the panel GEMM for decode-sized linear layers (against an
-fp64 matmul; its dispatch in layers.linear), the gated MLP's silu * up, and greedy sampling's row argmax."""
+"""The C kernels of a decode step outside attention: the two panel kernels for linear layers (the hand-written
+panel GEMM and oneDNN's brgemm, against an fp64 matmul; their dispatch in layers.linear), the gated MLP's
+silu * up, and greedy sampling's row argmax."""
 
 import json
 
@@ -19,17 +20,25 @@ def _ref(x, w, b):
     return out if b is None else out + b.double()
 
 
-# M covers every row-tile mix (8, 4, 2, 1 and their sums); N covers partial and single panels; K = 1 too.
-@pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13, 32, 65, 256])
+def _kernel(name):
+    if name == "brgemm" and not K.has_brgemm_linear():
+        pytest.skip("this torch has no fp32 brgemm")
+    return K.linear_packed if name == "panel" else K.linear_brgemm
+
+
+# M covers every row-tile mix (8, 4, 2, 1 and their sums; brgemm's 32- and 64-row tiles and their remainders);
+# N covers partial and single panels; K = 1 too.
+@pytest.mark.parametrize("kernel", ["panel", "brgemm"])
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 8, 13, 32, 65, 256, 300])
 @pytest.mark.parametrize("N,Kin", [(1, 5), (31, 17), (33, 64), (640, 384), (50, 1)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_fp64_matmul(M, N, Kin, bias):
+def test_matches_fp64_matmul(kernel, M, N, Kin, bias):
     g = torch.Generator().manual_seed(M * 1000 + N)
     w = torch.randn(N, Kin, generator=g)
     b = torch.randn(N, generator=g) if bias else None
     wide = torch.randn(M, Kin + 7, generator=g)
     x = wide[:, 3:3 + Kin]  # strided rows, as a slice of a fused projection's output
-    out = K.linear_packed(x, K.pack_linear(w, b))
+    out = _kernel(kernel)(x, K.pack_linear(w, b))
     assert out.shape == (M, N) and out.is_contiguous()
     torch.testing.assert_close(out.double(), _ref(x, w, b), atol=1e-4 * Kin ** 0.5, rtol=1e-5)
 
@@ -42,42 +51,47 @@ def test_pack_layout_and_padding():
     assert p.bias.shape == (64,) and p.bias[:40].eq(1).all() and not p.bias[40:].any()
 
 
-def test_rejects_bad_input():
+@pytest.mark.parametrize("kernel", ["panel", "brgemm"])
+def test_rejects_bad_input(kernel):
+    fn = _kernel(kernel)
     p = K.pack_linear(torch.randn(8, 4))
     with pytest.raises(RuntimeError, match="must be"):
-        K.linear_packed(torch.randn(2, 5), p)
+        fn(torch.randn(2, 5), p)
     with pytest.raises(RuntimeError, match="fp32"):
-        K.linear_packed(torch.randn(2, 4).double(), p)
+        fn(torch.randn(2, 4).double(), p)
     with pytest.raises(ValueError):
         K.pack_linear(torch.randn(8, 4), torch.randn(7))
     with pytest.raises(ValueError):
         K.pack_linear(torch.randn(8, 4).half())
-    assert K.linear_packed(torch.randn(0, 4), p).shape == (0, 8)
+    assert fn(torch.randn(0, 4), p).shape == (0, 8)
 
 
 def test_row_table_takes_the_verdict_of_the_next_timed_row_count():
-    table = row_table([True, False, True, False, True, False])  # timed at 1, 4, 16, 64, 256, 1024 rows
+    table = row_table(["panel", None, "brgemm", None, "panel", None])  # timed at 1, 4, 16, 64, 256, 1024 rows
     assert CALIBRATION_ROWS == (1, 4, 16, 64, 256, 1024) and len(table) == 1025
-    assert table[0] is False and table[1] is True
-    assert not any(table[2:5]) and all(table[5:17]) and not any(table[17:65]) and all(table[65:257])
-    assert not any(table[257:])
-    packed = CpuPackedLinear(None, row_table([False] * 5 + [True]))
-    assert not packed.serves(1024 - 769) and packed.serves(1024) and packed.serves(5000)  # past 1024: its verdict
+    assert table[0] is None and table[1] == "panel"
+    assert set(table[2:5]) == {None} and set(table[5:17]) == {"brgemm"} and set(table[17:65]) == {None}
+    assert set(table[65:257]) == {"panel"} and set(table[257:]) == {None}
+    packed = CpuPackedLinear(None, row_table([None] * 5 + ["brgemm"]))
+    assert packed.kernel(255) is None and packed.kernel(1024) == "brgemm" and packed.kernel(5000) == "brgemm"
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 256, 257, 1024, 1025, 1100])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64, 256, 257, 1024, 1025, 1100])
 def test_linear_dispatch_on_either_side_of_each_verdict(rows):
     """Rows the panel serves and rows it does not (and beyond the table): the same result either way."""
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
     x = torch.randn(rows, 48, generator=g)
-    packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True, False, True, False, True, True]))
+    verdicts = ["panel", None, "brgemm" if K.has_brgemm_linear() else "panel", None, "panel", "brgemm"]
+    if not K.has_brgemm_linear():
+        verdicts[-1] = "panel"
+    packed = CpuPackedLinear(K.pack_linear(w, b), row_table(verdicts))
     torch.testing.assert_close(linear(x, w, b, packed).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
 
 
 def test_prepack_cpu_keeps_panels_only_where_they_measured_faster(tmp_path, monkeypatch):
     """Every linear is timed against F.linear (the verdicts are cached in the cache folder); a layer keeps a packed
-    copy only where the panel won somewhere, and the model's output equals the fp64 reference either way."""
+    copy only where a panel kernel won somewhere, and the model's output equals the fp64 reference either way."""
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
     model = torch.nn.Sequential(ColumnLinear(16, 40, bias=True), RowLinear(40, 16, bias=True))
     for m in model:
@@ -86,7 +100,8 @@ def test_prepack_cpu_keeps_panels_only_where_they_measured_faster(tmp_path, monk
     n = prepack_cpu(model)
     assert n == sum(m.packed is not None for m in model) and model.cpu_prepacked
     for m in model:
-        assert m.packed is None or (any(m.packed.use_panel) and m.packed.panels.bias is not None)
+        assert m.packed is None or (any(m.packed.kernels) and m.packed.panels.bias is not None)
+        assert m.packed is None or set(m.packed.kernels) <= {None, "panel", "brgemm"}
     cached = json.loads((tmp_path / "cpu-kernels" / "gemm-calibration.json").read_text())
     (verdicts,) = cached.values()
     assert set(verdicts) == {"40x16+b", "16x40+b"} and all(len(v) == len(CALIBRATION_ROWS) for v in verdicts.values())
@@ -134,7 +149,7 @@ def test_linear_falls_back_for_inputs_without_a_row_layout():
     """An expanded input (row stride 0) is not something the C kernel reads: F.linear runs instead."""
     w, b = torch.randn(40, 8), torch.randn(40)
     x = torch.randn(1, 8).expand(5, 8)
-    packed = CpuPackedLinear(K.pack_linear(w, b), row_table([True] * len(CALIBRATION_ROWS)))
+    packed = CpuPackedLinear(K.pack_linear(w, b), row_table(["panel"] * len(CALIBRATION_ROWS)))
     torch.testing.assert_close(linear(x, w, b, packed).double(), _ref(x, w, b), atol=1e-4, rtol=1e-5)
 
 
