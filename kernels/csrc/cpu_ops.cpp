@@ -98,7 +98,12 @@ Tensor argmax_rows(const Tensor &x) {
     return idx;
 }
 
-Tensor linear_panels(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features) {
+// Both linear kernels read weights packed into 32-feature panels [P, in, 32] (the last one and the bias
+// zero-padded): checks and output here, the product by `kernel`.
+using PanelKernel = void (*)(const float *, int64_t, const float *, const float *, float *, int64_t, int64_t, int64_t);
+
+Tensor panel_linear(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features,
+                    PanelKernel kernel) {
     check_f32(panels, "panels");
     TORCH_CHECK(panels.dim() == 3 && panels.size(2) == NR && panels.is_contiguous(), "panels must be contiguous [P, in, 32]");
     TORCH_CHECK(out_features > 0 && (out_features + NR - 1) / NR == panels.size(0), "out_features does not match the panels");
@@ -110,30 +115,20 @@ Tensor linear_panels(const Tensor &x, const Tensor &panels, const std::optional<
     const Tensor x2 = as_rows(x, "x");
     Tensor out = at::empty({x2.size(0), out_features}, x.options());
     if (x2.size(0))
-        packserve::linear_panels_f32(x2.data_ptr<float>(), x2.stride(0), panels.data_ptr<float>(), opt_ptr(bias),
-                                     out.data_ptr<float>(), x2.size(0), x2.size(1), out_features);
+        kernel(x2.data_ptr<float>(), x2.stride(0), panels.data_ptr<float>(), opt_ptr(bias), out.data_ptr<float>(),
+               x2.size(0), x2.size(1), out_features);
     return out;
 }
 
+Tensor linear_panels(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features) {
+    return panel_linear(x, panels, bias, out_features, packserve::linear_panels_f32);
+}
+
 #ifdef PACKSERVE_HAS_BRGEMM_LINEAR
+static_assert(packserve::BRGEMM_NR == NR, "both linear kernels read the same panels");
+
 Tensor linear_brgemm(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features) {
-    check_f32(panels, "panels");
-    TORCH_CHECK(panels.dim() == 3 && panels.size(2) == packserve::BRGEMM_NR && panels.is_contiguous(),
-                "panels must be contiguous [P, in, 32]");
-    TORCH_CHECK(out_features > 0 && (out_features + packserve::BRGEMM_NR - 1) / packserve::BRGEMM_NR == panels.size(0),
-                "out_features does not match the panels");
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == panels.size(1), "x must be [M, in]");
-    if (bias.has_value()) {
-        check_f32(*bias, "bias");
-        TORCH_CHECK(bias->is_contiguous() && bias->numel() == panels.size(0) * packserve::BRGEMM_NR,
-                    "bias must be padded to the panels");
-    }
-    const Tensor x2 = as_rows(x, "x");
-    Tensor out = at::empty({x2.size(0), out_features}, x.options());
-    if (x2.size(0))
-        packserve::linear_brgemm_f32(x2.data_ptr<float>(), x2.stride(0), panels.data_ptr<float>(), opt_ptr(bias),
-                                     out.data_ptr<float>(), x2.size(0), x2.size(1), out_features);
-    return out;
+    return panel_linear(x, panels, bias, out_features, packserve::linear_brgemm_f32);
 }
 #endif
 
