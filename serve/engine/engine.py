@@ -185,14 +185,13 @@ class LLMEngine:
         """CUDA: capture the decode step's graphs now, before any request (packserve.engine.cuda_graphs)."""
         from packserve.engine.cuda_graphs import capture_sizes
 
-        sc = self.config.scheduler
+        sc, r = self.config.scheduler, self.runner
         if self.device.type != "cuda" or self.config.model.enforce_eager:
             return
-        if self.state_cache is not None or self.tp is not None or self.runner.decode_kernel != "triton":
-            log.info("decode steps run eagerly: CUDA graphs cover softmax-attention models on one GPU with the "
-                     "paged decode kernel")
+        if self.state_cache is not None or self.tp is not None or r.decode_kernel != "triton":
+            log.info("decode steps run eagerly: CUDA graphs cover softmax attention on one GPU with the paged kernel")
             return
-        self.runner.capture_decode_graphs(capture_sizes(sc.max_num_seqs, sc.max_num_batched_tokens))
+        r.capture_decode_graphs(capture_sizes(sc.max_num_seqs, sc.max_num_batched_tokens))
 
     def warm_up(self) -> None:
         """One dummy prefill of a full step's token budget on the idle engine (the server runs it before it
