@@ -18,12 +18,20 @@ NS = "packserve_triton"
 _lib = torch.library.Library(NS, "DEF")
 
 
+_impls: dict[str, Callable] = {}
+
+
 def register(schema: str, impl: Callable, fake: Callable) -> None:
-    """Define `NS::name(args) -> out` from its schema, with `impl` for every device and `fake` for FakeTensors."""
+    """Define `NS::name(args) -> out` from its schema, with `impl` for every device and `fake` for FakeTensors.
+    A module reloaded (the tests reload kernel files to switch the Triton interpreter on) registers again: the
+    operator then calls the new implementation (an operator is defined once per process)."""
     name = schema.split("(", 1)[0]
-    _lib.define(schema)
-    _lib.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{NS}::{name}", fake, lib=_lib)
+    first = name not in _impls
+    _impls[name] = impl
+    if first:
+        _lib.define(schema)
+        _lib.impl(name, lambda *args: _impls[name](*args), "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{NS}::{name}", fake, lib=_lib)
 
 
 def fake_like(x: torch.Tensor, *_) -> torch.Tensor:

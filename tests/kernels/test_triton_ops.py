@@ -74,3 +74,20 @@ def test_a_layer_of_operators_compiles_without_graph_breaks():
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     got, ref = compiled(x, x * 0.5), layer(x, x * 0.5)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_a_reloaded_kernel_file_registers_again():
+    """The tests reload kernel modules to switch the interpreter on: the operators then run the reloaded code."""
+    import importlib
+
+    import packserve.kernels.rmsnorm as rmsnorm
+
+    x = torch.randn(3, 8, device=DEV)
+    before = ops.rms_norm(x, None, 1e-6, 0.0)
+    reloaded = importlib.reload(rmsnorm)
+    calls, real = [], reloaded.rms_norm_triton
+    reloaded.rms_norm_triton = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        assert torch.equal(ops.rms_norm(x, None, 1e-6, 0.0), before) and calls
+    finally:
+        reloaded.rms_norm_triton = real
