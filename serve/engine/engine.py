@@ -120,7 +120,8 @@ class LLMEngine:
                                   cpu_precision=self.cpu_precision, max_model_len=self.max_model_len,
                                   max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
                                   tp=self.tp)
-        self._capture_decode_graphs()
+        if self.device.type == "cuda" and not mc.enforce_eager:  # before any request (packserve.engine.cuda_graphs)
+            self.runner.capture_decode_graphs_if_supported(sc.max_num_seqs, sc.max_num_batched_tokens)
         eos = self.info.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -180,18 +181,6 @@ class LLMEngine:
         if n < 1:
             raise RuntimeError("no memory left for the KV cache; lower max_model_len or raise the cache budget")
         return max(1, min(n, useful))
-
-    def _capture_decode_graphs(self) -> None:
-        """CUDA: capture the decode step's graphs now, before any request (packserve.engine.cuda_graphs)."""
-        from packserve.engine.cuda_graphs import capture_sizes
-
-        sc, r = self.config.scheduler, self.runner
-        if self.device.type != "cuda" or self.config.model.enforce_eager:
-            return
-        if self.state_cache is not None or self.tp is not None or r.decode_kernel != "triton":
-            log.info("decode steps run eagerly: CUDA graphs cover softmax attention on one GPU with the paged kernel")
-            return
-        r.capture_decode_graphs(capture_sizes(sc.max_num_seqs, sc.max_num_batched_tokens))
 
     def warm_up(self) -> None:
         """One dummy prefill of a full step's token budget on the idle engine (the server runs it before it
@@ -284,9 +273,12 @@ class LLMEngine:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
                 self.stats.prompt_tokens += s.request.num_prompt_tokens
+        decode = all(s.context_len and s.num_new_tokens == 1 for s in sched.scheduled)
+        if self.thread_tuner is not None:
+            self.thread_tuner.before_step(decode, len(sched.scheduled))
         t0 = time.perf_counter()
         tokens, logprobs, step_stats = self.runner.execute(sched)
-        if self.thread_tuner is not None and all(s.context_len and s.num_new_tokens == 1 for s in sched.scheduled):
+        if self.thread_tuner is not None and decode:
             self.thread_tuner.observe(len(sched.scheduled), time.perf_counter() - t0)
         changed = self.scheduler.update(sched, tokens)
         outputs = [self._on_token(req, logprobs.get(req.request_id)) for req in changed]

@@ -286,6 +286,14 @@ class ModelRunner:
         ctx = ForwardContext(AttentionMetadata(ib.tokens_dev[2, :rows], None, meta), self.kv_cache, self.backend)
         return self.model(ib.tokens_dev[0, :rows], ib.tokens_dev[1, :rows], ctx)
 
+    def capture_decode_graphs_if_supported(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        from packserve.engine.cuda_graphs import capture_sizes
+
+        if self.state_cache is not None or self.tp is not None or self.decode_kernel != "triton":
+            log.info("decode steps run eagerly: CUDA graphs cover softmax attention on one GPU with the paged kernel")
+            return
+        self.capture_decode_graphs(capture_sizes(max_num_seqs, max_num_batched_tokens))
+
     def capture_decode_graphs(self, sizes: list[int], mode: str = "cuda") -> None:
         """Capture the decode forward for each batch size (after the kernels are ready: on CPU the C kernels).
         Only for softmax-attention models on one rank with an in-place paged decode kernel."""

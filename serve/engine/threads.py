@@ -8,8 +8,11 @@ took 43 ms at 2 threads and 9.4 ms at 1 (4.4 ms at 2 threads on a quiet machine;
 
 Every `period` decode steps it runs `trial` steps at the other candidate (the full count or half of it) and keeps
 whichever was faster per step for the same batch: a trial is only compared with the last steps at the same
-number of running requests, and abandoned if the batch changes. Cost on a quiet machine: `trial` slower steps per
-`period` (~1-2%).
+number of running requests, and abandoned if the batch changes or a step of another kind (a prefill) comes first:
+`before_step` restores the kept count before any step the trial does not cover, so a trial's thread count never
+leaks into prefill steps (it did: after a generation ended mid-trial, every prefill-only request that followed ran
+on half the threads, ~1.9x slower, until the next decode batch). Cost on a quiet machine: `trial` slower steps
+per `period` (~1-2%).
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ class ThreadTuner:
     @property
     def active(self) -> bool:
         return self.candidates[0] != self.candidates[1]
+
+    def before_step(self, pure_decode: bool, batch: int) -> None:
+        """Called before every step: a step the running trial does not cover (not a pure decode step of the
+        trial's batch) ends the trial first, at the kept thread count."""
+        if self._trial is not None and (not pure_decode or batch != self._trial_batch):
+            self._end_trial(keep=False)
 
     def observe(self, batch: int, seconds: float) -> None:
         """One pure decode step of `batch` requests took `seconds` at the thread count in force."""

@@ -127,3 +127,15 @@ def test_triton_decode_kernel_through_padded_graphs(checkpoint_factory):
     outs = llm.generate(ps, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert llm.engine.runner.graphs.num_replays > 0
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps, new=5)
+
+
+def test_start_up_capture_skips_what_graphs_do_not_cover(checkpoint_factory, tmp_path):
+    """The engine's start-up call captures only with the Triton paged kernel (CUDA), never for linear-attention
+    models: elsewhere it leaves decode steps eager."""
+    llm = LLM(checkpoint_factory("llama"))
+    llm.engine.runner.capture_decode_graphs_if_supported(8, 64)  # the C kernel on CPU: not the CUDA graphs' kernel
+    assert llm.engine.runner.graphs is None
+    llm.engine.runner.decode_kernel = "triton"
+    llm.engine.runner.state_cache = object()  # as a linear-attention model's runner has
+    llm.engine.runner.capture_decode_graphs_if_supported(8, 64)
+    assert llm.engine.runner.graphs is None

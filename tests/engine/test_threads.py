@@ -44,6 +44,23 @@ def test_a_trial_across_a_batch_change_is_abandoned():
     assert t.current == 2 and m.threads == 2 and t.switches == 0
 
 
+def test_a_trial_never_reaches_a_step_it_does_not_cover():
+    """A trial at half the threads starts after a decode step; whatever comes next that is not a decode step of
+    the same batch (a prefill; another batch) runs at the kept count, and the trial is over."""
+    m = Machine({2: 0.0044, 1: 0.0062})
+    t = ThreadTuner(2, m.set_threads, period=32, trial=4)
+    drive(t, m, 32)
+    assert m.threads == 1  # the trial began
+    t.before_step(pure_decode=False, batch=5)  # a prefill step (the generation ended mid-trial)
+    assert m.threads == 2 and t.current == 2 and t.switches == 0
+    drive(t, m, 32)
+    assert m.threads == 1
+    t.before_step(pure_decode=True, batch=1)  # a decode step of the trial's batch: the trial goes on
+    assert m.threads == 1
+    t.before_step(pure_decode=True, batch=3)  # another batch
+    assert m.threads == 2 and t.current == 2
+
+
 def test_one_thread_has_nothing_to_tune():
     m = Machine({1: 0.01})
     t = ThreadTuner(1, m.set_threads, period=4, trial=2)
