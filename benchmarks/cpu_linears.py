@@ -13,25 +13,17 @@ The engine does not take these numbers from here: it times the same three at sta
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed  # noqa: E402
+
 SHAPES = {"qkv 640x384": (640, 384), "o 384x384": (384, 384), "gate/up 2048x384": (2048, 384),
           "down 384x1024": (384, 1024), "lm head 32000x384": (32000, 384)}
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> int:
@@ -62,11 +54,11 @@ def main() -> int:
             if n > 10000 and m > 64:  # the LM head sees the sampled rows only
                 continue
             x = torch.randn(m, k, generator=g)
-            ref = median_ms(lambda: F.linear(x, w), args.reps)
+            ref = timed(lambda: F.linear(x, w), args.reps)
             cells = []
             for fn in kernels.values():
                 torch.testing.assert_close(fn(x, packed), F.linear(x, w), atol=1e-3, rtol=1e-4)
-                t = median_ms(lambda: fn(x, packed), args.reps)
+                t = timed(lambda: fn(x, packed), args.reps)
                 cells.append(f"{t:.3f} ({t / ref:.2f}x)")
             print(f"| {name} | {m} | {ref:.3f} | " + " | ".join(cells) + " |")
     return 0
