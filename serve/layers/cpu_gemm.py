@@ -31,6 +31,10 @@ from packserve.kernels import cpu_lib, cpu_ops
 log = logging.getLogger(__name__)
 
 CALIBRATION_ROWS = (1, 4, 16, 64, 256, 1024)
+# LM heads see the sampled rows (one per running request) and, rarely, prompt-logprob chunks: timing them at 256
+# and 1024 rows took most of a first start's calibration (6 s of 6 for the serving model), so they are timed up
+# to this many rows; larger inputs run F.linear.
+HEAD_ROWS = 64
 CALIBRATION_MARGIN = 0.95  # the panel must take at most 95% of torch's time: a tie goes to the library
 _REPS = 5
 
@@ -68,13 +72,17 @@ def _kernels() -> dict:
     return kernels
 
 
-def measure_wins(packed: cpu_ops.PanelWeight, weight: torch.Tensor, bias: torch.Tensor | None) -> list[str | None]:
+def measure_wins(packed: cpu_ops.PanelWeight, weight: torch.Tensor, bias: torch.Tensor | None,
+                 max_rows: int | None = None) -> list[str | None]:
     """Per CALIBRATION_ROWS entry: the fastest kernel if it beats F.linear by CALIBRATION_MARGIN, else None. A
     kernel 3x slower than F.linear (a build whose tiles spill) is not timed at larger row counts: it loses there
-    too."""
+    too; nothing is timed past `max_rows` (None there)."""
     verdicts, kernels = [], _kernels()
     g = torch.Generator().manual_seed(0)
     for m in CALIBRATION_ROWS:
+        if max_rows is not None and m > max_rows:
+            verdicts.append(None)
+            continue
         x = torch.randn(m, weight.shape[1], generator=g)
         ref = _median_time(lambda: F.linear(x, weight, bias))
         times = {name: _median_time(lambda: fn(x, packed)) for name, fn in kernels.items()}
@@ -113,11 +121,13 @@ class Calibration:
             self.table = {}
         self.dirty = False
 
-    def wins(self, weight: torch.Tensor, bias: torch.Tensor | None,
-             packed: cpu_ops.PanelWeight) -> list[str | None]:
+    def wins(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: cpu_ops.PanelWeight,
+             max_rows: int | None = None) -> list[str | None]:
         shape = f"{weight.shape[0]}x{weight.shape[1]}{'+b' if bias is not None else ''}"
+        if max_rows is not None:
+            shape += f"<={max_rows}"
         if len(self.table.get(shape, ())) != len(CALIBRATION_ROWS):
-            self.table[shape] = measure_wins(packed, weight, bias)
+            self.table[shape] = measure_wins(packed, weight, bias, max_rows)
             self.dirty = True
         return self.table[shape]
 
@@ -139,11 +149,12 @@ class Calibration:
             log.info("GEMM calibration not cached (%s)", exc)
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None, calibration: Calibration) -> CpuPackedLinear | None:
-    """The panel-packed copy of an fp32 CPU weight [out, in] where a panel kernel measured faster, else None
-    (the C kernels must be loaded: prepack_cpu checks)."""
+def pack(weight: torch.Tensor, bias: torch.Tensor | None, calibration: Calibration,
+         max_rows: int | None = None) -> CpuPackedLinear | None:
+    """The panel-packed copy of an fp32 CPU weight [out, in] where a panel kernel measured faster (timed up to
+    `max_rows` rows: HEAD_ROWS for LM heads), else None (the C kernels must be loaded: prepack_cpu checks)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
         return None
     panels = cpu_ops.pack_linear(weight, bias)
-    verdicts = calibration.wins(weight, bias, panels)
+    verdicts = calibration.wins(weight, bias, panels, max_rows)
     return CpuPackedLinear(panels, row_table(verdicts)) if any(verdicts) else None

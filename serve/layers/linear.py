@@ -14,7 +14,7 @@ from torch import nn
 
 from packserve import distributed
 from packserve.kernels import cpu_ops
-from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
+from packserve.layers.cpu_gemm import HEAD_ROWS, Calibration, CpuPackedLinear, pack
 
 
 def whole(t) -> torch.Tensor:
@@ -146,6 +146,8 @@ def prepack_cpu(model: nn.Module) -> int:
     """Give every Column/Row linear of a loaded CPU fp32 model (and the model's tied LM head, through its
     `prepack_lm_head` hook) a panel-packed copy where the panel GEMM measured faster than torch's on this machine
     (layers.cpu_gemm). Needs the C kernels loaded; returns how many weights were packed."""
+    from packserve.layers.vocab import ParallelLMHead  # (vocab builds on this module)
+
     if not cpu_ops.available():
         return 0
     calibration = Calibration()
@@ -153,7 +155,7 @@ def prepack_cpu(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, (ColumnLinear, RowLinear)):
             bias = m.bias if isinstance(m, ColumnLinear) or m.tp_rank == 0 else None  # as in forward()
-            m.packed = pack(m.weight, bias, calibration)
+            m.packed = pack(m.weight, bias, calibration, HEAD_ROWS if isinstance(m, ParallelLMHead) else None)
             n += m.packed is not None
     hook = getattr(model, "prepack_lm_head", None)
     if hook is not None:

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from packserve.layers.cpu_gemm import Calibration, CpuPackedLinear, pack
+from packserve.layers.cpu_gemm import HEAD_ROWS, Calibration, CpuPackedLinear, pack
 from packserve import distributed
 from packserve.layers.linear import linear, whole
 
@@ -57,7 +57,7 @@ class CausalLM(nn.Module):
         """A prepacked copy of a tied head for decode (an untied head is a ColumnLinear, packed with the others)."""
         w = self.tied_head_weight()
         if w is not None:
-            self.tied_head_packed = pack(w, None, calibration)
+            self.tied_head_packed = pack(w, None, calibration, HEAD_ROWS)
         return self.tied_head_packed is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -145,6 +145,23 @@ def test_argmax_rows_matches_torch_max_including_ties_nan_and_inf():
         K.argmax_rows(torch.zeros(3, 0))
 
 
+def test_lm_heads_are_timed_up_to_head_rows_only(tmp_path, monkeypatch):
+    """A tied LM head is calibrated at the row counts it sees (sampled rows): verdicts past HEAD_ROWS are F.linear
+    without timing, under their own cache key; its logits equal the fp64 reference at every row count."""
+    from packserve.layers.cpu_gemm import HEAD_ROWS, Calibration, pack
+
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
+    w = torch.randn(300, 16)
+    cal = Calibration()
+    packed = pack(w, None, cal, HEAD_ROWS)
+    verdicts = cal.table[f"300x16<={HEAD_ROWS}"]
+    assert verdicts[CALIBRATION_ROWS.index(HEAD_ROWS) + 1:] == [None] * (len(CALIBRATION_ROWS) - 4)
+    for rows in (1, HEAD_ROWS, HEAD_ROWS + 1, 700):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(linear(x, w, None, packed).double(), _ref(x, w, None), atol=1e-4, rtol=1e-5)
+        assert packed is None or rows <= HEAD_ROWS or packed.kernel(rows) is None
+
+
 def test_linear_falls_back_for_inputs_without_a_row_layout():
     """An expanded input (row stride 0) is not something the C kernel reads: F.linear runs instead."""
     w, b = torch.randn(40, 8), torch.randn(40)
