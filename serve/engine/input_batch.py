@@ -16,6 +16,10 @@ import numpy as np
 import torch
 
 
+# A padding row's cached, new and total token counts and first flat token (unused), as a column.
+_PADDING_ROW = np.array([[0], [1], [1], [0]])
+
+
 @dataclass
 class BatchView:
     """One step's rows, as the paged attention metadata builder reads them."""
@@ -133,7 +137,7 @@ class InputBatch:
         padded = max(n, pad_to)
         if padded > n:
             assert P == 0 and T == n, "only a decode step (one token per row, no fresh prompt) is padded"
-            self._rows[:, n:padded] = np.array([[0], [1], [1], [0]])  # cached 0, new 1, length 1 (start unused)
+            self._rows[:, n:padded] = _PADDING_ROW
             self._table[n:padded, 0] = scratch_block
             ids[n:padded], pos[n:padded], slots[n:padded] = 0, 0, scratch_block * self.block_size
             T = padded

@@ -286,20 +286,23 @@ class ModelRunner:
         ctx = ForwardContext(AttentionMetadata(ib.tokens_dev[2, :rows], None, meta), self.kv_cache, self.backend)
         return self.model(ib.tokens_dev[0, :rows], ib.tokens_dev[1, :rows], ctx)
 
+    def _graphs_cover(self, kernels: tuple[str, ...]) -> bool:
+        """Decode graphs cover softmax-attention models on one rank whose paged decode kernel is in `kernels`."""
+        return self.state_cache is None and self.tp is None and self.decode_kernel in kernels
+
     def capture_decode_graphs_if_supported(self, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         from packserve.engine.cuda_graphs import capture_sizes
 
-        if self.state_cache is not None or self.tp is not None or self.decode_kernel != "triton":
+        if not self._graphs_cover(("triton",)):
             log.info("decode steps run eagerly: CUDA graphs cover softmax attention on one GPU with the paged kernel")
             return
         self.capture_decode_graphs(capture_sizes(max_num_seqs, max_num_batched_tokens))
 
     def capture_decode_graphs(self, sizes: list[int], mode: str = "cuda") -> None:
-        """Capture the decode forward for each batch size (after the kernels are ready: on CPU the C kernels).
-        Only for softmax-attention models on one rank with an in-place paged decode kernel."""
+        """Capture the decode forward for each batch size (after the kernels are ready: on CPU the C kernels)."""
         from packserve.engine.cuda_graphs import DecodeGraphs
 
-        if self.state_cache is not None or self.tp is not None or self.decode_kernel not in ("triton", "cpu"):
+        if not self._graphs_cover(("triton", "cpu")):
             raise ValueError("decode graphs need a softmax-attention model on one rank with a paged decode kernel")
         ib = self.input_batch
         sizes = [s for s in sizes if s <= min(ib.table.shape[0], ib.tokens.shape[1])]
