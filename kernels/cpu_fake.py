@@ -46,6 +46,10 @@ def register(ns: str) -> None:
     def _linear_brgemm(x, panels, bias, out_features):
         return x.new_empty(x.shape[0], out_features)
 
+    @fake("linear_brgemm_silu_mul")
+    def _linear_brgemm_silu_mul(x, panels, bias, out_features):
+        return x.new_empty(x.shape[0], out_features // 2)
+
     @fake("paged_decode_attention")
     def _paged(q, k_cache, v_cache, block_table, seq_lens, block_size, scale):
         return q.new_empty(q.shape)

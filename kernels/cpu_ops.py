@@ -38,7 +38,7 @@ import torch
 
 from packserve.kernels.cpu_lib import available, ops
 
-__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "linear_brgemm", "linear_packed",
+__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "linear_brgemm", "linear_brgemm_silu_mul", "linear_packed",
            "pack_linear", "paged_decode_attention", "has_brgemm_linear", "has_varlen", "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
@@ -146,3 +146,9 @@ def linear_brgemm(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
     """The same product as `linear_packed` on the same panels, with oneDNN's brgemm micro-kernel
     (kernels/csrc/brgemm_linear.h)."""
     return ops().linear_brgemm(x, w.panels, w.bias, w.out_features)
+
+
+def linear_brgemm_silu_mul(x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+    """silu(gate) * up of the fused gate_up linear in one pass (`linear_brgemm`'s product, then the activation
+    on cache-resident tiles): w holds gate_up [2I, in] with I a multiple of 32; returns [M, I]."""
+    return ops().linear_brgemm_silu_mul(x, w.panels, w.bias, w.out_features)

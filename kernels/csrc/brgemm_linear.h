@@ -14,6 +14,7 @@
 #define PACKSERVE_HAS_BRGEMM_LINEAR 1
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace packserve {
@@ -43,6 +44,42 @@ static void linear_brgemm_f32(const float *x, int64_t sx, const float *wp, const
                     if (bias) {
                         #pragma omp simd
                         for (int64_t j = 0; j < nw; j++) o[j] += bias[n0 + j];
+                    }
+                }
+            }
+        }
+        at::native::cpublas::brgemm_release(false);
+    }
+}
+
+/* The gated MLP's first half in one pass: out [M, I] = silu(x W_gate^T + b_gate) * (x W_up^T + b_up), with the
+   fused gate_up weight [2I, K] in panels (gate's I / 32 panels first, then up's; I a multiple of 32). A work
+   item multiplies gate panel p and up panel p into two cache-resident [MB, 32] tiles and writes only their
+   product: the [M, 2I] gate_up tensor is never written to memory and read back (measured on 2 AMD EPYC cores,
+   silu_mul alone took ~3% of a prefill). */
+static void linear_brgemm_silu_mul_f32(const float *x, int64_t sx, const float *wp, const float *bias, float *out,
+                                       int64_t M, int64_t K, int64_t I) {
+    const int64_t MB = M >= 256 ? 64 : 32;
+    const int64_t pairs = I / BRGEMM_NR, tiles = (M + MB - 1) / MB;
+    #pragma omp parallel
+    {
+        float g[64 * BRGEMM_NR], u[64 * BRGEMM_NR];
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t t = 0; t < tiles; t++) {
+            for (int64_t p = 0; p < pairs; p++) {
+                const int64_t m0 = t * MB, mb = std::min(MB, M - m0), n0 = p * BRGEMM_NR;
+                at::native::cpublas::brgemm(mb, BRGEMM_NR, K, sx, BRGEMM_NR, BRGEMM_NR, false, x + m0 * sx,
+                                            wp + p * K * BRGEMM_NR, g);
+                at::native::cpublas::brgemm(mb, BRGEMM_NR, K, sx, BRGEMM_NR, BRGEMM_NR, false, x + m0 * sx,
+                                            wp + (pairs + p) * K * BRGEMM_NR, u);
+                const float *bg = bias ? bias + n0 : nullptr, *bu = bias ? bias + I + n0 : nullptr;
+                for (int64_t r = 0; r < mb; r++) {
+                    const float *gr = g + r * BRGEMM_NR, *ur = u + r * BRGEMM_NR;
+                    float *o = out + (m0 + r) * I + n0;
+                    #pragma omp simd
+                    for (int64_t j = 0; j < BRGEMM_NR; j++) {
+                        const float a = bg ? gr[j] + bg[j] : gr[j], b = bu ? ur[j] + bu[j] : ur[j];
+                        o[j] = a / (1.f + expf(-a)) * b;
                     }
                 }
             }

@@ -100,10 +100,11 @@ Tensor argmax_rows(const Tensor &x) {
 
 // Both linear kernels read weights packed into 32-feature panels [P, in, 32] (the last one and the bias
 // zero-padded): checks and output here, the product by `kernel`.
-using PanelKernel = void (*)(const float *, int64_t, const float *, const float *, float *, int64_t, int64_t, int64_t);
 
+// out_cols: the output's width (out_features unless the kernel reduces the features, as silu(gate) * up does).
+template <typename Kernel>
 Tensor panel_linear(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features,
-                    PanelKernel kernel) {
+                    Kernel kernel, int64_t out_cols = -1) {
     check_f32(panels, "panels");
     TORCH_CHECK(panels.dim() == 3 && panels.size(2) == NR && panels.is_contiguous(), "panels must be contiguous [P, in, 32]");
     TORCH_CHECK(out_features > 0 && (out_features + NR - 1) / NR == panels.size(0), "out_features does not match the panels");
@@ -113,7 +114,7 @@ Tensor panel_linear(const Tensor &x, const Tensor &panels, const std::optional<T
         TORCH_CHECK(bias->is_contiguous() && bias->numel() == panels.size(0) * NR, "bias must be padded to the panels");
     }
     const Tensor x2 = as_rows(x, "x");
-    Tensor out = at::empty({x2.size(0), out_features}, x.options());
+    Tensor out = at::empty({x2.size(0), out_cols < 0 ? out_features : out_cols}, x.options());
     if (x2.size(0))
         kernel(x2.data_ptr<float>(), x2.stride(0), panels.data_ptr<float>(), opt_ptr(bias), out.data_ptr<float>(),
                x2.size(0), x2.size(1), out_features);
@@ -129,6 +130,16 @@ static_assert(packserve::BRGEMM_NR == NR, "both linear kernels read the same pan
 
 Tensor linear_brgemm(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features) {
     return panel_linear(x, panels, bias, out_features, packserve::linear_brgemm_f32);
+}
+
+// out_features: the fused gate_up width 2I (gate first); returns silu(gate) * up, [M, I].
+Tensor linear_brgemm_silu_mul(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias,
+                              int64_t out_features) {
+    TORCH_CHECK(out_features % (2 * NR) == 0, "linear_brgemm_silu_mul needs gate and up widths that are multiples of 32");
+    const int64_t I = out_features / 2;
+    auto kernel = [I](const float *x, int64_t sx, const float *wp, const float *b, float *out, int64_t M, int64_t K,
+                      int64_t) { packserve::linear_brgemm_silu_mul_f32(x, sx, wp, b, out, M, K, I); };
+    return panel_linear(x, panels, bias, out_features, kernel, I);
 }
 #endif
 
@@ -225,6 +236,7 @@ PACKSERVE_LIBRARY(PACKSERVE_NS, m) {
     m.def("linear_panels(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
 #ifdef PACKSERVE_HAS_BRGEMM_LINEAR
     m.def("linear_brgemm(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
+    m.def("linear_brgemm_silu_mul(Tensor x, Tensor panels, Tensor? bias, int out_features) -> Tensor");
 #endif
     m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor bitmask, Tensor rows) -> ()");
     m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
@@ -243,6 +255,7 @@ PACKSERVE_LIBRARY_IMPL(PACKSERVE_NS, m) {
     m.impl("linear_panels", &linear_panels);
 #ifdef PACKSERVE_HAS_BRGEMM_LINEAR
     m.impl("linear_brgemm", &linear_brgemm);
+    m.impl("linear_brgemm_silu_mul", &linear_brgemm_silu_mul);
 #endif
     m.impl("apply_token_bitmask_", &apply_token_bitmask_);
     m.impl("paged_decode_attention", &paged_decode_attention);

@@ -53,16 +53,22 @@ class CpuPackedLinear:
         return self.kernels[min(rows, len(self.kernels) - 1)]
 
 
-def _median_time(fn) -> float:
-    t = time.perf_counter()
-    fn()  # warm-up: first-touch of the output, the weights into the caches they fit in
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(max(_REPS, min(50, int(2e-3 / max(first, 1e-6))))):  # small shapes: more repeats
+def _median_times(fns: dict) -> dict:
+    """Median time of each callable, timed in alternation (ref, kernel, kernel, ref, ...): a neighbour's load
+    that comes and goes during the calibration then slows every candidate alike instead of the one timed at that
+    moment (timed one after the other on a busy host, whole verdicts flipped to F.linear)."""
+    times: dict = {name: [] for name in fns}
+    first = 0.0
+    for fn in fns.values():
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        fn()  # warm-up: first-touch of the output, the weights into the caches they fit in
+        first = max(first, time.perf_counter() - t)
+    for _ in range(max(_REPS, min(50, int(2e-3 / max(first, 1e-6))))):  # small shapes: more repeats
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _kernels() -> dict:
@@ -84,8 +90,9 @@ def measure_wins(packed: cpu_ops.PanelWeight, weight: torch.Tensor, bias: torch.
             verdicts.append(None)
             continue
         x = torch.randn(m, weight.shape[1], generator=g)
-        ref = _median_time(lambda: F.linear(x, weight, bias))
-        times = {name: _median_time(lambda: fn(x, packed)) for name, fn in kernels.items()}
+        fns = {name: (lambda fn=fn: fn(x, packed)) for name, fn in kernels.items()}
+        times = _median_times({None: lambda: F.linear(x, weight, bias), **fns})
+        ref = times.pop(None)
         best = min(times, key=times.get, default=None)
         verdicts.append(best if best is not None and times[best] <= CALIBRATION_MARGIN * ref else None)
         kernels = {name: kernels[name] for name in kernels if times[name] <= 3 * ref}

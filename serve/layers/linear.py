@@ -36,18 +36,33 @@ def use_panels(on: bool) -> None:
     _panels_on = on
 
 
+def _panel_kernel(x: torch.Tensor, packed: CpuPackedLinear | None) -> str | None:
+    """The panel kernel calibrated for x's row count, if x can use one (CPU rows with contiguous features)."""
+    if (packed is not None and _panels_on and x.dim() == 2 and x.stride(-1) == 1
+            and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]) and cpu_ops.available()):  # a row layout
+        return packed.kernel(x.shape[0])
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: CpuPackedLinear | None = None) -> torch.Tensor:
     """F.linear, or a panel kernel for CPU inputs of the row counts where it measured faster (the panels carry
     their own copy of the bias; packserve.layers.cpu_gemm)."""
-    if (packed is not None and _panels_on and x.dim() == 2 and x.stride(-1) == 1
-            and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1]) and cpu_ops.available()):  # a row layout
-        kernel = packed.kernel(x.shape[0])
+    kernel = _panel_kernel(x, packed)
+    if kernel is not None:
         if kernel == "panel":
             return cpu_ops.linear_packed(x, packed.panels)
         if kernel == "brgemm":
             return cpu_ops.linear_brgemm(x, packed.panels)
     return F.linear(x, weight, bias)
+
+
+def silu_mul_linear(layer: "MergedColumnLinear", x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of a fused gate_up layer in one pass, where the brgemm kernel serves x's row count (the
+    [rows, 2I] product then never reaches memory); None where it does not (the caller runs linear + silu_mul)."""
+    if _panel_kernel(x, layer.packed) != "brgemm" or layer.out_features % 64:
+        return None
+    return cpu_ops.linear_brgemm_silu_mul(x, layer.packed.panels)
 
 
 class ColumnLinear(nn.Module):

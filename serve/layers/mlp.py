@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from packserve.kernels import cpu_ops
-from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
+from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear, silu_mul_linear
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -44,6 +44,10 @@ class GatedMLP(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and list(self.gate_up_proj.shard_sizes) == ["gate", "up"]:
+            h = silu_mul_linear(self.gate_up_proj, x)
+            if h is not None:
+                return self.down_proj(h)
         gate_up = self.gate_up_proj(x)
         if self.act is F.silu and gate_up.dim() == 2 and cpu_ops.usable(gate_up):
             return self.down_proj(cpu_ops.silu_mul(gate_up))

@@ -121,6 +121,47 @@ def test_silu_mul_matches_torch(rows, inter):
     torch.testing.assert_close(K.silu_mul(gate_up).double(), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 31, 33, 63, 64, 65, 255, 256, 300])
+@pytest.mark.parametrize("inter,bias", [(32, False), (96, True), (256, False)])
+def test_linear_brgemm_silu_mul_matches_fp64(rows, inter, bias):
+    """The fused gate_up + silu * up against fp64: brgemm's 32- and 64-row tiles and remainders, one and several
+    panel pairs, a bias on both halves, strided input rows, saturating activations."""
+    if not K.has_brgemm_linear():
+        pytest.skip("this torch has no fp32 brgemm")
+    g = torch.Generator().manual_seed(rows * inter)
+    w = torch.randn(2 * inter, 40, generator=g) * 0.4
+    b = torch.randn(2 * inter, generator=g) * 3 if bias else None
+    x = torch.randn(rows, 45, generator=g)[:, 2:42]  # strided rows
+    gate, up = _ref(x, w, b).chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = K.linear_brgemm_silu_mul(x, K.pack_linear(w, b))
+    assert got.shape == (rows, inter)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        K.linear_brgemm_silu_mul(x, K.pack_linear(w[: 2 * inter - 32], None))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64, 300])
+def test_gated_mlp_fuses_silu_where_brgemm_serves_the_rows(rows, monkeypatch):
+    """GatedMLP takes the fused kernel exactly where gate_up's verdict is brgemm (poisoned elsewhere: the unfused
+    path must not run there), with the same output as the unfused torch path."""
+    if not K.has_brgemm_linear():
+        pytest.skip("this torch has no fp32 brgemm")
+    from packserve.layers.mlp import GatedMLP
+
+    torch.manual_seed(rows)
+    mlp = GatedMLP(48, 64)
+    for m in (mlp.gate_up_proj, mlp.down_proj):
+        torch.nn.init.normal_(m.weight, std=0.3)
+    x = torch.randn(rows, 48)
+    want = mlp(x)  # nothing packed: F.linear and the torch activation
+    mlp.gate_up_proj.packed = CpuPackedLinear(K.pack_linear(mlp.gate_up_proj.weight), row_table(["brgemm"] * 6))
+    monkeypatch.setattr(K, "silu_mul", lambda t: t.new_full((t.shape[0], t.shape[1] // 2), float("nan")))
+    torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
+    mlp.gate_up_proj.packed = CpuPackedLinear(K.pack_linear(mlp.gate_up_proj.weight), row_table(["panel"] * 6))
+    assert mlp(x).isnan().all()  # the panel verdict keeps the unfused kernels
+
+
 def test_silu_mul_rejects_bad_input():
     with pytest.raises(RuntimeError, match="2 \\* intermediate"):
         K.silu_mul(torch.randn(2, 5))
