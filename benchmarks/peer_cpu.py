@@ -115,7 +115,7 @@ class Worker:
         self.side = side
         self.proc = subprocess.Popen([python, "-c", WORKER, "vllm" if side == "vllm" else "packserve", path,
                                       str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=side_env(side), cwd=tempfile.gettempdir())
+                                     env=side_env(side), cwd=tempfile.gettempdir(), start_new_session=True)
         for line in self.proc.stdout:
             if line.startswith("READY"):
                 break
@@ -144,9 +144,13 @@ class Worker:
         return out["seconds"], out["tokens"]
 
     def close(self) -> None:
-        self.resume()
+        """The whole process group: vLLM's engine core and its worker, left behind, busy-poll a core each."""
         self.proc.stdin.close()
-        self.proc.kill()
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
 
 
