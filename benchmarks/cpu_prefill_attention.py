@@ -1,0 +1,89 @@
+"""The CPU packed-prefill attention operator (kernels/csrc/varlen_attention.h) against torch's own CPU flash
+attention (one causal SDPA call per prompt, which the varlen backend used before the operator), per ISA build.
+
+Shapes of the serving model's attention (6 heads / 2 KV heads of 64, q/k/v column slices of the fused QKV
+output): one layer of the 32 serving prompts (5,906 tokens, lognormal lengths 30-605), one 512-token prompt and
+one 2048-token prompt. Prints the best of `--repeats` timings of each, its GFLOP/s (causal half: 4 L^2 H D / 2
+per prompt) and the operator's time as a ratio to SDPA's, measured in the same run. `--avx2-libs` re-runs
+itself with torch's kernels and oneDNN (which generates the operator's brgemm micro-kernels) capped at AVX2.
+
+  python benchmarks/cpu_prefill_attention.py [--avx2-libs] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_ops import AVX2_LIBS  # noqa: E402
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--avx2-libs", action="store_true")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.avx2_libs and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_LIBS})
+
+    import torch
+    import torch.nn.functional as F
+
+    from common import CPU_LOGNORMAL, lognormal_prompts
+    from packserve.host import tune_malloc
+    from packserve.kernels import cpu_lib, cpu_ops
+
+    torch.set_num_threads(args.threads)
+    tune_malloc()  # as the engine does: large outputs reuse heap memory instead of fresh page-faulted mmaps
+    H, Hkv, D = 6, 2, 64
+    workloads = {
+        "32 serving prompts": [len(p) for p in lognormal_prompts(CPU_LOGNORMAL, 32000, 32)],
+        "one 512-token prompt": [512],
+        "one 2048-token prompt": [2048],
+    }
+    print(f"CPU: {cpu_lib.cpu_model()}; torch libs {'capped at AVX2' if args.avx2_libs else 'uncapped'}; "
+          f"{args.threads} threads; best of {args.repeats}")
+    for isa in cpu_lib.supported_isas():
+        cpu_lib.use(isa)
+        if not cpu_ops.has_varlen():
+            print(f"{isa}: no varlen operator in this build")
+            continue
+        for name, lens in workloads.items():
+            T = sum(lens)
+            qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=torch.Generator().manual_seed(T))
+            q = qkv[:, :H * D].view(T, H, D)
+            k = qkv[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
+            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+            bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+
+            def sdpa():
+                for a, b in bounds:
+                    qh, kh, vh = (t[a:b].transpose(0, 1) for t in (q, k, v))
+                    F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=D ** -0.5, enable_gqa=True)
+
+            ours = best_time(lambda: cpu_ops.varlen_attention(q, k, v, cu, D ** -0.5), args.repeats)
+            ref = best_time(sdpa, args.repeats)
+            flops = sum(2 * l * l * H * D for l in lens)
+            print(f"{isa:>7} {name:<22} operator {ours * 1e3:7.2f} ms ({flops / ours / 1e9:5.0f} GFLOP/s)   "
+                  f"SDPA per prompt {ref * 1e3:7.2f} ms   ratio {ours / ref:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
