@@ -9,8 +9,8 @@ one pass over the data:
 - `paged_decode_attention`: one query token per request; each cached K/V row is read once, in place in its
   block, for the G query heads that share it (GQA): s_j = scale * q . k_j (j < len), p = softmax(s),
   out = sum_j p_j v_j.
-- `varlen_attention`: causal attention within each packed prompt (prefill), block by block below the diagonal
-  only, on oneDNN's brgemm micro-kernel (kernels/csrc/varlen_attention.h).
+- `varlen_attention`: causal attention within each packed prompt (prefill), up to the diagonal only, in 256-key
+  chunks on oneDNN's brgemm micro-kernel (kernels/csrc/varlen_attention.h).
 - `rms_norm`: Llama RMSNorm (fp32 statistics, then times weight or offset + weight), optionally after the residual
   add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
@@ -19,7 +19,8 @@ one pass over the data:
 - `pack_linear` / `linear_packed` / `linear_brgemm`: linear layers on weights prepacked into 32-feature panels,
   either hand-written (register-tiled, the next panel prefetched while one is multiplied) or on oneDNN's brgemm
   micro-kernel (generated for the running CPU); each used per weight shape and row count only where it measured
-  faster than MKL, the faster of the two where both do (packserve.layers.cpu_gemm).
+  faster than MKL, the faster of the two where both do (packserve.layers.cpu_gemm). `linear_brgemm_silu_mul`:
+  the gated MLP's gate_up product and silu(gate) * up in one pass on brgemm (where brgemm serves gate_up).
 
 KV-cache writes stay on torch's index_copy_, which was as fast as a C loop (benchmarks/cpu_ops.py).
 

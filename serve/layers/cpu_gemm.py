@@ -7,7 +7,8 @@ rows 2.2 vs 3.4 ms, but with AVX2's 16 vector registers its tiles spill and it i
 micro-kernel, generated at run time for the running CPU (on 2 cores of an AMD EPYC: 0.2-0.8x of MKL's time at
 decode and prefill sizes with AVX-512, 0.2-0.9x capped at AVX2). Rather than trust one machine's numbers, each
 weight shape is timed at start-up against F.linear for 1, 4, 16, 64, 256 and 1024 rows (in that order) with each
-kernel; per row count the fastest kernel is kept if it beats F.linear by CALIBRATION_MARGIN. An input of r rows
+kernel (the candidates timed in alternation, so a neighbour's passing load slows them alike); per row count the
+fastest kernel is kept if it beats F.linear by CALIBRATION_MARGIN. An input of r rows
 takes the verdict of the smallest timed row count >= r, a larger one the verdict at 1024 (prefill steps), and a
 shape no kernel ever wins keeps no packed copy at all. Results are cached per CPU model, ISA build, torch version
 and thread count, so later starts skip the timing.
