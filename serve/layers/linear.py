@@ -57,12 +57,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def silu_mul_linear(layer: "MergedColumnLinear", x: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up of a fused gate_up layer in one pass, where the brgemm kernel serves x's row count (the
-    [rows, 2I] product then never reaches memory); None where it does not (the caller runs linear + silu_mul)."""
-    if _panel_kernel(x, layer.packed) != "brgemm" or layer.out_features % 64:
-        return None
-    return cpu_ops.linear_brgemm_silu_mul(x, layer.packed.panels)
+def fuses_silu_mul(layer: "MergedColumnLinear", x: torch.Tensor) -> bool:
+    """Whether silu(gate) * up of this fused gate_up layer runs in one pass on x (cpu_ops.linear_brgemm_silu_mul):
+    where the brgemm kernel serves x's row count (the [rows, 2I] product then never reaches memory)."""
+    return _panel_kernel(x, layer.packed) == "brgemm" and layer.out_features % 64 == 0
 
 
 class ColumnLinear(nn.Module):

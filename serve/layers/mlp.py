@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from packserve.kernels import cpu_ops
-from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear, silu_mul_linear
+from packserve.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear, fuses_silu_mul
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -37,17 +37,26 @@ class GatedMLP(nn.Module):
     # On CPU, a long step runs in chunks of this many tokens: the [tokens, 2 x intermediate] temporaries then
     # stay cache-sized and under glibc's mmap threshold (packserve.host) instead of being page-faulted in anew.
     cpu_chunk = 1024
+    # With silu * up fused into the gate_up kernel only [tokens, intermediate] is materialized: chunks of up to
+    # this many elements of it (the serving model's 5,906-token prefill in one piece: no concatenation).
+    fused_chunk_elems = 16 << 20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.cpu_chunk and x.device.type == "cpu":
-            return torch.cat([self._forward(c) for c in x.split(self.cpu_chunk)])
+        if x.device.type == "cpu" and x.shape[0] > self.cpu_chunk:
+            chunk = self.cpu_chunk
+            if self._fuses_silu(x):
+                chunk = max(chunk, self.fused_chunk_elems // self.down_proj.in_features)
+            if x.shape[0] > chunk:
+                return torch.cat([self._forward(c) for c in x.split(chunk)])
         return self._forward(x)
 
+    def _fuses_silu(self, x: torch.Tensor) -> bool:
+        return (self.act is F.silu and list(self.gate_up_proj.shard_sizes) == ["gate", "up"]
+                and fuses_silu_mul(self.gate_up_proj, x))
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is F.silu and list(self.gate_up_proj.shard_sizes) == ["gate", "up"]:
-            h = silu_mul_linear(self.gate_up_proj, x)
-            if h is not None:
-                return self.down_proj(h)
+        if self._fuses_silu(x):
+            return self.down_proj(cpu_ops.linear_brgemm_silu_mul(x, self.gate_up_proj.packed.panels))
         gate_up = self.gate_up_proj(x)
         if self.act is F.silu and gate_up.dim() == 2 and cpu_ops.usable(gate_up):
             return self.down_proj(cpu_ops.silu_mul(gate_up))

@@ -162,6 +162,25 @@ def test_gated_mlp_fuses_silu_where_brgemm_serves_the_rows(rows, monkeypatch):
     assert mlp(x).isnan().all()  # the panel verdict keeps the unfused kernels
 
 
+@pytest.mark.parametrize("fused_chunk_elems", [64 * 20, 64 * 1000])
+def test_gated_mlp_chunks_long_inputs_by_what_it_materializes(fused_chunk_elems):
+    """Long inputs: unfused in chunks of cpu_chunk rows; fused in chunks of fused_chunk_elems / intermediate rows
+    (20 rows, or one piece); the same output every way."""
+    if not K.has_brgemm_linear():
+        pytest.skip("this torch has no fp32 brgemm")
+    from packserve.layers.mlp import GatedMLP
+
+    torch.manual_seed(1)
+    mlp = GatedMLP(48, 64)
+    for m in (mlp.gate_up_proj, mlp.down_proj):
+        torch.nn.init.normal_(m.weight, std=0.3)
+    mlp.cpu_chunk, mlp.fused_chunk_elems = 8, fused_chunk_elems
+    x = torch.randn(301, 48)
+    want = mlp(x)  # unpacked: 8-row chunks
+    mlp.gate_up_proj.packed = CpuPackedLinear(K.pack_linear(mlp.gate_up_proj.weight), row_table(["brgemm"] * 6))
+    torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_silu_mul_rejects_bad_input():
     with pytest.raises(RuntimeError, match="2 \\* intermediate"):
         K.silu_mul(torch.randn(2, 5))
