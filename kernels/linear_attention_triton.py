@@ -27,7 +27,7 @@ import triton.language as tl
 
 from packserve.kernels.linear_attention_torch import (CHUNK, State, check_host_seqlens, check_inputs, chunk_table,
                                                       host_seqlens)
-from packserve.kernels.norm_utils import SUPPORTED_DTYPES, interpreting
+from packserve.kernels.norm_utils import SUPPORTED_DTYPES, dot_block, interpreting, sm_count
 
 # Tests set this to fill every buffer the wrappers allocate with NaN, so unwritten elements show.
 POISON_ALLOCATIONS = False
@@ -39,16 +39,12 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
-
-
 def _blocks(Dk: int, Dv: int) -> tuple[int, int]:
     # The interpreter runs programs one by one in Python: fewer, larger blocks. On a GPU, 64 x 64 fp32
     # state tiles keep registers in check while giving N x H x (Dk/64) x (Dv/64) programs.
     if interpreting():
-        return _pow2(Dk), _pow2(Dv)
-    return min(64, _pow2(Dk)), min(64, _pow2(Dv))
+        return dot_block(Dk), dot_block(Dv)
+    return min(64, dot_block(Dk)), min(64, dot_block(Dv))
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,11 +53,6 @@ def _device_table(cu: tuple[int, ...], device: torch.device) -> tuple[int, torch
     layer of a model step sees the same boundaries, so the table is built and copied once per step."""
     tab = chunk_table(cu, CHUNK)
     return tab.num_chunks, *(x.to(device, non_blocking=True) for x in (tab.first, tab.seq, tab.start))
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -199,7 +190,7 @@ def linear_attention_chunked_triton(q: torch.Tensor, k: torch.Tensor, v: torch.T
     # blocks give more programs to spread over the SMs.
     bv_state = BV
     while (bv_state > 16 and dev.type == "cuda"
-           and N * Hkv * triton.cdiv(Dk, BK) * triton.cdiv(Dv, bv_state) < _sm_count(dev)):
+           and N * Hkv * triton.cdiv(Dk, BK) * triton.cdiv(Dv, bv_state) < sm_count(dev)):
         bv_state //= 2
     if N:
         _chunk_state_kernel[(triton.cdiv(Dv, bv_state), triton.cdiv(Dk, BK), N * Hkv)](
@@ -279,7 +270,7 @@ def linear_attention_recurrent_triton(q: torch.Tensor, k: torch.Tensor, v: torch
     SF = _alloc((N, Hkv, Dk, Dv), torch.float32, dev) if output_final_state else o
     ZF = _alloc((N, Hkv, Dk), torch.float32, dev) if output_final_state else o
     S0, Z0 = (initial_state[0].contiguous(), initial_state[1].contiguous()) if initial_state is not None else (o, o)
-    BK = _pow2(Dk)
+    BK = dot_block(Dk)
     _, BV = _blocks(Dk, Dv)
     if N and T:
         _recurrent_kernel[(triton.cdiv(Dv, BV), N * Hkv)](
@@ -356,8 +347,8 @@ def linear_attention_decode_step_triton(q: torch.Tensor, k: torch.Tensor, v: tor
         S_out, z_out = S, z
     else:
         S_out, z_out = _alloc((B, Hkv, Dk, Dv), torch.float32, dev), _alloc((B, Hkv, Dk), torch.float32, dev)
-    BK = _pow2(Dk)
-    BV = min(_pow2(Dv), 64 if BK <= 64 else 32)  # keep the [BK, BV] tile modest
+    BK = dot_block(Dk)
+    BV = min(dot_block(Dv), 64 if BK <= 64 else 32)  # keep the [BK, BV] tile modest
     if B:
         _decode_kernel[(B * Hkv,)](
             q, k, v, o, S, z, S_out, z_out, state_indices if state_indices is not None else S,

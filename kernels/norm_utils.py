@@ -7,6 +7,7 @@ registers (one load per element); wider rows loop over column chunks.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,6 +36,16 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def dot_block(n: int) -> int:
+    """A block size covering n for a dimension of tl.dot, which needs every dimension >= 16."""
+    return max(16, next_power_of_2(n))
+
+
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def check_input(name: str, t: torch.Tensor) -> None:

@@ -26,7 +26,6 @@ kernel's, packserve.kernels.cpu_ops).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ import triton
 import triton.language as tl
 
 from packserve.kernels import triton_ops
-from packserve.kernels.norm_utils import interpreting
+from packserve.kernels.norm_utils import dot_block, interpreting, sm_count
 
 BLOCK_N = 64  # tokens per tile (half-precision caches; see _block_n)
 
@@ -135,22 +134,13 @@ def _combine_kernel(M, L, ACC, O, n_split, D: tl.constexpr, BLOCK_S: tl.constexp
     tl.store(O + bh * D + dims, out.to(O.dtype.element_ty), mask=dims < D)
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))  # tl.dot needs every dimension >= 16
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def num_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = BLOCK_N) -> int:
     """Splits per (request, KV head): enough programs for ~2 waves of the GPU's SMs, each split at least 4
     tiles long (shorter ones cost more in the combine than they save). 1 in the interpreter."""
     if device.type != "cuda" or interpreting():
         return 1
     tiles = -(-max_seq_len // block_n)
-    want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
+    want = -(-2 * sm_count(device) // max(1, batch * kv_heads))
     return max(1, min(want, tiles // 4, 32))
 
 
@@ -207,8 +197,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     S = splits or num_splits(n_tiles, Hkv, max_kv_len, q.device, block_n)
     tiles_per_split = -(-(-(-max(1, max_kv_len) // block_n)) // S)
     G = H // Hkv
-    common = dict(G=G, D=D, BLOCK_Q=tiles.block_q, BLOCK_G=_pow2(G) if tiles.block_q == 1 else triton.next_power_of_2(G),
-                  BLOCK_D=_pow2(D), BLOCK_N=block_n, BS=block_size, IEEE=k_cache.dtype == torch.float32)
+    common = dict(G=G, D=D, BLOCK_Q=tiles.block_q, BLOCK_G=dot_block(G) if tiles.block_q == 1 else triton.next_power_of_2(G),
+                  BLOCK_D=dot_block(D), BLOCK_N=block_n, BS=block_size, IEEE=k_cache.dtype == torch.float32)
     if common["BLOCK_Q"] * common["BLOCK_G"] < 16:
         raise ValueError("a query tile needs at least 16 rows (block_q x heads per KV head)")
     args = (block_table, ctx_lens, q_lens, q_start, tiles.tile_seq, tiles.tile_q0)
@@ -222,7 +212,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     acc = torch.empty(T, H, S, D, dtype=torch.float32, device=q.device)
     _paged_kernel[(n_tiles, Hkv, S)](q, k_cache, v_cache, *args, acc, m, l_sum, q.stride(0),
                                      block_table.stride(0), Hkv * D, tiles_per_split, scale, SPLIT=True, **common)
-    _combine_kernel[(T * H,)](m, l_sum, acc, out, S, D=D, BLOCK_S=_pow2(S), BLOCK_D=_pow2(D))
+    _combine_kernel[(T * H,)](m, l_sum, acc, out, S, D=D, BLOCK_S=dot_block(S), BLOCK_D=dot_block(D))
     return out
 
 
