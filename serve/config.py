@@ -63,8 +63,8 @@ ADMISSION_ORDERS = ("fcfs", "shortest")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 128  # the offline defaults (LLM, engine_config); the server's CPU budget: packserve.envs
+    max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     packing: str = "ffd"
     pack_length: int | None = None  # row capacity; None: the longest prompt in the step
