@@ -3,7 +3,7 @@ attention (one causal SDPA call per prompt, which the varlen backend used before
 
 Shapes of the serving model's attention (6 heads / 2 KV heads of 64, q/k/v column slices of the fused QKV
 output): one layer of the 32 serving prompts (5,906 tokens, lognormal lengths 30-605), one 512-token prompt and
-one 2048-token prompt. Prints the best of `--repeats` timings of each, its GFLOP/s (causal half: 4 L^2 H D / 2
+one 2048-token prompt. Prints the median of `--repeats` timings of each, its GFLOP/s (causal half: 4 L^2 H D / 2
 per prompt) and the operator's time as a ratio to SDPA's, measured in the same run. `--avx2-libs` re-runs
 itself with torch's kernels and oneDNN (which generates the operator's brgemm micro-kernels) capped at AVX2.
 
@@ -15,21 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed  # noqa: E402
 from cpu_ops import AVX2_LIBS  # noqa: E402
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> int:
@@ -57,7 +47,7 @@ def main() -> int:
         "one 2048-token prompt": [2048],
     }
     print(f"CPU: {cpu_lib.cpu_model()}; torch libs {'capped at AVX2' if args.avx2_libs else 'uncapped'}; "
-          f"{args.threads} threads; best of {args.repeats}")
+          f"{args.threads} threads; medians of {args.repeats}")
     for isa in cpu_lib.supported_isas():
         cpu_lib.use(isa)
         if not cpu_ops.has_varlen():
@@ -77,8 +67,8 @@ def main() -> int:
                     qh, kh, vh = (t[a:b].transpose(0, 1) for t in (q, k, v))
                     F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=D ** -0.5, enable_gqa=True)
 
-            ours = best_time(lambda: cpu_ops.varlen_attention(q, k, v, cu, D ** -0.5), args.repeats)
-            ref = best_time(sdpa, args.repeats)
+            ours = timed(lambda: cpu_ops.varlen_attention(q, k, v, cu, D ** -0.5), args.repeats) / 1e3
+            ref = timed(sdpa, args.repeats) / 1e3
             flops = sum(2 * l * l * H * D for l in lens)
             print(f"{isa:>7} {name:<22} operator {ours * 1e3:7.2f} ms ({flops / ours / 1e9:5.0f} GFLOP/s)   "
                   f"SDPA per prompt {ref * 1e3:7.2f} ms   ratio {ours / ref:.2f}x")
