@@ -39,8 +39,9 @@ import torch
 
 from packserve.kernels.cpu_lib import available, ops
 
-__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "linear_brgemm", "linear_brgemm_silu_mul", "linear_packed",
-           "pack_linear", "paged_decode_attention", "has_brgemm_linear", "has_varlen", "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
+__all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "has_brgemm_linear", "has_varlen",
+           "linear_brgemm", "linear_brgemm_silu_mul", "linear_packed", "pack_linear", "paged_decode_attention",
+           "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
 

@@ -14,8 +14,9 @@
 #define PACKSERVE_HAS_BRGEMM_LINEAR 1
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
+
+#include "cpu_kernels.h"  // silu
 
 namespace packserve {
 
@@ -79,7 +80,7 @@ static void linear_brgemm_silu_mul_f32(const float *x, int64_t sx, const float *
                     #pragma omp simd
                     for (int64_t j = 0; j < BRGEMM_NR; j++) {
                         const float a = bg ? gr[j] + bg[j] : gr[j], b = bu ? ur[j] + bu[j] : ur[j];
-                        o[j] = a / (1.f + expf(-a)) * b;
+                        o[j] = silu(a) * b;
                     }
                 }
             }

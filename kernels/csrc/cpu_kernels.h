@@ -309,6 +309,8 @@ static void linear_panels_f32(const float *x, int64_t sx, const float *wp, const
     }
 }
 
+static inline float silu(float a) { return a / (1.f + expf(-a)); }
+
 /* Gated MLP activation: out [rows, I] = silu(gate) * up, gate_up [rows, 2I] (gate first, row stride s). One
    pass instead of torch's copy, silu and multiply; exp through libmvec when available (vectorized). */
 static void silu_mul_f32(const float *gate_up, int64_t s, float *out, int64_t rows, int64_t I) {
@@ -317,7 +319,7 @@ static void silu_mul_f32(const float *gate_up, int64_t s, float *out, int64_t ro
         const float *g = gate_up + r * s, *u = g + I;
         float *o = out + r * I;
         #pragma omp simd
-        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        for (int64_t i = 0; i < I; i++) o[i] = silu(g[i]) * u[i];
     }
 }
 

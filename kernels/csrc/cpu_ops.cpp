@@ -99,9 +99,7 @@ Tensor argmax_rows(const Tensor &x) {
 }
 
 // Both linear kernels read weights packed into 32-feature panels [P, in, 32] (the last one and the bias
-// zero-padded): checks and output here, the product by `kernel`.
-
-// out_cols: the output's width (out_features unless the kernel reduces the features, as silu(gate) * up does).
+// zero-padded): checks and output here, the product by `kernel`. out_cols: the output's width (out_features unless the kernel reduces the features, as silu(gate) * up does).
 template <typename Kernel>
 Tensor panel_linear(const Tensor &x, const Tensor &panels, const std::optional<Tensor> &bias, int64_t out_features,
                     Kernel kernel, int64_t out_cols = -1) {

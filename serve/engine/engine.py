@@ -382,9 +382,9 @@ def engine_config(model: str, **kw) -> EngineConfig:
                      enforce_eager=kw.pop("enforce_eager", False))
     cc = CacheConfig(block_size=kw.pop("block_size", 16), num_blocks=kw.pop("num_kv_blocks", None),
                      memory_gib=kw.pop("kv_cache_memory_gib", None), prefix_caching=kw.pop("prefix_caching", True))
-    dflt = SchedulerConfig
-    sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", dflt.max_num_seqs),
-                         max_num_batched_tokens=kw.pop("max_num_batched_tokens", dflt.max_num_batched_tokens),
+    sc = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", SchedulerConfig.max_num_seqs),
+                         max_num_batched_tokens=kw.pop("max_num_batched_tokens",
+                                                       SchedulerConfig.max_num_batched_tokens),
                          max_model_len=max(2, mc.max_model_len or 2), packing=kw.pop("packing", "ffd"),
                          pack_length=kw.pop("pack_length", None), max_waiting=kw.pop("max_waiting", None),
                          admission=kw.pop("admission", "fcfs"), share_prompt=kw.pop("share_prompt", True))

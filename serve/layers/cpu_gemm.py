@@ -55,7 +55,7 @@ class CpuPackedLinear:
 
 
 def _median_times(fns: dict) -> dict:
-    """Median time of each callable, timed in alternation (ref, kernel, kernel, ref, ...): a neighbour's load
+    """Median time of each callable, timed in alternation (F.linear, panel, brgemm, F.linear, ...): a neighbour's load
     that comes and goes during the calibration then slows every candidate alike instead of the one timed at that
     moment (timed one after the other on a busy host, whole verdicts flipped to F.linear)."""
     times: dict = {name: [] for name in fns}

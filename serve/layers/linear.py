@@ -59,8 +59,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def fuses_silu_mul(layer: "MergedColumnLinear", x: torch.Tensor) -> bool:
     """Whether silu(gate) * up of this fused gate_up layer runs in one pass on x (cpu_ops.linear_brgemm_silu_mul):
-    where the brgemm kernel serves x's row count (the [rows, 2I] product then never reaches memory)."""
-    return _panel_kernel(x, layer.packed) == "brgemm" and layer.out_features % 64 == 0
+    a layer of gate then up halves (multiples of 32), where the brgemm kernel serves x's row count (the [rows, 2I]
+    product then never reaches memory)."""
+    return (tuple(layer.shard_sizes) == ("gate", "up") and layer.out_features % 64 == 0
+            and _panel_kernel(x, layer.packed) == "brgemm")
 
 
 class ColumnLinear(nn.Module):

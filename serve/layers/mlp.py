@@ -51,8 +51,7 @@ class GatedMLP(nn.Module):
         return self._forward(x)
 
     def _fuses_silu(self, x: torch.Tensor) -> bool:
-        return (self.act is F.silu and list(self.gate_up_proj.shard_sizes) == ["gate", "up"]
-                and fuses_silu_mul(self.gate_up_proj, x))
+        return self.act is F.silu and fuses_silu_mul(self.gate_up_proj, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fuses_silu(x):
