@@ -82,9 +82,10 @@ _VARS = [
     EnvVar("MAX_MODEL_LEN", int, None, "context length limit (default: the checkpoint's)", "--max-model-len"),
     EnvVar("MAX_NUM_SEQS", int, 128, "most requests running at once", "--max-num-seqs"),
     EnvVar("MAX_NUM_BATCHED_TOKENS", int, None,
-           "token budget of one engine step (default: 8192 on GPU; on CPU 1024, or --max-num-seqs if larger: a "
-           "step of 8k prompt tokens takes ~0.4 s on 2 cores and every stream waits for it, so a burst's first "
-           "tokens come sooner in smaller steps)", "--max-num-batched-tokens"),
+           "token budget of one engine step (default: 8192 on GPU; on CPU 2048, or --max-num-seqs if larger, as "
+           "vLLM-CPU's server: a step of 8k prompt tokens takes ~1 s on 2 cores and every stream waits for it, so "
+           "a burst's first tokens come sooner in smaller steps; much smaller ones make the started streams wait "
+           "through more prefill steps)", "--max-num-batched-tokens"),
     EnvVar("ADMISSION_ORDER", str, "shortest",
            "which waiting requests start first: shortest (fewest prompt tokens first; preempted ones and those "
            "waiting 32 steps or more go first, in arrival order) or fcfs (arrival order)", "--admission-order",

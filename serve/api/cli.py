@@ -19,7 +19,7 @@ from packserve.host import cpu_budget
 log = logging.getLogger("packserve.serve")
 
 
-CPU_STEP_TOKENS = 1024  # the server's default step budget on CPU (PACKSERVE_MAX_NUM_BATCHED_TOKENS)
+CPU_STEP_TOKENS = 2048  # the server's default step budget on CPU (PACKSERVE_MAX_NUM_BATCHED_TOKENS), vLLM-CPU's too
 
 
 def _runs_on_cpu(device: str | None) -> bool:

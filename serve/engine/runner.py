@@ -126,15 +126,17 @@ class ModelRunner:
 
     def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         """The step's forward pass: with tensor parallelism, the step goes to the other ranks first."""
+        chunks = self.prompt_logprob_chunks(out)
         if self.tp is not None:
-            self.tp.send(out, self.prompt_logprob_chunks(out))
+            self.tp.send(out, chunks)
         self._step_start = time.perf_counter()  # the step's model work on this rank starts (broadcast excluded)
-        return self._forward_local(out)
+        return self._forward_local(out, chunks)
 
-    def _forward_local(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
+    def _forward_local(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]]
+                       ) -> tuple[torch.Tensor, dict[int, int], StepStats]:
         if out.block_copies:
             self._copy_blocks(out.block_copies)
-        return self._forward(out)
+        return self._forward(out, chunks)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
@@ -145,8 +147,10 @@ class ModelRunner:
         if not to_sample:
             distributed.step_seconds += time.perf_counter() - self._step_start
             return {}, {}, stats
-        idx = torch.tensor([last_index[k] for k in to_sample], dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        rows = [last_index[k] for k in to_sample]
+        if rows != list(range(hidden.shape[0])):  # output_rows already selected them, in this order
+            hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+        logits = self.model.compute_logits(hidden)
         distributed.step_seconds += time.perf_counter() - self._step_start  # forward and logits, as on workers
         reqs = [out.scheduled[k].request for k in to_sample]
         result: SampleResult = self.sampler(logits, reqs)
@@ -209,14 +213,18 @@ class ModelRunner:
     def worker_step(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]]) -> None:
         """A tensor-parallel worker's step: the forward pass and its share of every logits computation rank 0
         makes (prompt-logprob chunks, then the sampled rows), in the same order."""
-        hidden, last_index, _ = self._forward_local(out)
+        hidden, last_index, _ = self._forward_local(out, chunks)
         for k, a, b in chunks:
             self._chunk_logits(out, hidden, last_index, k, a, b)
         to_sample = [last_index[k] for k, s in enumerate(out.scheduled) if s.sample]
         if to_sample:
-            self.model.compute_logits(hidden.index_select(0, torch.tensor(to_sample, device=hidden.device)))
+            if to_sample != list(range(hidden.shape[0])):  # as execute() selects them on rank 0
+                hidden = hidden.index_select(0, torch.tensor(to_sample, device=hidden.device))
+            self.model.compute_logits(hidden)
 
-    def _forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
+    def _forward(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]]
+                 ) -> tuple[torch.Tensor, dict[int, int], StepStats]:
+        """`chunks`: the step's prompt-logprob chunks (prompt_logprob_chunks; a worker gets rank 0's)."""
         if self._cpu_kernels_pending:
             self._switch_to_cpu_kernels()
         fresh = [s for s in out.scheduled if s.context_len == 0]
@@ -260,6 +268,7 @@ class ModelRunner:
         ids, positions, slots = self.input_batch.step_inputs()
         attn = AttentionMetadata(slots, packed_meta, paged_meta)
         ctx = ForwardContext(attn, self.kv_cache, self.backend)
+        ctx.output_rows, last_index = self._output_rows(out, last_index, ids.shape[0], bool(chunks))
         if self.state_cache is not None:
             ctx.linear = self._linear_meta(flat_seqs)
             ctx.state_cache = self.state_cache
@@ -267,6 +276,17 @@ class ModelRunner:
             self.cpu_precision.apply(ids.shape[0])
         hidden = self.model(ids, positions, ctx)
         return hidden, last_index, stats
+
+    def _output_rows(self, out: SchedulerOutput, last_index: dict[int, int], num_tokens: int,
+                     prompt_logprobs: bool):
+        """The rows the step reads from the model's output (ForwardContext.output_rows): the sampled ones, in
+        scheduled order, with last_index remapped onto them; (None, last_index) when it reads more (prompt
+        logprobs) or every row anyway (decode steps). Tensor-parallel ranks decide alike (same step, same chunks)."""
+        sampled = [k for k, s in enumerate(out.scheduled) if s.sample]
+        if len(sampled) >= num_tokens or prompt_logprobs:
+            return None, last_index
+        rows = torch.tensor([last_index[k] for k in sampled], dtype=torch.long)
+        return rows.to(self.device, non_blocking=True), {k: i for i, k in enumerate(sampled)}
 
     # -- CUDA graphs of the decode step (packserve.engine.cuda_graphs) -----------------------------------------
     def _graph_bucket(self, fresh: list, cont: list) -> int | None:

@@ -330,3 +330,12 @@ class ForwardContext:
     backend: AttentionBackend
     linear: Any = None  # LinearAttnMeta for models with linear-attention layers
     state_cache: Any = None
+    # The flat rows the caller reads from the model's output (the sampled ones), in the order it wants them; None:
+    # every row. The last layer still writes every token's K/V (or state), then projects, adds and normalizes
+    # only these rows: a prefill step samples one row per prompt, so its last MLP shrinks from T rows to a few.
+    output_rows: torch.Tensor | None = None
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x's rows `rows` (all of x for None)."""
+    return x if rows is None else x.index_select(0, rows)

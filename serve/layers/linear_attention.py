@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from packserve import distributed
+from packserve.layers.attention import select_rows
 from packserve.layers.linear import MergedColumnLinear, RowLinear
 
 
@@ -52,7 +53,8 @@ class LinearAttention(nn.Module):
         self.normalize, self.eps = normalize, eps
         self.linear_idx = linear_idx
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: project only these rows of the output (every token still updates its sequence's state)."""
         from packserve.kernels.linear_attention import linear_attention_chunked, linear_attention_decode_step
 
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -76,4 +78,4 @@ class LinearAttention(nn.Module):
                                                  feature_map=self.feature_map, cu_seqlens_cpu=meta.cu_seqlens_host)
             S_all.index_copy_(0, meta.state_slots, S)  # states are fp32 on both sides
             z_all.index_copy_(0, meta.state_slots, z)
-        return self.o_proj(o.reshape(-1, self.q_size).to(x.dtype))
+        return self.o_proj(select_rows(o.reshape(-1, self.q_size), rows).to(x.dtype))

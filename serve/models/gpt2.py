@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from packserve import distributed
-from packserve.layers.attention import Attention, ForwardContext
+from packserve.layers.attention import Attention, ForwardContext, select_rows
 from packserve.layers.linear import MergedColumnLinear, RowLinear, whole
 from packserve.layers.mlp import PlainMLP
 from packserve.layers.norm import CRMSNorm, LayerNorm, PlainRMSNorm
@@ -50,7 +50,8 @@ class GPT2Block(nn.Module):
         self.mlp = PlainMLP(width, cfg.get("n_inner") or 4 * d, cfg.get("activation_function", "gelu_new"),
                             out_features=width)
 
-    def forward(self, x, residual, ctx: ForwardContext):
+    def forward(self, x, residual, ctx: ForwardContext, rows=None):
+        """`rows`: the block's output keeps only these rows (the model's last block: ForwardContext.output_rows)."""
         if residual is None:
             residual = x
             h = self.ln_1(x)
@@ -59,8 +60,8 @@ class GPT2Block(nn.Module):
         q, k, v = self.c_attn(h).split(self.d, dim=-1)
         shape = (-1, self.num_heads, self.head_dim)
         a = self.attn(q.reshape(shape), k.reshape(shape), v.reshape(shape), ctx)
-        a = self.c_proj(a.reshape(-1, self.d))
-        h, residual = self.ln_2(a, residual)
+        a = self.c_proj(select_rows(a.reshape(-1, self.d), rows))
+        h, residual = self.ln_2(a, select_rows(residual, rows))
         return self.mlp(h), residual
 
 
@@ -87,8 +88,9 @@ class GPT2LMHeadModel(CausalLM):
     def forward(self, input_ids, positions, ctx):
         x = self.wte(input_ids) + self.wpe(positions)
         residual = None
-        for block in self.h:
-            x, residual = block(x, residual, ctx)
+        last = len(self.h) - 1
+        for i, block in enumerate(self.h):
+            x, residual = block(x, residual, ctx, ctx.output_rows if i == last else None)
         x, _ = self.ln_f(x, residual)
         return x
 

@@ -67,7 +67,8 @@ class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids, positions, ctx):
         x = self.model.embed_tokens(input_ids)
         residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, positions, ctx)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x, residual = layer(x, residual, positions, ctx, ctx.output_rows if i == last else None)
         x, _ = self.model.norm(x, residual)
         return x

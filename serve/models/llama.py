@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from packserve.layers.attention import Attention, ForwardContext
+from packserve.layers.attention import Attention, ForwardContext, select_rows
 from packserve.layers.linear import MergedColumnLinear, RowLinear
 from packserve.layers.mlp import GatedMLP
 from packserve.layers.norm import RMSNorm
@@ -48,7 +48,9 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary  # one table per model, shared by the layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: project only these rows of the attention output (every token's K/V is still cached)."""
         qkv = self.qkv_proj(x)
         rotate_in_place = self.q_norm is None and qkv.dtype == torch.float32
         if rotate_in_place:
@@ -64,7 +66,7 @@ class LlamaAttention(nn.Module):
         if not rotate_in_place:
             q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, ctx)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(select_rows(out.reshape(-1, self.q_size), rows))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -79,15 +81,16 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("hidden_act", "silu"),
                             bias=bool(cfg.get("mlp_bias", False)))
 
-    def forward(self, x, residual, positions, ctx):
+    def forward(self, x, residual, positions, ctx, rows=None):
+        """`rows`: the layer's output keeps only these rows (the model's last layer: ForwardContext.output_rows)."""
         # Residual adds are fused into the next norm (one pass over the hidden state).
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x = self.self_attn(x, positions, ctx, rows)
+        x, residual = self.post_attention_layernorm(x, select_rows(residual, rows))
         return self.mlp(x), residual
 
 
@@ -103,8 +106,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, ctx):
         x = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, positions, ctx, ctx.output_rows if i == last else None)
         x, _ = self.norm(x, residual)
         return x
 
