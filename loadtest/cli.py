@@ -95,14 +95,29 @@ def _load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def _plots(args: argparse.Namespace, console: Console):
+    """The plots module, or None with --no-plots or without matplotlib (an optional extra: packserve[loadtest])."""
+    if args.no_plots:
+        return None
+    try:
+        from . import plots
+    except ImportError as exc:
+        if not getattr(args, "_warned_plots", False):
+            args._warned_plots = True
+            console.print(f"plots skipped: {exc.name or 'matplotlib'} is not installed "
+                          "(pip install 'packserve[loadtest]'); report.json is complete without them")
+        return None
+    return plots
+
+
 def _write_run(outcome: RunOutcome, out: Path, args: argparse.Namespace, slos: dict, workload: dict,
                console: Console) -> dict:
-    from . import plots
     from .report import build_report, print_tables, summary_tables, write_json
 
     report = build_report(outcome, slos, workload)
     write_json(report, out / "report.json")
-    if not args.no_plots:
+    plots = _plots(args, console)
+    if plots is not None:
         title = f"rate={report['config']['request_rate']}"
         plots.latency_cdfs(outcome.results, out / "latency_cdf.png", title)
         plots.throughput_over_time(report["timeseries"], out / "throughput.png")
@@ -143,7 +158,6 @@ async def _amain(args: argparse.Namespace, cfg: RunConfig, rates: list[float] | 
         report = _write_run(outcomes[0], out, args, slos, workload, console)
         completed = report["metrics"]["completed"]
     else:
-        from . import plots
         from .report import SWEEP_SCHEMA, sweep_table, write_json
 
         runs = []
@@ -155,7 +169,8 @@ async def _amain(args: argparse.Namespace, cfg: RunConfig, rates: list[float] | 
         sweep = {"schema": SWEEP_SCHEMA, "interrupted": interrupted,
                  "config": _write_cfg(outcomes[0], workload) if outcomes else {}, "runs": runs}
         write_json(sweep, out / "sweep.json")
-        if runs and not args.no_plots:
+        plots = _plots(args, console) if runs else None
+        if plots is not None:
             plots.sweep_curve(runs, out / "sweep.png")
         console.print(sweep_table(sweep))
         completed = sum(r["metrics"]["completed"] for r in runs)

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+import packserve.loadtest
 from packserve.loadtest.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -55,6 +56,21 @@ def test_single_run_report_and_plots(fake_url, tmp_path, capsys):
     _png_ok(out / "throughput.png")
     text = capsys.readouterr().out
     assert "TTFT" in text and "request throughput" in text
+
+
+def test_without_matplotlib_the_run_skips_plots_only(fake_url, tmp_path, capsys, monkeypatch):
+    """matplotlib is the optional loadtest extra: without it the report and tables are complete, plots skipped."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.delitem(sys.modules, "packserve.loadtest.plots", raising=False)
+    monkeypatch.delattr(packserve.loadtest, "plots", raising=False)  # `from . import plots` reads it first
+    out = tmp_path / "noplots"
+    rc = main(["--base-url", fake_url, "--model", "fake", "--num-requests", "3", "--input-len", "uniform:8:16",
+               "--output-len", "2", "--ignore-eos", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    _check_report(json.loads((out / "report.json").read_text()), 3)
+    assert not list(out.glob("*.png"))
+    text = capsys.readouterr().out
+    assert "plots skipped: matplotlib is not installed" in text and "TTFT" in text
 
 
 def test_sweep(fast_url, tmp_path):
