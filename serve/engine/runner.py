@@ -2,7 +2,8 @@
 
 Flat token layout of a step: fresh prompts first (bin-packed row by row), then
 requests with cached context (chunk continuations and decodes). The model's
-matmuls see only real tokens; logits are computed for the sampled positions only.
+matmuls see only real tokens; the last layer past its attention, the final norm
+and the logits are computed for the sampled positions only (output_rows).
 """
 
 from __future__ import annotations
