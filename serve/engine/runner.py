@@ -125,9 +125,12 @@ class ModelRunner:
             keep_state=torch.tensor([float(s.context_len > 0) for s in seqs]).to(dev, non_blocking=True),
             all_decode=all(n == 1 and s.context_len > 0 for n, s in zip(lens, seqs)))
 
-    def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, dict[int, int], StepStats]:
-        """The step's forward pass: with tensor parallelism, the step goes to the other ranks first."""
-        chunks = self.prompt_logprob_chunks(out)
+    def forward(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]] | None = None
+                ) -> tuple[torch.Tensor, dict[int, int], StepStats]:
+        """The step's forward pass: with tensor parallelism, the step goes to the other ranks first.
+        `chunks`: the step's prompt_logprob_chunks, when the caller already has them."""
+        if chunks is None:
+            chunks = self.prompt_logprob_chunks(out)
         if self.tp is not None:
             self.tp.send(out, chunks)
         self._step_start = time.perf_counter()  # the step's model work on this rank starts (broadcast excluded)
@@ -141,17 +144,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, tuple], StepStats]:
-        hidden, last_index, stats = self.forward(out)
-        dev = self.device
-        self._prompt_logprobs(out, hidden, last_index)
+        chunks = self.prompt_logprob_chunks(out)
+        hidden, last_index, stats = self.forward(out, chunks)
+        self._prompt_logprobs(out, hidden, last_index, chunks)
         to_sample = [k for k, s in enumerate(out.scheduled) if s.sample]
         if not to_sample:
             distributed.step_seconds += time.perf_counter() - self._step_start
             return {}, {}, stats
-        rows = [last_index[k] for k in to_sample]
-        if rows != list(range(hidden.shape[0])):  # output_rows already selected them, in this order
-            hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
-        logits = self.model.compute_logits(hidden)
+        logits = self._logits_of(hidden, [last_index[k] for k in to_sample])
         distributed.step_seconds += time.perf_counter() - self._step_start  # forward and logits, as on workers
         reqs = [out.scheduled[k].request for k in to_sample]
         result: SampleResult = self.sampler(logits, reqs)
@@ -192,14 +192,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, torch.arange(flat0 + a, flat0 + b,
                                                                              device=hidden.device)))
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int]) -> None:
+    def _logits_of(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Logits of hidden's flat `rows`; no copy when output_rows already selected exactly those, in order."""
+        if rows != list(range(hidden.shape[0])):
+            hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=hidden.device))
+        return self.model.compute_logits(hidden)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, last_index: dict[int, int],
+                         chunks: list[tuple[int, int, int]]) -> None:
         """Score prompt tokens for requests that asked (request.prompt_logprobs grows as chunks are prefilled)."""
         from packserve.engine.request import Logprob
 
         for s in out.scheduled:  # the first prompt token has no logprob (None), even for a 1-token prompt
             if s.request.params.prompt_logprobs is not None and s.request.prompt_logprobs is None:
                 s.request.prompt_logprobs = [None]
-        for k, a, b in self.prompt_logprob_chunks(out):
+        for k, a, b in chunks:
             req = out.scheduled[k].request
             n_top = req.params.prompt_logprobs
             lp = torch.log_softmax(self._chunk_logits(out, hidden, last_index, k, a, b).float(), dim=-1)
@@ -219,9 +226,7 @@ class ModelRunner:
             self._chunk_logits(out, hidden, last_index, k, a, b)
         to_sample = [last_index[k] for k, s in enumerate(out.scheduled) if s.sample]
         if to_sample:
-            if to_sample != list(range(hidden.shape[0])):  # as execute() selects them on rank 0
-                hidden = hidden.index_select(0, torch.tensor(to_sample, device=hidden.device))
-            self.model.compute_logits(hidden)
+            self._logits_of(hidden, to_sample)
 
     def _forward(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]]
                  ) -> tuple[torch.Tensor, dict[int, int], StepStats]:
@@ -357,6 +362,5 @@ class ModelRunner:
                 raise ValueError("more prompts than linear-attention state slots")
             for i, e in enumerate(sched.scheduled):
                 e.request.state_slot = i
-        hidden, last_index, _ = self.forward(sched)
-        idx = torch.tensor([last_index[k] for k in range(len(prompts))], device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, idx))
+        hidden, last_index, _ = self.forward(sched, [])
+        return self._logits_of(hidden, [last_index[k] for k in range(len(prompts))])
