@@ -177,7 +177,7 @@ def run_e2e(device: torch.device, quick: bool) -> None:
             llm = LLM(path, norm_mode=mode, device=device.type, num_kv_blocks=4096 if not quick else 256)
             with torch.inference_mode():
                 # Whole prefill, host work included: that is what serving pays.
-                t = timeit(lambda: llm.engine.runner.prefill_logits(prompts), 5, device)
+                t = timeit(lambda: llm.engine.prefill_logits(prompts), 5, device)
             base = base or t
             print(f"  {mode:<9}{t * 1e3:>9.1f} ms   {base / t:.3f}x native")
             del llm

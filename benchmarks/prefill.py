@@ -105,7 +105,7 @@ def main() -> int:
         run_rows, layout = packed_rows_forward(hf, prompts, device, dtype)
 
         def run_ours():
-            return llm.engine.runner.prefill_logits(prompts)
+            return llm.engine.prefill_logits(prompts)
 
         ref, rows, ours = run_padded().float(), run_rows().float(), run_ours().float()
         tol = 2e-2 if args.gpu else 1e-3

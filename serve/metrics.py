@@ -107,10 +107,10 @@ class EngineMetrics:
         self.set_gauges(engine)
 
     def set_gauges(self, engine, *_args) -> None:
-        sched = engine.scheduler
-        self.running.set(len(sched.running))
-        self.waiting.set(len(sched.waiting))
-        self.kv_usage.set(engine.allocator.usage)
+        s = engine.stats  # refreshed by every step and abort
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        self.kv_usage.set(s.kv_cache_usage)
 
     def _rank_times(self) -> None:
         ranks = list(distributed.rank_seconds) or [(0.0, 0.0)]

@@ -165,7 +165,7 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
     reqs, choices, total_prompt = [], {}, 0
     for p_idx, (text, ids) in enumerate(prompts):
         mt = max_tokens(ids) if callable(max_tokens) else max_tokens
-        try:
+        try:  # here too, not only in the engine: before the echo decodes the ids and the grammar compiles
             validate_prompt(ids, state.vocab_size, state.max_model_len, 1 if mt is None else mt)
         except ParameterError as e:
             raise _param_error(e) from None

@@ -16,13 +16,14 @@ from packserve import envs
 from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from packserve.engine.detokenizer import IncrementalDetokenizer
 from packserve.engine.precision import CpuMatmulPrecision
-from packserve.engine.stop import StopMatcher
+from packserve.engine.stop import StopMatcher, token_finish
 from packserve.engine.threads import ThreadTuner
-from packserve.engine.kv_cache import BlockAllocator, KVCache
+from packserve.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
 from packserve.engine.request import (CompletionOutput, FinishReason, ParameterError, Request, RequestOutput,
                                       SamplingParams, validate_request)
 from packserve.engine.runner import ModelRunner, StepStats
-from packserve.engine.scheduler import Scheduler
+from packserve.engine.sampler import Sampler
+from packserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from packserve.layers.attention import select_backend
 from packserve.models.loader import load_model, read_config, resolve_dtype
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
-    """Plain counters and gauges; the Prometheus layer maps them to metrics."""
+    """Plain counters and gauges, refreshed by every step, admission and abort; the Prometheus layer
+    (packserve.metrics) reads only these."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -115,8 +117,9 @@ class LLMEngine:
         self.state_slots = state_slots
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, state_slots)
         self.backend = select_backend(mc.backend, self.device, self.dtype)
+        self.sampler = Sampler()  # the engine's: per-request generators and the grammar compiler live on it
         self.runner = ModelRunner(self.model, self.backend, self.kv_cache, self.device, sc.packing, sc.pack_length,
-                                  state_cache=self.state_cache, allocator=self.allocator,
+                                  state_cache=self.state_cache, sampler=self.sampler,
                                   cpu_precision=self.cpu_precision, max_model_len=self.max_model_len,
                                   max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
                                   tp=self.tp)
@@ -191,15 +194,16 @@ class LLMEngine:
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine")
         sc = self.scheduler_config
-        budget = min(sc.max_num_batched_tokens, self.allocator.num_blocks * self.allocator.block_size)
+        budget, blocks, bs = sc.max_num_batched_tokens, self.allocator.num_blocks, self.allocator.block_size
         lengths: list[int] = []
-        while budget > 0 and len(lengths) < sc.max_num_seqs:
-            lengths.append(min(budget, self.max_model_len))
+        while budget > 0 and blocks > 0 and len(lengths) < sc.max_num_seqs:
+            lengths.append(min(budget, self.max_model_len, blocks * bs))
             budget -= lengths[-1]
+            blocks -= self.allocator.blocks_for(lengths[-1])
         if self.state_cache is not None:
             lengths = lengths[:self.state_cache.num_slots]
         tok = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.runner.prefill_logits([[tok] * n for n in lengths])
+        self.prefill_logits([[tok] * n for n in lengths])
         for i in range(min(sc.max_num_seqs, 4)):
             self.add_request([tok] * (i + 2), SamplingParams(max_tokens=3, temperature=1.0 if i % 2 else 0.0,
                                                              ignore_eos=True), request_id=f"_warm_up_{i}")
@@ -208,6 +212,30 @@ class LLMEngine:
         self.allocator.reset_prefix_cache()
         self.stats = EngineStats()
         self.scheduler.reset_counters()
+
+    def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Last-token logits of fresh prompts in one packed step, outside the scheduler's step budget (warm-up,
+        tests, benchmarks). Only on an idle engine; the prompts hold real blocks (and state slots) for the step,
+        so cached prefixes survive unless the allocator evicts them for it."""
+        if self.has_unfinished():
+            raise RuntimeError("prefill_logits needs an idle engine")
+        sched, held = SchedulerOutput(), []
+        try:
+            for i, p in enumerate(prompts):
+                req = Request(f"_prefill_{i}", list(p), SamplingParams(max_tokens=1))
+                req.block_ids = self.allocator.allocate(self.allocator.blocks_for(len(p)))
+                held.append(req)
+                if self.state_slots is not None:
+                    req.state_slot = self.state_slots.allocate()
+                sched.scheduled.append(ScheduledRequest(req, len(p), 0, True))
+            return self.runner.logits(sched)
+        except OutOfBlocks:
+            raise ValueError("the prompts do not fit the KV cache (or the linear-attention state slots)") from None
+        finally:
+            for req in held:
+                self.allocator.free(req.block_ids)
+                if req.state_slot is not None:
+                    self.state_slots.free(req.state_slot)
 
     # -- requests -----------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -234,25 +262,26 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids) if self.tokenizer is not None else None
         stop = StopMatcher(params.stop) if params.stop and detok is not None else None
         self._tracks[rid] = _Track(req, prompt if isinstance(prompt, str) else None, detok, stop)
+        self._refresh_stats(self.stats.last_step)  # the waiting gauge moves at once
         return rid
 
     def structured_outputs(self):
         """The grammar compiler for this model (built on first use; packserve.engine.structured)."""
         with self._structured_lock:
-            if self.runner.sampler.structured is None:
+            if self.sampler.structured is None:
                 if self.tokenizer is None:
                     raise ParameterError("structured outputs need the model's tokenizer", "response_format")
                 from packserve.engine.structured import StructuredOutputs
 
                 threads = 1 if self.device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
-                self.runner.sampler.structured = StructuredOutputs(self.tokenizer, self.info.vocab_size,
+                self.sampler.structured = StructuredOutputs(self.tokenizer, self.info.vocab_size,
                                                                    sorted(self.eos_token_ids), threads)
-            return self.runner.sampler.structured
+            return self.sampler.structured
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(request_id, FinishReason.ABORT)
         track = self._tracks.pop(request_id, None)
-        self.runner.sampler.forget(request_id)
+        self.sampler.forget(request_id)
         self._refresh_stats(self.stats.last_step)  # gauges (KV usage, queues) move at once
         if req is None or track is None:
             return None
@@ -300,41 +329,36 @@ class LLMEngine:
         s.last_step = step_stats
 
     def _on_token(self, req: Request, logprob) -> RequestOutput:
+        """The new token's text, and whether it ends the request: the one place that decides (precedence in
+        packserve.engine.stop); the scheduler then frees the request's blocks."""
         track = self._tracks[req.request_id]
         now = time.monotonic()
-        if req.first_token_time is None and req.output_token_ids:
-            req.first_token_time = now
         if not req.output_token_ids:  # max_tokens=0: the prompt was scored, nothing generated
-            track.finished_time = now
-            self._tracks.pop(req.request_id, None)
-            return self._output(track)
-        if logprob is not None:
-            track.logprobs.append(logprob)
-        if req.matcher is not None and not req.is_finished and req.matcher.is_terminated():
-            self.scheduler.finish(req.request_id, FinishReason.STOP)  # the output is complete (also under ignore_eos)
-        if track.detok is not None:
+            reason, stop = FinishReason.LENGTH, None
+        else:
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if logprob is not None:
+                track.logprobs.append(logprob)
+            reason, stop = token_finish(req, self.max_model_len)
+        if track.detok is not None and req.output_token_ids:
             track.detok.add(req.output_token_ids[-1])
-            if req.is_finished:
+            if reason is not None:
                 track.detok.flush()
             full = track.detok.text
             hit = track.stop.feed(full) if track.stop is not None else None
             if hit is not None:
                 idx, s = hit
                 full = full[: idx + (len(s) if req.params.include_stop_str_in_output else 0)]
-                if req.is_finished:  # the same token also hit max_tokens: the stop string wins
-                    req.finish_reason, req.stop_reason = FinishReason.STOP, s
-                else:
-                    self.scheduler.finish(req.request_id, FinishReason.STOP, s)
-                track.text = full
-            elif req.is_finished or track.stop is None:
-                track.text = full
-            else:
-                # Hold back a tail that may still turn into a stop string.
-                track.text = full[: len(full) - track.stop.holdback]
-        if req.is_finished:
+                reason, stop = FinishReason.STOP, s
+            elif reason is None and track.stop is not None:
+                full = full[: len(full) - track.stop.holdback]  # a tail that may still become a stop string
+            track.text = full
+        if reason is not None:
+            self.scheduler.finish(req.request_id, reason, stop)
             track.finished_time = now
             self._tracks.pop(req.request_id, None)
-            self.runner.sampler.forget(req.request_id)
+            self.sampler.forget(req.request_id)
         return self._output(track)
 
     def _output(self, track: _Track) -> RequestOutput:

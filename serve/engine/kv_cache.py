@@ -129,8 +129,8 @@ class BlockAllocator:
         return out
 
     def reset_prefix_cache(self) -> None:
-        """Forget every registered block (they become plain free blocks). Only with no block owned: for code that
-        writes cache slots without allocating them (ModelRunner.prefill_logits)."""
+        """Forget every registered block (they become plain free blocks). Only with no block owned: after the
+        warm-up, so that the server starts with an empty cache."""
         if not self._hash_of:
             return
         if any(self._refs):

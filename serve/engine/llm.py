@@ -21,13 +21,15 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        # Validate everything before queueing anything: a bad prompt must not leave others half-submitted.
-        ids = [self.engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
-        from packserve.engine.request import validate_request
-
-        for tok, sp in zip(ids, params):
-            validate_request(tok, sp, self.engine.info.vocab_size, self.engine.max_model_len)
-        rids = [self.engine.add_request(p, sp, prompt_token_ids=tok) for p, tok, sp in zip(prompts, ids, params)]
+        # All or nothing: a bad prompt (add_request validates it) takes back the ones queued before it.
+        rids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                rids.append(self.engine.add_request(p, sp))
+        except Exception:
+            for rid in rids:
+                self.engine.abort_request(rid)
+            raise
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

@@ -317,6 +317,6 @@ def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: in
             f"exceeds the model's context length {max_model_len}",
             "max_tokens",
         )
-    for t in token_ids:
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-            raise ParameterError(f"token id {t!r} is outside the vocabulary [0, {vocab_size})", "prompt")
+    if not all(type(t) is int for t in token_ids) or min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        bad = next(t for t in token_ids if type(t) is not int or not 0 <= t < vocab_size)
+        raise ParameterError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})", "prompt")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -33,24 +33,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepStats:
+    """What one step's packed prefill did (the metrics' histograms and counters)."""
+
     num_prefill_tokens: int = 0  # fresh prompt tokens (packed)
-    num_context_tokens: int = 0  # chunk continuations + decodes
-    num_decode_tokens: int = 0
     num_prompts_packed: int = 0
-    num_rows: int = 0
     packing_efficiency: float = 1.0  # real tokens / slots computed by the attention backend
     padding_avoided: int = 0  # vs one padded batch of the same prompts
 
 
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, kv_cache: KVCache, device: torch.device,
-                 packing: str = "ffd", pack_length: int | None = None, state_cache=None, allocator=None,
+                 packing: str = "ffd", pack_length: int | None = None, state_cache=None, sampler: Sampler | None = None,
                  cpu_precision: CpuMatmulPrecision | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, tp=None):
         self.model = model
         self.tp = tp  # rank 0 of a tensor-parallel group: packserve.engine.tensor_parallel.TPGroup
         self.cpu_precision = cpu_precision  # CPU: per step, bf16 or exact fp32 matmuls (packserve.engine.precision)
-        self.allocator = allocator  # the engine's BlockAllocator (prefill_logits bypasses it)
         self.state_cache = state_cache  # linear-attention states (None for pure softmax models)
         self.backend = backend
         self.kv_cache = kv_cache
@@ -58,7 +56,7 @@ class ModelRunner:
         self.device = device
         self.packing = packing
         self.pack_length = pack_length
-        self.sampler = Sampler()
+        self.sampler = sampler if sampler is not None else Sampler()
         self.max_model_len = max_model_len or kv_cache.num_blocks * kv_cache.block_size
         self.graphs = None  # DecodeGraphs once captured (capture_decode_graphs)
         max_blocks = -(-(max_model_len or kv_cache.num_blocks * kv_cache.block_size) // kv_cache.block_size) + 1
@@ -248,7 +246,7 @@ class ModelRunner:
                 last_index[pos_of[id(s)]] = batch.last_token_index[i]
             lens = [s.num_new_tokens for s in fresh]
             stats = StepStats(num_prefill_tokens=len(batch.token_ids), num_prompts_packed=len(fresh),
-                              num_rows=batch.layout.num_rows, packing_efficiency=eff,
+                              packing_efficiency=eff,
                               padding_avoided=max(lens) * len(lens) - sum(lens))
         # Requests with cached context keep their rows in the persistent batch; the step's inputs are written
         # into its buffers and copied to the device once each.
@@ -263,8 +261,6 @@ class ModelRunner:
             for s, end in zip(order, ends):
                 last_index[pos_of[id(s)]] = end
             flat_seqs += order
-            stats = replace(stats, num_context_tokens=int(view.q_host.sum()),
-                            num_decode_tokens=sum(1 for s in cont if s.num_new_tokens == 1))
         if padded:  # a decode step, replayed from the graph captured for its padded batch size
             if self.cpu_precision is not None:
                 self.cpu_precision.apply(padded)
@@ -340,27 +336,7 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Last-token logits of fresh prompts in one packed step (benchmarks and tests).
-        Uses throwaway slots 0..T-1 of the cache, so call it only on an idle engine; it first empties the prefix
-        cache, whose blocks those writes would overwrite."""
-        from packserve.engine.request import Request, SamplingParams
-
-        if self.allocator is not None:
-            self.allocator.reset_prefix_cache()
-        sched, start = SchedulerOutput(), 0
-        for i, p in enumerate(prompts):
-            req = Request(f"_p{i}", list(p), SamplingParams(max_tokens=1))
-            nblocks = -(-len(p) // self.block_size)
-            req.block_ids = list(range(start, start + nblocks))
-            start += nblocks
-            sched.scheduled.append(ScheduledRequest(req, len(p), 0, True))
-        if start > self.kv_cache.num_blocks:
-            raise ValueError("prompts do not fit the KV cache")
-        if self.state_cache is not None:
-            if len(prompts) > self.state_cache.num_slots:
-                raise ValueError("more prompts than linear-attention state slots")
-            for i, e in enumerate(sched.scheduled):
-                e.request.state_slot = i
-        hidden, last_index, _ = self.forward(sched, [])
-        return self._logits_of(hidden, [last_index[k] for k in range(len(prompts))])
+    def logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Last-token logits of every entry of a step, nothing sampled (LLMEngine.prefill_logits)."""
+        hidden, last_index, _ = self.forward(out, [])
+        return self._logits_of(hidden, [last_index[k] for k in range(len(out.scheduled))])

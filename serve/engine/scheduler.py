@@ -31,11 +31,13 @@ Contract
   the step), and compute only the last prompt token (its logits give their
   own first token).
 - `update(out, sampled)` applies the step's sampled token ids
-  (request_id -> token id, only for entries with `sample=True`), advances
-  computed-token counts, registers newly full blocks in the prefix cache, and
-  finishes requests on EOS / stop token / max_tokens.
-- `finish(request_id, reason)` ends a request early (stop string, abort):
-  its blocks go back to the allocator at once.
+  (request_id -> token id, only for entries with `sample=True`; none for a
+  request with max_tokens=0, which only scores its prompt), advances
+  computed-token counts and registers newly full blocks in the prefix cache.
+  It ends nothing: the engine decides when a request ends
+  (packserve.engine.stop) and calls
+- `finish(request_id, reason)`: the request's blocks go back to the allocator
+  at once (EOS, stop token or string, length, abort).
 Invariant: every block a request holds is ref counted (prefix blocks shared by
 several); when no request is unfinished every block is free (cached blocks stay
 evictable, which counts as free).
@@ -305,7 +307,8 @@ class Scheduler:
 
     # -- results ----------------------------------------------------------
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Apply one step's results; returns the requests that got a new token or finished."""
+        """Apply one step's results; returns the requests that sampled this step (a new token, or the prompt
+        scored when max_tokens is 0), for the engine to check whether they end."""
         changed: list[Request] = []
         for entry in out.scheduled:
             req = entry.request
@@ -316,29 +319,10 @@ class Scheduler:
                 self._register_full_blocks(req)
             if not entry.sample:
                 continue
-            if req.params.max_tokens == 0:  # prompt scoring only: nothing is generated
-                changed.append(req)
-                self._finish(req, FinishReason.LENGTH, None)
-                continue
-            token = sampled[req.request_id]
-            req.output_token_ids.append(token)
+            if req.params.max_tokens > 0:  # 0: prompt scoring only, nothing is generated
+                req.output_token_ids.append(sampled[req.request_id])
             changed.append(req)
-            reason, stop = self._check_stop(req, token)
-            if reason is not None:
-                self._finish(req, reason, stop)
         return changed
-
-    def _check_stop(self, req: Request, token: int) -> tuple[FinishReason | None, int | None]:
-        p = req.params
-        n_out = len(req.output_token_ids)
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in req.eos_token_ids:
-                return FinishReason.STOP, None
-            if token in p.stop_token_ids:
-                return FinishReason.STOP, token
-        if n_out >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
-            return FinishReason.LENGTH, None
-        return None, None
 
     def finish(self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None) -> Request | None:
         req = self.requests.get(request_id)

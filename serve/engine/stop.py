@@ -1,4 +1,10 @@
-"""Stop strings, matched incrementally: an Aho-Corasick automaton over one request's stop strings.
+"""When a request ends: its newest token (`token_finish`) and its text (`StopMatcher`, stop strings).
+
+The engine is the one place that decides (LLMEngine._on_token, after each step); the scheduler only carries the
+decision out (`Scheduler.finish` frees the blocks at once). Precedence: a stop string in the text, then EOS / a
+stop token id, a completed structured output, then the length limits.
+
+Stop strings are matched incrementally: an Aho-Corasick automaton over one request's stop strings.
 
 The generated text only grows, so the matcher consumes each new character once and keeps one automaton state:
 the longest suffix of the text that is a prefix of some stop string. That state is also how much of the text's
@@ -13,6 +19,24 @@ where any stop string ends is where generation stops, as in vLLM.
 from __future__ import annotations
 
 from collections import deque
+
+from packserve.engine.request import FinishReason, Request
+
+
+def token_finish(req: Request, max_model_len: int) -> tuple[FinishReason | None, int | None]:
+    """(reason, stop token id or None) when req's newest token ends it, else (None, None)."""
+    p, out = req.params, req.output_token_ids
+    token = out[-1]
+    if len(out) >= p.min_tokens:
+        if not p.ignore_eos and token in req.eos_token_ids:
+            return FinishReason.STOP, None
+        if token in p.stop_token_ids:
+            return FinishReason.STOP, token
+    if req.matcher is not None and req.matcher.is_terminated():
+        return FinishReason.STOP, None  # the output is complete (also under ignore_eos)
+    if len(out) >= p.max_tokens or req.num_tokens >= max_model_len:
+        return FinishReason.LENGTH, None
+    return None, None
 
 
 class StopMatcher:

@@ -41,7 +41,7 @@ def test_bf16_logits_stay_within_bf16_rounding_of_fp32(checkpoint_factory, monke
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     monkeypatch.setenv("PACKSERVE_CPU_MATMUL_PRECISION", "bf16")
     llm = LLM(path, device="cpu", prefix_caching=False)
-    got = llm.engine.runner.prefill_logits(PROMPTS)  # one packed step of 147 tokens: bf16
+    got = llm.engine.prefill_logits(PROMPTS)  # one packed step of 147 tokens: bf16
     assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():

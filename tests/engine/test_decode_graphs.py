@@ -100,7 +100,7 @@ def test_reallocated_buffers_drop_the_graphs(checkpoint_factory):
     llm = LLM(path, max_num_batched_tokens=64, max_num_seqs=4)
     runner = llm.engine.runner
     runner.capture_decode_graphs([1, 2, 4], mode="eager")
-    runner.prefill_logits([[5] * 100])
+    llm.engine.prefill_logits([[5] * 100])
     ps = prompts(seed=2)[:3]
     outs = llm.generate(ps, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert runner.graphs.num_replays == 0 and runner.graphs.bucket(1) is None

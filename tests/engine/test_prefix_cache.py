@@ -9,6 +9,7 @@ from packserve.config import SchedulerConfig
 from packserve.engine.kv_cache import BlockAllocator, block_hashes
 from packserve.engine.request import Request
 from packserve.engine.scheduler import Scheduler
+from tests.engine.scheduler_driver import update
 
 BS = 4
 
@@ -83,7 +84,7 @@ def _req(rid, tokens, max_tokens=3, **kw):
 def _finish_all(s, token=7):
     while s.has_unfinished():
         out = s.schedule()
-        s.update(out, {e.request.request_id: token for e in out.scheduled if e.sample})
+        update(s, out, {e.request.request_id: token for e in out.scheduled if e.sample})
 
 
 def test_admission_takes_the_cached_prefix_and_computes_the_rest():
@@ -122,13 +123,28 @@ def test_a_small_cached_fraction_is_recomputed_in_the_packed_prefill():
     assert s.prefix_cache_hits == 0
 
 
-def test_prefill_logits_on_an_idle_engine_empties_the_cache_it_overwrites(checkpoint_factory):
-    """prefill_logits (and warm_up) write slots 0.. without allocating them: cached blocks must not survive it."""
+def test_prefill_logits_keeps_or_evicts_cached_blocks_and_warm_up_empties_the_cache(checkpoint_factory):
+    """prefill_logits takes real blocks from the allocator: a cached prefix survives it when blocks are left,
+    is evicted (never reused stale) when its blocks are needed; warm_up leaves an empty cache."""
     path = checkpoint_factory("llama")
     _, ps = _prompts()
-    llm = LLM(path)
+    llm = LLM(path, num_kv_blocks=64)
     before = llm.generate(ps[:1], GREEDY)[0].outputs[0].token_ids
-    assert llm.engine.allocator.num_cached > 0
+    cached = llm.engine.allocator.num_cached
+    assert cached > 0
+    llm.engine.prefill_logits([[5] * 40, [6] * 3])  # 4 blocks: taken from the never-used ones
+    assert llm.engine.allocator.num_cached == cached and llm.engine.allocator.num_free == 64
+    again = llm.generate(ps[:1], GREEDY)[0]
+    assert again.outputs[0].token_ids == before and again.num_cached_tokens > 0
+    bs, per = llm.engine.allocator.block_size, llm.engine.max_model_len // llm.engine.allocator.block_size
+    every = [[7] * (per * bs)] * (64 // per) + [[7] * (64 % per * bs)]  # every block, prompts within the context
+    llm.engine.prefill_logits([p for p in every if p])  # the cached blocks are overwritten, so evicted
+    assert llm.engine.allocator.num_cached == 0
+    again = llm.generate(ps[:1], GREEDY)[0]
+    assert again.outputs[0].token_ids == before and again.num_cached_tokens == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        llm.engine.prefill_logits([p for p in every if p] + [[7]])
+    assert llm.engine.allocator.num_free == 64
     llm.engine.warm_up()
     assert llm.engine.allocator.num_cached == 0
     again = llm.generate(ps[:1], GREEDY)[0]
@@ -150,7 +166,7 @@ def test_failed_admission_gives_the_cached_prefix_back():
     _finish_all(s)
     s.add_request(_req("hog", range(100, 120), max_tokens=2))  # 20 tokens: the 5 never-used blocks
     run_one = s.schedule()
-    s.update(run_one, {"hog": 7})
+    update(s, run_one, {"hog": 7})
     s.add_request(_req("b", list(range(10, 22)) + list(range(40, 52)), max_tokens=1))
     out = s.schedule()  # hog's next token evicts a's tail block; b matches 2 blocks but needs 4 more: refused
     assert [e.request.request_id for e in out.scheduled] == ["hog"]
@@ -158,7 +174,7 @@ def test_failed_admission_gives_the_cached_prefix_back():
     assert b.block_ids == [] and b.num_computed_tokens == 0 and s.prefix_cache_hits == 0
     # evictable again: a's first two blocks; hog's 5 full blocks are registered too (owned)
     assert s.allocator.num_free == 2 and s.allocator.num_cached == 2 + 5
-    s.update(out, {"hog": 7})
+    update(s, out, {"hog": 7})
     _finish_all(s)
     assert s.allocator.num_free == 8 and not s.has_unfinished()
 

@@ -6,6 +6,8 @@ from packserve.config import SchedulerConfig
 from packserve.engine.kv_cache import BlockAllocator
 from packserve.engine.request import FinishReason, ParameterError, Request, RequestStatus, SamplingParams
 from packserve.engine.scheduler import QueueFull, Scheduler
+from packserve.engine.stop import token_finish
+from tests.engine.scheduler_driver import update
 
 
 def make(num_blocks=64, block_size=4, **kw):
@@ -20,7 +22,7 @@ def req(rid, n, max_tokens=4, **kw):
 
 def run_step(s, token=7):
     out = s.schedule()
-    s.update(out, {e.request.request_id: token for e in out.scheduled if e.sample})
+    update(s, out, {e.request.request_id: token for e in out.scheduled if e.sample})
     return out
 
 
@@ -32,7 +34,7 @@ def test_packs_several_prompts_in_one_prefill_then_decodes():
     assert [(e.request.request_id, e.num_new_tokens, e.context_len, e.sample) for e in out.scheduled] == [
         ("r0", 5, 0, True), ("r1", 9, 0, True), ("r2", 3, 0, True)]
     assert out.scheduled[1].slot_mapping(4) == [s.requests["r1"].block_ids[j // 4] * 4 + j % 4 for j in range(9)]
-    s.update(out, {"r0": 1, "r1": 2, "r2": 3})
+    update(s, out, {"r0": 1, "r1": 2, "r2": 3})
     out = s.schedule()
     assert [(e.num_new_tokens, e.context_len) for e in out.scheduled] == [(1, 5), (1, 9), (1, 3)]
     assert [e.token_ids for e in out.scheduled] == [[1], [2], [3]]
@@ -45,12 +47,39 @@ def test_finish_on_max_tokens_eos_and_stop_token_frees_blocks():
     s.add_request(req("stop", 3, stop_token_ids=[42]))
     s.add_request(req("ignore", 3, max_tokens=2, ignore_eos=True))
     out = s.schedule()
-    s.update(out, {"len": 5, "eos": 0, "stop": 42, "ignore": 0})
+    update(s, out, {"len": 5, "eos": 0, "stop": 42, "ignore": 0})
     assert s.requests.keys() == {"len", "ignore"}
     out = s.schedule()
-    changed = s.update(out, {"len": 5, "ignore": 0})
+    changed = update(s, out, {"len": 5, "ignore": 0})
     assert {r.request_id: r.finish_reason.value for r in changed} == {"len": "length", "ignore": "length"}
     assert not s.has_unfinished() and s.allocator.num_free == s.allocator.num_blocks
+
+
+def test_update_ends_nothing_the_engine_rule_decides():
+    """The scheduler only appends tokens; token_finish (the engine's rule) decides, with its precedence."""
+    s = make()
+    s.add_request(req("eos", 3))
+    out = s.schedule()
+    (r,) = s.update(out, {"eos": 0})
+    assert not r.is_finished and s.requests["eos"] is r
+    assert token_finish(r, 256) == (FinishReason.STOP, None)
+
+    def reason(max_tokens=4, tokens=(7,), max_model_len=256, terminated=False, **kw):
+        r = req("x", 3, max_tokens=max_tokens, **kw)
+        r.output_token_ids.extend(tokens)
+        if terminated:
+            r.matcher = type("Done", (), {"is_terminated": lambda self: True})()
+        return token_finish(r, max_model_len)
+
+    assert reason() == (None, None)
+    assert reason(max_tokens=1, tokens=(0,)) == (FinishReason.STOP, None)  # EOS on the last allowed token: stop
+    assert reason(max_tokens=1) == (FinishReason.LENGTH, None)
+    assert reason(tokens=(0,), min_tokens=2) == (None, None)  # EOS before min_tokens does not end it
+    assert reason(tokens=(7, 0), min_tokens=2) == (FinishReason.STOP, None)
+    assert reason(tokens=(0,), ignore_eos=True) == (None, None)
+    assert reason(tokens=(42,), ignore_eos=True, stop_token_ids=[42]) == (FinishReason.STOP, 42)
+    assert reason(max_tokens=1, terminated=True) == (FinishReason.STOP, None)  # complete output beats length
+    assert reason(max_model_len=4) == (FinishReason.LENGTH, None)  # 3 prompt + 1 generated fill the context
 
 
 def test_token_budget_and_chunked_prefill():
@@ -62,7 +91,7 @@ def test_token_budget_and_chunked_prefill():
         out = s.schedule()
         assert out.num_tokens <= 16
         chunks.append([(e.request.request_id, e.num_new_tokens, e.context_len, e.sample) for e in out.scheduled])
-        s.update(out, {e.request.request_id: 7 for e in out.scheduled if e.sample})
+        update(s, out, {e.request.request_id: 7 for e in out.scheduled if e.sample})
         if s.requests["long"].output_token_ids:
             break
     assert chunks[0] == [("long", 16, 0, False)]
@@ -89,13 +118,13 @@ def test_preempts_newest_when_blocks_run_out_and_recomputes():
     new = s.requests["new"]
     assert new.status == RequestStatus.PREEMPTED and new.block_ids == [] and new.num_computed_tokens == 0
     assert new.output_token_ids == [7]  # kept: recomputed from prompt + generated tokens
-    s.update(out, {"old": 7})
+    update(s, out, {"old": 7})
     # old finishes eventually, then new is re-admitted with its prompt + output as one prefill.
     while "old" in s.requests:
         run_step(s)
     out = s.schedule()
     assert [(e.request.request_id, e.num_new_tokens, e.context_len) for e in out.scheduled] == [("new", 8, 0)]
-    s.update(out, {"new": 7})
+    update(s, out, {"new": 7})
     while s.has_unfinished():
         run_step(s)
     assert s.allocator.num_free == 4 and s.num_preemptions >= 1

@@ -155,7 +155,7 @@ def test_logprobs_match_model_distribution(llm):
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, temperature=0, logprobs=5))[0].outputs[0]
     assert len(out.logprobs) == 3
     first, top = out.logprobs[0]
-    logits = llm.engine.runner.prefill_logits([[5, 6, 7, 8]])[0]
+    logits = llm.engine.prefill_logits([[5, 6, 7, 8]])[0]
     ref = torch.log_softmax(logits, -1)
     assert first.token_id == out.token_ids[0] == int(ref.argmax())
     assert first.logprob == pytest.approx(float(ref.max()), abs=1e-5)

@@ -38,7 +38,7 @@ def test_packed_prefill_matches_transformers(arch, checkpoint_factory):
     refs = hf_last_logits(path, prompts)
     for backend in BACKENDS:
         llm = LLM(path, backend=backend, num_kv_blocks=256)
-        logits = llm.engine.runner.prefill_logits(prompts)
+        logits = llm.engine.prefill_logits(prompts)
         assert logits.shape == (len(prompts), llm.engine.info.vocab_size)
         for i, ref in enumerate(refs):
             assert rel_err(logits[i], ref) <= 1e-4, (arch, backend, LENGTHS[i])
@@ -48,8 +48,8 @@ def test_packing_layout_is_independent_of_results(checkpoint_factory):
     """A fixed small row capacity (many rows) and best-fit give the same logits as the default."""
     path = checkpoint_factory("llama")
     prompts = ragged_prompts(500, seed=1)
-    base = LLM(path, num_kv_blocks=256).engine.runner.prefill_logits(prompts)
-    other = LLM(path, num_kv_blocks=256, packing="bfd", pack_length=320).engine.runner.prefill_logits(prompts)
+    base = LLM(path, num_kv_blocks=256).engine.prefill_logits(prompts)
+    other = LLM(path, num_kv_blocks=256, packing="bfd", pack_length=320).engine.prefill_logits(prompts)
     assert rel_err(other, base) <= 1e-5
 
 
@@ -67,7 +67,7 @@ def test_old_style_rope_config_loads(checkpoint_factory, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     prompts = ragged_prompts(500)[:6]
     refs = hf_last_logits(str(src), prompts)
-    logits = LLM(str(dst), num_kv_blocks=256).engine.runner.prefill_logits(prompts)
+    logits = LLM(str(dst), num_kv_blocks=256).engine.prefill_logits(prompts)
     for i, ref in enumerate(refs):
         assert rel_err(logits[i], ref) <= 1e-4
 

@@ -22,13 +22,13 @@ def ckpt(checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def cpu_logits(ckpt):
-    return LLM(ckpt, device="cpu", num_kv_blocks=256).engine.runner.prefill_logits(prompts())
+    return LLM(ckpt, device="cpu", num_kv_blocks=256).engine.prefill_logits(prompts())
 
 
 @pytest.mark.parametrize("backend", ["varlen", "sdpa", "flex", "xformers"])
 def test_bf16_backends_match_fp32_cpu(backend, ckpt, cpu_logits):
     llm = LLM(ckpt, device="cuda", dtype="bfloat16", backend=backend, num_kv_blocks=256)
-    got = llm.engine.runner.prefill_logits(prompts()).float().cpu()
+    got = llm.engine.prefill_logits(prompts()).float().cpu()
     for i in range(len(LENGTHS)):
         err = float((got[i] - cpu_logits[i]).abs().max() / cpu_logits[i].abs().max())
         assert err < 3e-2, (backend, llm.engine.backend.name, LENGTHS[i], err)

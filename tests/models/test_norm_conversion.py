@@ -200,11 +200,11 @@ def test_engine_greedy_identical_native_vs_converted(gpt2_checkpoint):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     native = LLM(gpt2_checkpoint, num_kv_blocks=128, dtype="float32")
     want = [o.outputs[0].token_ids for o in native.generate(ps, params)]
-    ref_logits = native.engine.runner.prefill_logits(ps)
+    ref_logits = native.engine.prefill_logits(ps)
     for mode in NORM_MODES:
         llm = LLM(gpt2_checkpoint, num_kv_blocks=128, dtype="float32", norm_mode=mode)
         assert [o.outputs[0].token_ids for o in llm.generate(ps, params)] == want, mode
-        logits = llm.engine.runner.prefill_logits(ps)
+        logits = llm.engine.prefill_logits(ps)
         for i in range(len(ps)):
             assert rel_err(logits[i], ref_logits[i]) <= 1e-5, (mode, i)
         if mode == "crmsnorm":
