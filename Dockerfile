@@ -10,7 +10,7 @@
 # passed to `packserve serve` too. See deploy/README.md.
 #
 # Torch and xformers are pinned as a pair: an xformers release loads its kernels only with the torch it was built
-# for (0.0.35 <-> torch 2.10, DESIGN.md §9). Change the three ARGs together.
+# for (0.0.35 <-> torch 2.10). Change the three ARGs together.
 #
 # The base is NVIDIA's CUDA "base" flavour (the CUDA runtime, cudart, without the math libraries): torch's cu128
 # wheels bring their own cuBLAS/cuDNN/NCCL, so the "runtime" flavour's copies would only add ~2 GB. The host needs

@@ -1,4 +1,5 @@
-"""Shared workload definitions for the benchmarks (DESIGN.md §4 and §9)."""
+"""Shared workload definitions for the benchmarks: the lognormal prompt-length workloads (GPU and a smaller
+CPU one), the serving workload, and a timing helper."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def lognormal_prompts(w: Workload, vocab: int, num_prompts: int | None = None) -
 
 
 def serving_parser():
-    """Options shared by the serving-workload benchmarks (generate.py, serve.py); DESIGN.md §9 defaults."""
+    """Options shared by the serving-workload benchmarks (generate.py, serve.py): the serving workload by default."""
     import argparse
 
     ap = argparse.ArgumentParser()

@@ -7,6 +7,10 @@ one 2048-token prompt. Prints the median of `--repeats` timings of each, its GFL
 per prompt) and the operator's time as a ratio to SDPA's, measured in the same run. `--avx2-libs` re-runs
 itself with torch's kernels and oneDNN (which generates the operator's brgemm micro-kernels) capped at AVX2.
 
+Then new tokens behind a cached context (chunked-prefill continuations, prefix-cache hits), from a paged cache of
+16-token blocks: the C prefill operator (paged_prefill_attention, one call for every request) against the torch
+path it replaced (per request: its blocks gathered, SDPA with a causal mask from its cached length).
+
   python benchmarks/cpu_prefill_attention.py [--avx2-libs] [--repeats 30]
 """
 
@@ -72,7 +76,48 @@ def main() -> int:
             flops = sum(2 * l * l * H * D for l in lens)
             print(f"{isa:>7} {name:<22} operator {ours * 1e3:7.2f} ms ({flops / ours / 1e9:5.0f} GFLOP/s)   "
                   f"SDPA per prompt {ref * 1e3:7.2f} ms   ratio {ours / ref:.2f}x")
+        for name, (ctx, new) in CONTINUATIONS.items():
+            ours, ref = continuation_times(ctx, new, H, Hkv, D, args.repeats)
+            print(f"{isa:>7} {name:<34} operator {ours * 1e3:7.2f} ms   per-request SDPA {ref * 1e3:7.2f} ms   "
+                  f"ratio {ours / ref:.2f}x")
     return 0
+
+
+# name -> (cached tokens, new tokens) per request
+CONTINUATIONS = {
+    "900 new behind 100 cached": ([100], [900]),
+    "4 x (500 new behind 500 cached)": ([500] * 4, [500] * 4),
+    "2048-token chunk behind 2048": ([2048], [2048]),
+    "64 new behind 4000 cached": ([4000], [64]),
+}
+
+
+def continuation_times(ctx: list[int], new: list[int], H: int, Hkv: int, D: int, repeats: int) -> tuple[float, float]:
+    """Seconds (medians) of the C prefill operator and of the per-request span path on the same paged cache."""
+    import torch
+
+    from packserve.kernels import cpu_ops
+    from packserve.layers.paged_attention_layer import Span, span_attention
+
+    bs, g = 16, torch.Generator().manual_seed(sum(new))
+    nbs = [-(-(c + n) // bs) for c, n in zip(ctx, new)]
+    kc, vc = torch.randn(sum(nbs) * bs, Hkv, D, generator=g), torch.randn(sum(nbs) * bs, Hkv, D, generator=g)
+    perm = torch.randperm(sum(nbs), generator=g)
+    tables = list(torch.split(perm, nbs))
+    q = torch.randn(sum(new), H, D, generator=g)
+    starts = torch.tensor([0, *new]).cumsum(0)[:-1]
+    width = max(nbs)
+    table = torch.stack([torch.cat([t, t.new_zeros(width - len(t))]) for t in tables])
+    lens, qlens = torch.tensor([c + n for c, n in zip(ctx, new)]), torch.tensor(new)
+    spans = [Span(int(a), n, c, t) for a, n, c, t in zip(starts, new, ctx, tables)]
+
+    def torch_path():
+        for s in spans:
+            span_attention(q[s.start:s.start + s.num_new], kc, vc, s, bs, D ** -0.5)
+
+    ours = timed(lambda: cpu_ops.paged_prefill_attention(q, kc, vc, table, lens, starts, qlens, bs, D ** -0.5),
+                 repeats) / 1e3
+    return ours, timed(torch_path, repeats) / 1e3
 
 
 if __name__ == "__main__":

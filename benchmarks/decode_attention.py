@@ -1,6 +1,6 @@
 """Paged decode attention: packserve's kernels vs the torch gather + SDPA path, one decode step of one layer.
 
-GPU (default when CUDA is there): the Triton kernel (packserve.kernels.paged_attention) with its automatic splits
+GPU (default when CUDA is there): the Triton kernel (packserve.kernels.paged_attention_triton) with its automatic splits
 vs gathering each request's blocks and running SDPA with an additive mask (what the engine did before), Llama-3.2-1B
 attention shape (32 heads, 8 KV heads, head dim 64), bf16, block size 16, requests of equal context length in
 shuffled blocks. Prints microseconds per call and the KV bytes read per second (K and V of every context token).
@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the test harness
 from common import bench  # noqa: E402
 
-from packserve.layers.paged import paged_attention  # noqa: E402
-from packserve.testing import gather_decode_meta  # noqa: E402
+from packserve.layers.paged_attention_layer import paged_attention  # noqa: E402
+from engine_cases import gather_decode_meta  # noqa: E402
 
 
 def case(B: int, ctx: int, H: int, Hkv: int, D: int, bs: int, dtype: torch.dtype, dev: torch.device):
@@ -43,7 +44,7 @@ def main() -> int:
         return 1
     dev = torch.device("cuda" if gpu else "cpu")
     if gpu:
-        from packserve.kernels.paged_attention import num_splits, paged_decode_attention_triton
+        from packserve.kernels.paged_attention_triton import num_splits, paged_decode_attention_triton
 
         H, Hkv, D, dtype = 32, 8, 64, torch.bfloat16
         cases = [(1, 4096), (1, 32768), (8, 8192), (32, 2048), (64, 4096), (256, 1024)]

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     small = args.quick or device.type == "cpu"
     rows = args.rows or (64 if small else 4096)
     widths = args.widths or ([256, 769] if small else [2048, 4096, 8192])
-    # No fast half precision on CPU (DESIGN.md §9).
+    # No fast half precision on the CPUs we run: fp32 there.
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     compile_ok = not args.no_compile
     run_table(device, dtype, rows, widths, args.ops, compile_ok)

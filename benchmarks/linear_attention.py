@@ -33,7 +33,8 @@ from common import bench  # noqa: E402
 
 
 def varlen_fn() -> Callable | None:
-    """varlen_attn with the causal argument its torch version takes (DESIGN.md §9), or None."""
+    """varlen_attn with the causal argument its torch version takes (is_causal, or window_size=(-1, 0) in
+    older releases), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=None, help="head dim (Dk = Dv)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
     p.add_argument("--reps", type=int, default=None, help="CPU repeats (CUDA uses triton's do_bench)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (DESIGN.md §9: 2)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (2: the CI machines' cores)")
     p.add_argument("--max-quadratic-gb", type=float, default=None, help="skip the quadratic form above this size")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.quick

@@ -1,7 +1,7 @@
 """Prefill throughput: transformers padded batch vs transformers packed rows vs packserve packed prefill.
 
 Same prompts, same weights, one run; prints real (non-pad) tokens/s of each and the ratios.
-  CPU:  python benchmarks/prefill.py                      (cpu-lognormal, DESIGN.md §9; ~1 minute on 2 cores)
+  CPU:  python benchmarks/prefill.py                      (cpu-lognormal; ~1 minute on 2 cores)
   GPU:  python benchmarks/prefill.py --gpu                (gpu-lognormal on the Llama-3.2-1B shape, bf16, varlen)
 Forward pass only, last-token logits. Logits of every method are checked against each other.
 """

@@ -1,6 +1,6 @@
 """Serving throughput: the HTTP server with all requests in flight at once vs transformers `generate` on one padded batch.
 
-Workload (DESIGN.md §9 "Serving"): the first 32 cpu-lognormal prompts (token ids), 64 new tokens each, EOS
+Workload (the serving workload of benchmarks/common.py): the first 32 cpu-lognormal prompts (token ids), 64 new tokens each, EOS
 ignored, greedy; Llama shape hidden 384 / intermediate 1024 / 6 layers / 6 heads / 2 KV heads, fp32, 2 threads.
 The server is a `packserve serve` subprocess on a free port; the client streams every request over SSE
 (`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU. The server tunes
@@ -79,7 +79,8 @@ async def _all(url: str, prompts, new_tokens: int, stream: bool, repeats: int) -
 
 def serve_run(model_dir: str, prompts, new_tokens: int, threads: int, stream: bool, workdir: str,
               backend: str, repeats: int) -> list[tuple[float, int]]:
-    from packserve.testing import ServerProcess
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+    from server_process import ServerProcess  # the test harness
 
     args = ["--model", model_dir, "--num-threads", str(threads), "--dtype", "float32", "--backend", backend,
             "--max-num-seqs", str(max(64, len(prompts))), "--log-level", "warning",

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from packserve.testing import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from server_process import free_port  # noqa: E402  (tests/support: the test harness)
 
 
 async def normal_client(url: str, stop_at: float, out: list, errors: collections.Counter) -> None:

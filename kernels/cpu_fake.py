@@ -57,3 +57,7 @@ def register(ns: str) -> None:
     @fake("varlen_attention")
     def _varlen(q, k, v, cu_seqlens, scale):
         return q.new_empty(q.shape)
+
+    @fake("paged_prefill_attention")
+    def _paged_prefill(q, k_cache, v_cache, block_table, seq_lens, q_starts, q_lens, block_size, scale):
+        return q.new_empty(torch.library.get_ctx().new_dynamic_size(), q.shape[1], q.shape[2])

@@ -10,7 +10,9 @@ one pass over the data:
   block, for the G query heads that share it (GQA): s_j = scale * q . k_j (j < len), p = softmax(s),
   out = sum_j p_j v_j.
 - `varlen_attention`: causal attention within each packed prompt (prefill), up to the diagonal only, in 256-key
-  chunks on oneDNN's brgemm micro-kernel (kernels/csrc/varlen_attention.h).
+  chunks on oneDNN's brgemm micro-kernel (kernels/csrc/varlen_attention.h); `paged_prefill_attention`: the same
+  loops for new tokens behind a cached context (chunk continuations, prefix-cache hits), keys read from the
+  paged cache through the block table.
 - `rms_norm`: Llama RMSNorm (fp32 statistics, then times weight or offset + weight), optionally after the residual
   add (`residual=`), whose sum is also returned.
 - `rotary_`: rotate-half RoPE in place on q and k (strided views of the fused QKV output).
@@ -28,7 +30,7 @@ The kernels are torch operators (torch.ops.packserve_avx512 / packserve_avx2, wi
 from kernels/csrc by packserve.kernels.cpu_lib; the operators check shapes, strides and index ranges, so a bad
 call raises instead of reading out of bounds. `available()` is False until they are built (never on a CPU
 without AVX2 or without a compiler and a prebuilt library); callers then keep their torch paths. Each kernel has
-a pure-torch reference the tests compare with (`packserve.kernels.paged_attention.paged_decode_ref`,
+a pure-torch reference the tests compare with (`packserve.kernels.paged_attention_triton.paged_decode_ref`,
 `packserve.kernels.rmsnorm`, `packserve.layers.rotary`, per-prompt causal SDPA).
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ from packserve.kernels.cpu_lib import available, ops
 
 __all__ = ["PanelWeight", "apply_token_bitmask_", "argmax_rows", "available", "has_brgemm_linear", "has_varlen",
            "linear_brgemm", "linear_brgemm_silu_mul", "linear_packed", "pack_linear", "paged_decode_attention",
+           "paged_prefill_attention",
            "rms_norm", "rotary_", "silu_mul", "usable", "varlen_attention"]
 
 PANEL = 32  # output features per weight panel (NR in the C source)
@@ -63,8 +66,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return ops().varlen_attention(q, k, v, cu_seqlens, scale)
 
 
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_table: torch.Tensor, seq_lens: torch.Tensor, q_starts: torch.Tensor,
+                            q_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Requests whose q_lens[b] new tokens (q rows q_starts[b]..., fp32 [T, H, D], token rows may be strided) are
+    the last of their seq_lens[b] tokens, every K/V already in the caches ([slots, Hkv, D] contiguous) at the
+    slots of block_table's row b (int64 [B, max_blocks]); causal, query i at position seq_len - q_len + i. All
+    int64 [B]. Returns [sum(q_lens), H, D]: the requests' queries in order. Built with `varlen_attention`."""
+    return ops().paged_prefill_attention(q, k_cache, v_cache, block_table, seq_lens, q_starts, q_lens, block_size,
+                                         scale)
+
+
 def has_varlen() -> bool:
-    """The packed-prefill attention operator is built (it needs torch's fp32 brgemm, CPUBLAS_BRGEMM_F32F32F32)."""
+    """The packed-prefill attention operators (varlen_attention, paged_prefill_attention) are built (they need
+    torch's fp32 brgemm, CPUBLAS_BRGEMM_F32F32F32)."""
     return available() and hasattr(ops(), "varlen_attention")
 
 

@@ -11,7 +11,7 @@ Chunked forward, two launches (the split flash-linear-attention uses for chunk_h
 The chunk table (which chunk belongs to which sequence) is built on the host from a host copy of
 cu_seqlens, so nothing here waits on the device.
 
-Every load is upcast to fp32 before arithmetic: the Triton interpreter's bf16 is wrong (DESIGN.md §9), and
+Every load is upcast to fp32 before arithmetic: the Triton interpreter's bf16 arithmetic is wrong, and
 fp32 accumulation is what we want on a GPU too. Dots on fp32 operands use IEEE fp32 for fp32 inputs and
 TF32 for half inputs (exact for the fp16/bf16 products; the fp32 scores/states lose ~1e-3 relative,
 below the half-precision output rounding).

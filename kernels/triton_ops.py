@@ -48,7 +48,7 @@ def ops():
     """torch.ops.packserve_triton, once every kernel file has registered its operators."""
     import packserve.kernels.crmsnorm  # noqa: F401  (each import registers its file's operators)
     import packserve.kernels.layernorm  # noqa: F401
-    import packserve.kernels.paged_attention  # noqa: F401
+    import packserve.kernels.paged_attention_triton  # noqa: F401
     import packserve.kernels.rmsnorm  # noqa: F401
 
     return getattr(torch.ops, NS)

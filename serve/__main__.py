@@ -1,3 +1,3 @@
-from packserve.cli import main
+from packserve.commands import main
 
 raise SystemExit(main())

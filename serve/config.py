@@ -77,6 +77,9 @@ class SchedulerConfig:
     # Siblings (requests of one prompt with n > 1 or best_of) take the prompt's KV blocks from the first one to
     # compute it instead of prefilling it again (not for linear-attention models, whose state is per request).
     share_prompt: bool = True
+    # With prefix caching, a cached prefix is used only when it covers at least this fraction of the request's
+    # tokens (None: the device's default, packserve.engine.scheduler.min_cached_fraction).
+    min_cached_fraction: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
@@ -89,6 +92,8 @@ class SchedulerConfig:
         _check(self.max_waiting is None or self.max_waiting >= 1, "max_waiting must be >= 1")
         _check(self.admission in ADMISSION_ORDERS, f"admission must be one of {ADMISSION_ORDERS}")
         _check(self.aging_steps >= 1, "aging_steps must be >= 1")
+        _check(self.min_cached_fraction is None or 0 <= self.min_cached_fraction <= 1,
+               "min_cached_fraction must be in [0, 1]")
 
 
 @dataclass(frozen=True)

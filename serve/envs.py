@@ -150,7 +150,7 @@ _VARS = [
            "another process stalls every step; packserve.engine.threads); 0 keeps the count fixed"),
     EnvVar("GPU_DECODE_KERNEL", _bool, True,
            "on CUDA, every new token with cached context attends through the paged KV cache in place with "
-           "packserve's Triton kernel (packserve.kernels.paged_attention); 0 gathers the blocks and runs SDPA "
+           "packserve's Triton kernel (packserve.kernels.paged_attention_triton); 0 gathers the blocks and runs SDPA "
            "instead"),
     EnvVar("CACHE_DIR", str, None, "where the demo model and the CPU kernels are built (default: ~/.cache/packserve)", "--cache-dir"),
 ]

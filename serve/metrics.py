@@ -1,4 +1,4 @@
-"""Prometheus metrics (`packserve:` names of DESIGN.md §8), fed from the engine's plain stats.
+"""Prometheus metrics (vLLM's metric names under the `packserve:` prefix), fed from the engine's plain stats.
 
 `EngineMetrics.on_step` runs in the engine loop thread after every step: it
 turns EngineStats deltas into counters, sets the gauges, and observes the

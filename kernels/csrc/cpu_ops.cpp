@@ -218,6 +218,46 @@ Tensor varlen_attention(const Tensor &q, const Tensor &k, const Tensor &v, const
     }
     return out;
 }
+
+Tensor paged_prefill_attention(const Tensor &q, const Tensor &k_cache, const Tensor &v_cache, const Tensor &block_table,
+                               const Tensor &seq_lens, const Tensor &q_starts, const Tensor &q_lens, int64_t block_size,
+                               double scale) {
+    check_token_rows(q, "q");
+    check_f32(k_cache, "k_cache");
+    check_f32(v_cache, "v_cache");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+                "the caches must be contiguous [slots, kv heads, D]");
+    const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
+    TORCH_CHECK(k_cache.size(2) == D && Hkv > 0 && H % Hkv == 0, "shape mismatch between q and the caches");
+    TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0, "the caches must hold whole blocks");
+    for (const Tensor *t : {&block_table, &seq_lens, &q_starts, &q_lens}) check_i64(*t, "block_table / lengths");
+    const int64_t S = seq_lens.numel();
+    TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == S && seq_lens.dim() == 1 && q_starts.dim() == 1 &&
+                q_lens.dim() == 1 && q_starts.size(0) == S && q_lens.size(0) == S,
+                "block_table, seq_lens, q_starts and q_lens need one row per request");
+    const Tensor table = block_table.contiguous(), lens = seq_lens.contiguous(), qs = q_starts.contiguous(),
+                 ql = q_lens.contiguous();
+    const int64_t width = table.size(1), n_blocks = k_cache.size(0) / block_size;
+    const int64_t *tp = table.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>(), *sp = qs.data_ptr<int64_t>(),
+                  *np = ql.data_ptr<int64_t>();
+    int64_t rows = 0;
+    for (int64_t s = 0; s < S; s++) {
+        TORCH_CHECK(np[s] >= 1 && lp[s] >= np[s] && lp[s] <= width * block_size,
+                    "each request needs 1 <= q_len <= seq_len <= its block table's slots");
+        TORCH_CHECK(sp[s] >= 0 && sp[s] + np[s] <= T, "a request's query rows are outside q");
+        for (int64_t j = 0; j < (lp[s] + block_size - 1) / block_size; j++)
+            TORCH_CHECK(tp[s * width + j] >= 0 && tp[s * width + j] < n_blocks, "a block id is outside the cache");
+        rows += np[s];
+    }
+    Tensor out = at::empty({rows, H, D}, q.options());
+    if (rows) {
+        const packserve::VarlenShape sh{H, Hkv, D, q.stride(0), Hkv * D, Hkv * D, (float)scale};
+        packserve::paged_prefill_attention_f32(q.data_ptr<float>(), k_cache.data_ptr<float>(),
+                                               v_cache.data_ptr<float>(), tp, width, block_size, sp, np, lp, S, sh,
+                                               out.data_ptr<float>());
+    }
+    return out;
+}
 #endif
 
 }  // namespace
@@ -241,6 +281,8 @@ PACKSERVE_LIBRARY(PACKSERVE_NS, m) {
           "int block_size, float scale) -> Tensor");
 #ifdef PACKSERVE_HAS_VARLEN
     m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor");
+    m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+          "Tensor q_starts, Tensor q_lens, int block_size, float scale) -> Tensor");
 #endif
 }
 
@@ -259,5 +301,6 @@ PACKSERVE_LIBRARY_IMPL(PACKSERVE_NS, m) {
     m.impl("paged_decode_attention", &paged_decode_attention);
 #ifdef PACKSERVE_HAS_VARLEN
     m.impl("varlen_attention", &varlen_attention);
+    m.impl("paged_prefill_attention", &paged_prefill_attention);
 #endif
 }

@@ -2,7 +2,7 @@
 
 `create_app(state)` takes a ServerState holding a started-or-not AsyncEngine;
 the app starts the engine loop on startup and stops it on shutdown. The CLI
-(`packserve.api.cli`) builds the engine and runs uvicorn; tests can do the same
+(`packserve.commands.serve`) builds the engine and runs uvicorn; tests can do the same
 in-process.
 """
 
@@ -24,9 +24,9 @@ from packserve.api.body import install_schemas, openapi_body, parse_body
 from packserve.api.errors import APIError
 from packserve.api.middleware import BodyLimitMiddleware, GuardMiddleware
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from packserve.api.text import chat_template
 from packserve.api.tokenization import DetokenizeRequest, TokenizeBody
 from packserve.api.tool_parsers import detect
-from packserve.checkpoints import CHAT_TEMPLATE
 from packserve.engine.async_engine import AsyncEngine
 from packserve.host import trim_heap
 from packserve.metrics import CONTENT_TYPE, EngineMetrics
@@ -69,7 +69,7 @@ class ServerState:
     def tool_format(self) -> str:
         if self.tool_call_parser != "auto":
             return self.tool_call_parser
-        return detect(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
+        return detect(chat_template(self.tokenizer))
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -6,8 +6,10 @@ from packserve.api.errors import APIError
 from packserve.api.tool_calls import template_message
 from packserve.checkpoints import CHAT_TEMPLATE
 
-# Used when the checkpoint's tokenizer has no chat template (documented in the README): the demo model's.
-FALLBACK_CHAT_TEMPLATE = CHAT_TEMPLATE
+
+def chat_template(tokenizer) -> str:
+    """The checkpoint's chat template, or the demo model's when it has none (documented in the README)."""
+    return getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
 
 
 def check_text(text: str, param: str) -> None:
@@ -47,7 +49,7 @@ def render_chat(state, req, add_generation_prompt: bool = True, continue_final_m
         messages.append({**template_message(i, m), "content": content or ""})
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so chat is unavailable", "messages")
-    template = getattr(state.tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    template = chat_template(state.tokenizer)
     try:
         return state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                    continue_final_message=continue_final_message,

@@ -107,7 +107,7 @@ class AsyncEngine:
     sleeps, so each of a decode step's ~700 small ops pays a futex wake-up. On the 2-core benchmark machine
     that made a step ~40% slower when the weights were loaded on the main thread and the steps ran here. With
     a factory, the loop thread is the only one that runs torch work, with `num_threads` threads; the caller
-    keeps its own thread at one torch thread (see packserve.api.cli)."""
+    keeps its own thread at one torch thread (see packserve.commands.serve)."""
 
     def __init__(self, engine: LLMEngine | None = None, on_step: StepHook | None = None,
                  on_idle: StepHook | None = None, *, factory: Callable[[], LLMEngine] | None = None,

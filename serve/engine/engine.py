@@ -23,7 +23,7 @@ from packserve.engine.request import (CompletionOutput, FinishReason, ParameterE
                                       SamplingParams, validate_request)
 from packserve.engine.runner import ModelRunner, StepStats
 from packserve.engine.sampler import Sampler
-from packserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from packserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput, min_cached_fraction
 from packserve.layers.attention import select_backend
 from packserve.models.loader import load_model, read_config, resolve_dtype
 
@@ -104,12 +104,15 @@ class LLMEngine:
         self.kv_cache = KVCache(self.info.num_layers, num_blocks, cc.block_size, self.info.num_kv_heads,
                                 self.info.head_dim, self.dtype, self.device)
         # Every scheduler setting as configured (admission order included), with the model's context length.
-        self.scheduler_config = sc = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        fraction = config.scheduler.min_cached_fraction
+        self.scheduler_config = sc = dataclasses.replace(
+            config.scheduler, max_model_len=self.max_model_len,
+            min_cached_fraction=min_cached_fraction(self.device.type, _cpu_kernels()) if fraction is None else fraction)
         # Linear-attention layers keep a fixed-size state per running request: one slot each.
         self.state_cache, state_slots = None, None
         if n_lin:
             from packserve.engine.kv_cache import StateSlotAllocator
-            from packserve.layers.linear_attention import StateCache
+            from packserve.layers.linear_attention_layer import StateCache
 
             hkv, dk, dv = self.model.linear_state_shape
             state_slots = StateSlotAllocator(sc.max_num_seqs)
@@ -376,6 +379,14 @@ class LLMEngine:
                              num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens)
 
 
+def _cpu_kernels() -> bool:
+    """packserve's C kernels serve this CPU, or will once their background build ends (its first minute's
+    requests then run the torch paths)."""
+    from packserve.kernels import cpu_lib
+
+    return cpu_lib.enabled() and cpu_lib.selected_isa() is not None
+
+
 def _context_limit(cfg: dict) -> int:
     from packserve.models.llama import max_positions
 
@@ -411,7 +422,8 @@ def engine_config(model: str, **kw) -> EngineConfig:
                                                        SchedulerConfig.max_num_batched_tokens),
                          max_model_len=max(2, mc.max_model_len or 2), packing=kw.pop("packing", "ffd"),
                          pack_length=kw.pop("pack_length", None), max_waiting=kw.pop("max_waiting", None),
-                         admission=kw.pop("admission", "fcfs"), share_prompt=kw.pop("share_prompt", True))
+                         admission=kw.pop("admission", "fcfs"), share_prompt=kw.pop("share_prompt", True),
+                         min_cached_fraction=kw.pop("min_cached_fraction", None))
     if kw:
         raise TypeError(f"unknown engine options: {sorted(kw)}")
     return EngineConfig(mc, cc, sc)

@@ -86,10 +86,6 @@ class PackedLayout:
         return sum(self.lengths)
 
     @property
-    def row_lengths(self) -> list[int]:
-        return [sum(self.lengths[i] for i in row) for row in self.rows]
-
-    @property
     def efficiency(self) -> float:
         """Real tokens / token slots computed by a row backend (rows x capacity)."""
         slots = self.num_rows * self.capacity

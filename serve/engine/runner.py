@@ -22,11 +22,11 @@ from packserve.engine.precision import CpuMatmulPrecision
 from packserve.engine.sampler import SampleResult, Sampler
 from packserve.engine.scheduler import SchedulerOutput, ScheduledRequest
 from packserve.kernels import cpu_ops
-from packserve.layers import paged
+from packserve.layers import paged_attention_layer as paged
 from packserve.layers.linear import prepack_cpu
 from packserve.layers.attention import (AttentionBackend, AttentionMetadata, ForwardContext, PackedMeta, row_layout,
                                         segment_causal_mask)
-from packserve.layers.paged import PagedMeta
+from packserve.layers.paged_attention_layer import PagedMeta
 
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,13 @@ class ModelRunner:
         return batch, meta, efficiency
 
     def _paged_meta(self, view) -> PagedMeta:
-        """Every new token with cached context attends through the block table (packserve.layers.paged): the
+        """Every new token with cached context attends through the block table (packserve.layers.paged_attention_layer): the
         Triton kernel on CUDA, the C decode kernel plus per-request SDPA on CPU, gather + SDPA without kernels."""
         return paged.build_paged_meta(view, self.block_size, self.decode_kernel or "torch", self.device,
                                       self.kv_cache.data.dtype)
 
     def _linear_meta(self, seqs: list[ScheduledRequest]):
-        from packserve.layers.linear_attention import LinearAttnMeta
+        from packserve.layers.linear_attention_layer import LinearAttnMeta
 
         lens = [s.num_new_tokens for s in seqs]
         cu = [0]

@@ -20,9 +20,9 @@ Contract
   With prefix caching, a request admitted with nothing computed first takes the
   cached blocks of its longest cached prefix (whole blocks, leaving at least one
   token to compute: its logits give the first output token) when they cover at
-  least MIN_CACHED_FRACTION of it; it then continues from there like a chunked
-  prefill. Requests that score their prompt
-  (prompt_logprobs) compute every token.
+  least `config.min_cached_fraction` of it (the engine's default depends on the
+  device: `min_cached_fraction()`); it then continues from there like a chunked
+  prefill. Requests that score their prompt (prompt_logprobs) compute every token.
   Siblings (requests of one `group`: a prompt sampled n times) compute the
   prompt once: the first admitted prefills it, the others wait until its
   prompt is computed, then own its full blocks before the last prompt token
@@ -60,12 +60,14 @@ class QueueFull(RuntimeError):
 WAIT = object()  # _sibling_source: not yet
 
 
-# A cached prefix is used only when it covers at least this fraction of the request's tokens. The rest is then
-# prefilled as a continuation (gather of the cached blocks + masked attention over the whole context, outside the
-# packed prefill), which costs more attention than the packed recomputation. On the 2-core CPU (serving model,
-# 4 prompts sharing one prefix): 1000 cached + 2000 new 1.62 s vs 1.57 s recomputed, 700 + 1400 0.86 vs 0.91 s
-# (break-even at a third), 300 + 2700 2.19 vs 1.56 s. Measured on CPU only; GPUs may favour a lower bound.
-MIN_CACHED_FRACTION = 1 / 3
+def min_cached_fraction(device_type: str, cpu_kernels: bool = True) -> float:
+    """The least share of a request's tokens a cached prefix must cover to be used (SchedulerConfig's default).
+    The rest of the prompt then runs as a continuation through the paged path, outside the packed prefill.
+    CUDA (the Triton paged kernel) and CPU with packserve's C kernels (the C prefill operator reads the cached
+    blocks in place): every hit, as vLLM does; on CPU a cached tenth already saved 10% of the time
+    (benchmarks/prefix_fraction.py, 2 AMD EPYC cores). The torch-only CPU paths (`cpu_kernels` False: SDPA per
+    request with a mask) lost below about a third there (1.26x the recomputation at a fifth, 0.90x at a third)."""
+    return 1 / 3 if device_type == "cpu" and not cpu_kernels else 0.0
 
 
 @dataclass(frozen=True)
@@ -242,14 +244,14 @@ class Scheduler:
 
     def _take_cached_prefix(self, req: Request) -> int | None:
         """On admission from scratch: own the cached blocks of req's longest cached prefix and count them as
-        computed, if they cover at least MIN_CACHED_FRACTION of it. Returns the cached token count used (0: the
+        computed, if they cover at least config.min_cached_fraction of it. Returns the cached token count used (0: the
         request is prefilled whole), or None when the cache was not consulted."""
         if not self.allocator.prefix_caching or req.num_computed_tokens or req.params.prompt_logprobs is not None:
             return None
         bs = self.allocator.block_size
         hashes = self._hashes(req, (req.num_tokens - 1) // bs)  # keep >= 1 token to compute
         n = self.allocator.num_matching(hashes)
-        if n * bs < MIN_CACHED_FRACTION * req.num_tokens:
+        if n * bs < (self.config.min_cached_fraction or 0.0) * req.num_tokens:
             return 0
         blocks = self.allocator.match(hashes[:n])
         req.block_ids = blocks

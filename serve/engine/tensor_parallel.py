@@ -210,7 +210,7 @@ def worker_main(rank: int, size: int, init: str, setup: WorkerSetup) -> None:
     state_cache = None
     n_lin = getattr(model, "num_linear_layers", 0)
     if n_lin:  # linear-attention layers: this rank's heads of every request's state (slots numbered by rank 0)
-        from packserve.layers.linear_attention import StateCache
+        from packserve.layers.linear_attention_layer import StateCache
 
         state_cache = StateCache(n_lin, setup.max_num_seqs, *model.linear_state_shape, device)
     runner = ModelRunner(model, select_backend(setup.backend, device, dtype), kv, device, setup.packing,

@@ -5,7 +5,7 @@ A step's flat tokens are laid out as
   [P, T)   requests with cached context: chunked-prefill continuations and decodes
 Every token's K/V is written into its KV-cache slot first. Fresh prompts attend
 within their own prompt only (block-diagonal causal) through the selected
-backend; the rest attend over their cached K/V (paged path, packserve.layers.paged).
+backend; the rest attend over their cached K/V (paged path, packserve.layers.paged_attention_layer).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
-from packserve.layers.paged import PagedMeta, paged_attention
+from packserve.layers.paged_attention_layer import PagedMeta, paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class VarlenBackend(AttentionBackend):
 
         self.fn = varlen_attn
         params = inspect.signature(varlen_attn).parameters
-        # The causal flag changed across torch versions (DESIGN.md §9).
+        # The causal flag changed across torch versions: is_causal now, window_size=(-1, 0) before.
         if "is_causal" in params:
             self.causal = {"is_causal": True}
         elif "window_size" in params:

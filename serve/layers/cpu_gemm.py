@@ -110,10 +110,15 @@ def row_table(verdicts: list[str | None]) -> tuple[str | None, ...]:
     return tuple(table)
 
 
+# Variables that cap the instruction set torch's own kernels use: the F.linear side of every comparison.
+TORCH_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def _cache_key() -> str:
     src = cpu_lib.sources_digest()[:12]
+    caps = "".join(f"|{k}={os.environ[k]}" for k in TORCH_ISA_CAPS if os.environ.get(k))
     return (f"{cpu_lib.cpu_model()}|{cpu_lib.loaded_isa()}|torch {torch.__version__}|{torch.get_num_threads()} threads|"
-            f"{src}")
+            f"{src}{caps}")
 
 
 class Calibration:

@@ -13,62 +13,52 @@ from __future__ import annotations
 from torch import nn
 
 from packserve import distributed
-from packserve.layers.linear_attention import LinearAttention
-from packserve.layers.norm import RMSNorm
-from packserve.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from packserve.models.base import CausalLM, ModelInfo
-from packserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, model_rotary
+from packserve.kernels.linear_attention import feature_width
+from packserve.layers.linear_attention_layer import LinearAttention
+from packserve.models.base import ModelInfo
+from packserve.models.llama import LlamaForCausalLM
 
 
 class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
-    """Llama's weight names, loading and LM head; its own layer stack (mixers chosen per layer)."""
+    """Llama's layer stack, weight names, loading and LM head, with linear attention as the token mixer of
+    every layer not listed in `softmax_attention_layers`."""
+
+    qkv_bias = False
+    qk_norm = False
 
     def __init__(self, cfg: dict, max_model_len: int):
-        CausalLM.__init__(self)
-        self.cfg = cfg
+        super().__init__(cfg, max_model_len)
+        self.num_linear_layers = sum(isinstance(layer.self_attn, LinearAttention) for layer in self.model.layers)
+        # (Hkv, Dk', Dv) of this rank's heads: the NaLaFormer map doubles the key feature width.
+        self.linear_state_shape = (self.info.num_kv_heads, feature_width(cfg.get("feature_map", "elu1"),
+                                                                         self.info.head_dim), self.info.head_dim)
+
+    def token_mixers(self, cfg: dict) -> dict[int, nn.Module]:
         n = cfg["num_hidden_layers"]
-        softmax = sorted(set(cfg.get("softmax_attention_layers") or []))
-        if any(not 0 <= i < n for i in softmax):
-            raise ValueError(f"softmax_attention_layers {softmax} outside [0, {n})")
+        softmax = _softmax_layers(cfg)
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        layers, n_lin = [], 0
-        rotary = model_rotary(cfg, max_model_len) if softmax else None
-        for i in range(n):
-            if i in softmax:
-                mixer = LlamaAttention(cfg, softmax.index(i), qkv_bias=False, qk_norm=False, rotary=rotary)
-            else:
-                mixer = LinearAttention(cfg["hidden_size"], heads, kv_heads, head_dim,
-                                        cfg.get("feature_map", "elu1"), bool(cfg.get("normalize", True)),
-                                        float(cfg.get("linear_attn_eps", 1e-6)), n_lin)
-                n_lin += 1
-            layers.append(LlamaDecoderLayer(cfg, i, False, False, None, mixer=mixer))
-        self.model = nn.Module()
-        self.model.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.model.layers = nn.ModuleList(layers)
-        self.model.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
-        self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = None if self.tie else ParallelLMHead(cfg["hidden_size"], cfg["vocab_size"])
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.num_linear_layers = n_lin
-        from packserve.kernels.linear_attention import feature_width
+        linear = [i for i in range(n) if i not in softmax]
+        return {i: LinearAttention(cfg["hidden_size"], heads, kv_heads, head_dim, cfg.get("feature_map", "elu1"),
+                                   bool(cfg.get("normalize", True)), float(cfg.get("linear_attn_eps", 1e-6)), slot)
+                for slot, i in enumerate(linear)}
 
-        # (Hkv, Dk', Dv) of this rank's heads: the NaLaFormer map doubles the key feature width.
-        local_kv = max(1, kv_heads // distributed.tp_size())
-        self.linear_state_shape = (local_kv, feature_width(cfg.get("feature_map", "elu1"), head_dim), head_dim)
-        self.info = ModelInfo(
-            architecture="PackserveLinearAttentionForCausalLM", num_layers=len(softmax), num_kv_heads=local_kv,
-            head_dim=head_dim, vocab_size=cfg["vocab_size"],
+    def model_info(self, cfg: dict) -> ModelInfo:
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        return ModelInfo(
+            architecture="PackserveLinearAttentionForCausalLM", num_layers=len(_softmax_layers(cfg)),
+            num_kv_heads=max(1, kv_heads // distributed.tp_size()),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, vocab_size=cfg["vocab_size"],
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), hidden_size=cfg["hidden_size"],
             eos_token_id=cfg.get("eos_token_id"))
 
-    def forward(self, input_ids, positions, ctx):
-        x = self.model.embed_tokens(input_ids)
-        residual = None
-        last = len(self.model.layers) - 1
-        for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, positions, ctx, ctx.output_rows if i == last else None)
-        x, _ = self.model.norm(x, residual)
-        return x
+
+def _softmax_layers(cfg: dict) -> list[int]:
+    """The layers that keep rotary softmax attention (a paged KV cache each)."""
+    n = cfg["num_hidden_layers"]
+    softmax = sorted(set(cfg.get("softmax_attention_layers") or []))
+    if any(not 0 <= i < n for i in softmax):
+        raise ValueError(f"softmax_attention_layers {softmax} outside [0, {n})")
+    return softmax

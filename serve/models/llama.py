@@ -95,12 +95,20 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: dict, qkv_bias: bool, qk_norm: bool, max_positions: int):
+    def __init__(self, cfg: dict, qkv_bias: bool, qk_norm: bool, max_positions: int,
+                 mixers: dict[int, nn.Module] | None = None):
+        """`mixers`: layer index -> the token mixer that replaces softmax attention there (linear attention).
+        The softmax-attention layers number their KV caches 0, 1, ... in order."""
         super().__init__()
+        mixers = mixers or {}
+        n = cfg["num_hidden_layers"]
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
-        rotary = model_rotary(cfg, max_positions)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, qkv_bias, qk_norm, rotary)
-                                    for i in range(cfg["num_hidden_layers"]))
+        rotary = model_rotary(cfg, max_positions) if len(mixers) < n else None
+        layers, kv_index = [], 0
+        for i in range(n):
+            layers.append(LlamaDecoderLayer(cfg, kv_index, qkv_bias, qk_norm, rotary, mixer=mixers.get(i)))
+            kv_index += i not in mixers
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
     def forward(self, input_ids, positions, ctx):
@@ -125,12 +133,19 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg, self.qkv_bias or bool(cfg.get("attention_bias", False)), self.qk_norm,
-                                max_model_len)
+                                max_model_len, self.token_mixers(cfg))
         self.tie = bool(cfg.get("tie_word_embeddings", False))
         # Vocabulary-parallel head (packserve.layers.vocab): each rank its slice of the rows, padded to equal shards.
         self.lm_head = None if self.tie else ParallelLMHead(cfg["hidden_size"], cfg["vocab_size"])
+        self.info = self.model_info(cfg)
+
+    def token_mixers(self, cfg: dict) -> dict[int, nn.Module]:
+        """Layers whose token mixer is not softmax attention (none in the Llama family)."""
+        return {}
+
+    def model_info(self, cfg: dict) -> ModelInfo:
         attn = self.model.layers[0].self_attn
-        self.info = ModelInfo(
+        return ModelInfo(
             architecture=type(self).__name__, num_layers=cfg["num_hidden_layers"], num_kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, vocab_size=cfg["vocab_size"],
             max_position_embeddings=max_positions(cfg), hidden_size=cfg["hidden_size"],

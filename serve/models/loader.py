@@ -90,7 +90,7 @@ def checkpoint_dtype(cfg: dict) -> torch.dtype:
 
 def resolve_dtype(requested: str, cfg: dict, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
-        # No fast half precision on these CPUs: weights stored in half are upcast (DESIGN.md §9).
+        # No fast half precision on these CPUs: weights stored in half are upcast.
         if requested not in ("auto", "float32"):
             log.warning("dtype %s requested on CPU; running in float32", requested)
         return torch.float32

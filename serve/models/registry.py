@@ -22,10 +22,6 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def register(name: str, module: str, cls: str) -> None:
-    _REGISTRY[name] = (module, cls)
-
-
 def resolve(config: dict):
     archs = config.get("architectures") or []
     for name in archs:

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from packserve.testing import ServerProcess, free_port  # shared with the deploy and loadtest tests
+from tests.support.server_process import ServerProcess, free_port  # shared with the deploy and loadtest tests
 
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 256

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from packserve import envs
-from packserve.api.cli import build_parser, main, resolve_options
+from packserve.commands.serve import build_parser, main, resolve_options
 
 
 def test_every_cli_option_has_a_variable():

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from packserve.testing import ServerProcess, free_port
+from tests.support.server_process import ServerProcess, free_port
 
 PARTIAL = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"  # headers never finished
 

@@ -1,4 +1,4 @@
-"""/metrics: parses with prometheus_client, DESIGN §8 names, TTFT count == requests served."""
+"""/metrics: parses with prometheus_client, the `packserve:` names, TTFT count == requests served."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from packserve.testing import ServerProcess
+from tests.support.server_process import ServerProcess
 
 
 def _children(pid: int) -> list[int]:

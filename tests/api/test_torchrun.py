@@ -12,7 +12,7 @@ import openai
 
 from packserve import LLM, SamplingParams
 from packserve.distributed import free_port
-from packserve.testing import ServerProcess
+from tests.support.server_process import ServerProcess
 
 
 def test_two_ranks_launched_like_torchrun(tiny_model, tmp_path):

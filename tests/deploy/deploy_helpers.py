@@ -23,7 +23,7 @@ K8S = DEPLOY / "kubernetes"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/gpu-keda", "overlays/gpu-tp")
 
-# A metric name as written in PromQL / exposition text (colons allowed, DESIGN.md §8 prefix).
+# A metric name as written in PromQL / exposition text (colons allowed: the `packserve:` prefix).
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])packserve:[A-Za-z_][A-Za-z0-9_:]*")
 
 

@@ -1,5 +1,5 @@
 """The Dockerfile, checked without a container engine: hadolint, COPY sources, the install step against the
-README, the entrypoint, the user, the health check (DESIGN.md §9, issue 7)."""
+README, the entrypoint, the user, the health check (issue 7)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from deploy_helpers import ROOT, arg_defaults, env_pairs, expand, pip_installs, stages
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# Each xformers release loads its kernels only with the torch it was built for (DESIGN.md §9).
+# Each xformers release loads its kernels only with the torch it was built for.
 XFORMERS_TORCH = {"0.0.35": "2.10"}
 
 
@@ -141,7 +141,7 @@ def test_dockerignore_keeps_junk_out():
     for junk in (".git/config", ".venv/bin/python", "tests/conftest.py", "serve/__pycache__/x.cpython-311.pyc",
                  "deploy/models/llama/model.safetensors", "packserve.egg-info/PKG-INFO"):
         assert dockerignored(junk, patterns), junk
-    assert not dockerignored("serve/cli.py", patterns)
+    assert not dockerignored("serve/commands/serve.py", patterns)
 
 
 def _readme_install() -> list[str]:
@@ -222,7 +222,7 @@ def test_entrypoint_runs_installed_console_script(dockerfile):
     assert isinstance(argv, list) and argv[1:2] == ["serve"], argv
     scripts = PYPROJECT["project"]["scripts"]
     assert Path(argv[0]).name in scripts, f"{argv[0]} is not a console script of pyproject.toml"
-    assert scripts[Path(argv[0]).name] == "packserve.cli:main"
+    assert scripts[Path(argv[0]).name] == "packserve.commands:main"
     # The script lives in the venv the build stage created and the runtime stage copied.
     venv = re.search(r"-m venv (\S+)", " ".join(i.args for i in dockerfile if i.cmd == "RUN")).group(1)
     assert argv[0] == f"{venv}/bin/{Path(argv[0]).name}"

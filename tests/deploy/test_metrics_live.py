@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from deploy_helpers import TARGET_LABELS, label_names, metric_names, metric_queries
 
-from packserve.testing import ServerProcess
+from tests.support.server_process import ServerProcess
 
 httpx = pytest.importorskip("httpx")
 parser = pytest.importorskip("prometheus_client.parser")
@@ -67,7 +67,7 @@ def test_every_label_used_by_deploy_is_exported(metrics_text):
 
 
 def test_metrics_cover_design_section_8(metrics_text):
-    """The dashboards use the names DESIGN.md §8 fixes; the server exports them all."""
+    """The dashboards use the `packserve:` metric names; the server exports them all."""
     exposed, labels = _exposed(metrics_text)
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
                  "generation_tokens_total", "request_success_total", "num_preemptions_total",

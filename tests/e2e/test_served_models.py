@@ -6,7 +6,7 @@ import pytest
 
 from packserve import LLM, SamplingParams
 from packserve.checkpoints import build_linear_attn_checkpoint, build_tiny_checkpoint
-from packserve.testing import ServerProcess
+from tests.support.server_process import ServerProcess
 
 openai = pytest.importorskip("openai")
 

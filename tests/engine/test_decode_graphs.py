@@ -13,7 +13,7 @@ from packserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from packserve.engine.engine import LLMEngine, engine_config
 from packserve.engine.input_batch import InputBatch
 from packserve.kernels import cpu_ops
-from packserve.testing import run_with_arrivals
+from tests.support.engine_cases import run_with_arrivals
 from tests.engine.test_generate import NEW, _mixed_workload, hf_greedy, prompts
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="needs the C decode kernel (the paged kernel on CPU)")

@@ -5,7 +5,7 @@ import torch
 
 from packserve import LLM, SamplingParams
 from packserve.engine.engine import LLMEngine, engine_config
-from packserve.testing import run_with_arrivals
+from tests.support.engine_cases import run_with_arrivals
 
 LENGTHS = [1, 2, 15, 63, 64, 65, 3, 100, 31, 7, 200, 48, 17, 5, 129, 90]  # 16 ragged prompts
 NEW = 32
@@ -81,7 +81,7 @@ def test_greedy_matches_transformers_on_the_triton_decode_path(checkpoint_factor
             pytest.skip("triton was imported without TRITON_INTERPRET")
         llm = LLM(path)
         llm.engine.runner.decode_kernel = "triton"
-    import packserve.kernels.paged_attention as kernel  # the operator's implementation calls the wrapper there
+    import packserve.kernels.paged_attention_triton as kernel  # the operator's implementation calls the wrapper there
 
     calls, real = [], kernel.paged_decode_attention_triton
     monkeypatch.setattr(kernel, "paged_decode_attention_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -109,21 +109,29 @@ def test_requests_arriving_while_others_decode(checkpoint_factory):
     assert engine.allocator.num_free == engine.allocator.num_blocks
 
 
-def test_chunked_prefill_long_prompts(checkpoint_factory):
-    """Prompts longer than the token budget are prefilled over several steps."""
+def test_chunked_prefill_long_prompts(checkpoint_factory, monkeypatch):
+    """Prompts longer than the token budget are prefilled over several steps; on CPU the later chunks go through
+    the C prefill operator (keys read through the block table) wherever the kernels are built."""
+    import packserve.layers.paged_attention_layer as paged
+
+    calls = []
+    real = paged.cpu_ops.paged_prefill_attention
+    monkeypatch.setattr(paged.cpu_ops, "paged_prefill_attention", lambda *a: calls.append(a[6].tolist()) or real(*a))
     path = checkpoint_factory("qwen3")
     ps = prompts(seed=2, lengths=[300, 129, 64, 65, 1, 250])
     llm = LLM(path, max_num_batched_tokens=48, max_num_seqs=4)
     outs = llm.generate(ps, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps)
+    assert bool(calls) == paged.cpu_ops.has_varlen() and all(n > 1 for c in calls for n in c)
 
 
 def test_chunked_prefill_with_masks_built_per_slice(checkpoint_factory, monkeypatch):
-    """The same chunked prefill with the paged-attention mask limit at 500 elements: every later chunk's causal
-    mask is built in slices of query rows (what keeps a long prompt's 8192 x 32k mask out of memory); the greedy
-    tokens still match transformers."""
-    import packserve.layers.paged as paged
+    """The same chunked prefill on the torch span path (the one without the C prefill operator) with the
+    paged-attention mask limit at 500 elements: every later chunk's causal mask is built in slices of query rows
+    (what keeps a long prompt's 8192 x 32k mask out of memory); the greedy tokens still match transformers."""
+    import packserve.layers.paged_attention_layer as paged
 
+    monkeypatch.setattr(paged.cpu_ops, "has_varlen", lambda: False)
     built = []
     real = paged.span_mask
     monkeypatch.setattr(paged, "span_mask", lambda *a: built.append(len(a[1])) or real(*a))
@@ -197,7 +205,7 @@ def test_everything_mixed_in_the_same_steps(arch, kernel, checkpoint_factory, mo
     in the same steps, every new token attending through the block table: greedy tokens equal transformers'."""
     import triton.language as tl
 
-    import packserve.layers.paged as paged
+    import packserve.layers.paged_attention_layer as paged
 
     if kernel == "triton" and not torch.cuda.is_available() and \
             type(tl.standard.sum).__name__ != "InterpretedFunction":

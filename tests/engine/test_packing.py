@@ -50,7 +50,7 @@ def test_packed_batch_layout(lengths, algo, capacity):
     b = build_packed_batch(tokens, slots, capacity=capacity, algorithm=algo)
     lay = b.layout
     assert lay.capacity >= max(lengths)
-    assert all(r <= lay.capacity for r in lay.row_lengths)
+    assert all(sum(lay.lengths[i] for i in row) <= lay.capacity for row in lay.rows)
     assert sorted(lay.order) == list(range(len(lengths)))
     assert b.cu_seqlens[-1] == sum(lengths) == len(b.token_ids) == len(b.position_ids) == len(b.slot_mapping)
     for k, i in enumerate(lay.order):

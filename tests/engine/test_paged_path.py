@@ -1,6 +1,7 @@
-"""The CPU paged path (packserve.layers.paged) against the naive fp64 loop: one step mixing decodes, chunked-prefill
-continuations and prompts behind a prefix hit, at ragged cached/new lengths; the C decode kernel with per-request
-SDPA, and the torch-only path (gathered decodes); masks built in row slices when large."""
+"""The CPU paged path (packserve.layers.paged_attention_layer) against the naive fp64 loop: one step mixing
+decodes, chunked-prefill continuations and prompts behind a prefix hit, at ragged cached/new lengths; the C decode
+kernel with the C prefill operator (or per-request SDPA where that operator is not built), and the torch-only path
+(gathered decodes); masks built in row slices when large."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 from packserve.kernels import cpu_ops
-from packserve.kernels.paged_attention import paged_attention_ref
-from packserve.layers import paged
-from packserve.testing import batch_view, paged_case
+from packserve.kernels.paged_attention_triton import paged_attention_ref
+from packserve.layers import paged_attention_layer as paged
+from tests.support.engine_cases import batch_view, paged_case
 
 CTX = [0, 5, 16, 63, 100, 300, 1, 31, 7]
 QLENS = [1, 2, 17, 64, 65, 1, 33, 1, 1]
@@ -32,6 +33,20 @@ def test_mixed_step_with_the_c_decode_kernel(H, Hkv, D, bs):
     if not cpu_ops.available():
         pytest.skip("the CPU kernels are not built here")
     out, ref = _step(CTX, QLENS, H, Hkv, D, bs, "cpu")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("qlens", [[3] * len(CTX), [2, 5, 1, 64, 65, 2, 33, 40, 2]])
+@pytest.mark.parametrize("prefill_op", [True, False])
+def test_multi_token_requests_with_and_without_the_c_prefill_operator(qlens, prefill_op, monkeypatch):
+    """Every request with several new tokens (their rows are the whole segment, in order), or mixed with
+    decodes; through the C prefill operator, or per-request SDPA beside the C decode kernel."""
+    if not cpu_ops.has_varlen():
+        pytest.skip("the CPU prefill operator is not built here")
+    if not prefill_op:
+        monkeypatch.setattr(paged.cpu_ops, "has_varlen", lambda: False)
+    out, ref = _step(CTX, qlens, 6, 2, 64, 16, "cpu", seed=3)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 

@@ -2,6 +2,8 @@
 cached prefix, and the engine end to end (greedy tokens equal to an engine without the cache, whose tokens
 test_generate checks against transformers; across preemption and multi-turn prompts; no block leaks)."""
 
+import random
+
 import pytest
 
 from packserve import LLM, SamplingParams
@@ -9,7 +11,7 @@ from packserve.config import SchedulerConfig
 from packserve.engine.kv_cache import BlockAllocator, block_hashes
 from packserve.engine.request import Request
 from packserve.engine.scheduler import Scheduler
-from tests.engine.scheduler_driver import update
+from tests.support.scheduler_driver import update
 
 BS = 4
 
@@ -73,7 +75,8 @@ def test_duplicate_content_keeps_the_first_copy_and_off_means_off():
 
 
 def _sched(num_blocks=32, **kw):
-    cfg = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256, **kw})
+    cfg = SchedulerConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 64, "max_model_len": 256,
+                             "min_cached_fraction": 1 / 3, **kw})
     return Scheduler(cfg, BlockAllocator(num_blocks, BS, prefix_caching=True))
 
 
@@ -113,7 +116,8 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
 
 
 def test_a_small_cached_fraction_is_recomputed_in_the_packed_prefill():
-    """4 of 20 tokens cached (< MIN_CACHED_FRACTION): the request is prefilled whole, nothing counted as a hit."""
+    """4 of 20 tokens cached (< min_cached_fraction, a third here): the request is prefilled whole, nothing counted
+    as a hit."""
     s = _sched()
     s.add_request(_req("a", range(10, 19)))
     _finish_all(s)
@@ -190,6 +194,29 @@ def _prompts():
     return system, [system + [rng.randrange(3, 500) for _ in range(n)] for n in (1, 9, 16, 30)]
 
 
+def test_the_cached_fraction_bound_depends_on_the_device_and_can_be_set(checkpoint_factory):
+    """Every hit is used on GPUs and on CPUs with the C kernels; the torch-only CPU paths use a cached prefix only
+    when it covers a third of the prompt. Either way the greedy tokens are the same."""
+    from packserve.engine.scheduler import min_cached_fraction
+    from packserve.kernels import cpu_lib
+
+    assert min_cached_fraction("cuda") == min_cached_fraction("cpu", cpu_kernels=True) == 0.0
+    assert min_cached_fraction("cpu", cpu_kernels=False) == pytest.approx(1 / 3)
+    path = checkpoint_factory("llama")
+    rng = random.Random(3)
+    prefix = [rng.randrange(3, 500) for _ in range(32)]  # 2 blocks of 16
+    prompt = prefix + [rng.randrange(3, 500) for _ in range(100)]  # the prefix is a quarter of it
+    outs = {}
+    for fraction in (1 / 3, 0.0):
+        llm = LLM(path, min_cached_fraction=fraction)
+        llm.generate([prefix + [7]], GREEDY)  # caches the prefix's two blocks
+        outs[fraction] = llm.generate([prompt], GREEDY)[0]
+    assert outs[1 / 3].num_cached_tokens == 0 and outs[0.0].num_cached_tokens == 32
+    assert outs[1 / 3].outputs[0].token_ids == outs[0.0].outputs[0].token_ids
+    default = LLM(path).engine.scheduler_config.min_cached_fraction
+    assert default == (0.0 if cpu_lib.enabled() and cpu_lib.selected_isa() else pytest.approx(1 / 3))
+
+
 def test_engine_greedy_outputs_equal_with_and_without_the_cache(checkpoint_factory):
     path = checkpoint_factory("llama")
     system, ps = _prompts()
@@ -227,7 +254,7 @@ def test_engine_multi_turn_and_preemption_with_the_cache(checkpoint_factory):
 def test_warm_up_decodes_too_and_leaves_nothing_behind(checkpoint_factory, monkeypatch):
     """warm_up runs a prefill and then decode steps (the decode path is warm before traffic); afterwards the
     engine is idle, every block free, nothing cached and every counter zero."""
-    import packserve.layers.paged as paged
+    import packserve.layers.paged_attention_layer as paged
 
     llm = LLM(checkpoint_factory("llama"))
     calls = []

@@ -7,7 +7,7 @@ from packserve.engine.kv_cache import BlockAllocator
 from packserve.engine.request import FinishReason, ParameterError, Request, RequestStatus, SamplingParams
 from packserve.engine.scheduler import QueueFull, Scheduler
 from packserve.engine.stop import token_finish
-from tests.engine.scheduler_driver import update
+from tests.support.scheduler_driver import update
 
 
 def make(num_blocks=64, block_size=4, **kw):

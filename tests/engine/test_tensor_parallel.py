@@ -10,7 +10,7 @@ import torch
 from packserve import LLM, SamplingParams
 from packserve.config import ConfigError
 from packserve.engine.engine import LLMEngine, engine_config
-from packserve.testing import run_with_arrivals
+from tests.support.engine_cases import run_with_arrivals
 
 LENGTHS = [1, 2, 17, 63, 64, 65, 130, 7, 40, 3]
 

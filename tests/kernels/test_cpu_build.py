@@ -139,8 +139,9 @@ def test_build_kernels_command_builds_ahead_of_time(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.prefix = {str(prefix)!r}
-        from packserve.kernels import cpu_build, cpu_lib
-        rc = cpu_build.main(["--isa", "all", "--ship"])
+        from packserve.commands import build_kernels
+        from packserve.kernels import cpu_lib
+        rc = build_kernels.main(["--isa", "all", "--ship"])
         found = {{isa: str(cpu_lib.library_path(isa)) for isa in cpu_lib.ISAS}}
         print(json.dumps({{"rc": rc, "found": found}}))
     """)

@@ -112,6 +112,22 @@ def test_prepack_cpu_keeps_panels_only_where_they_measured_faster(tmp_path, monk
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
 
 
+def test_calibration_is_cached_per_torch_isa_cap(tmp_path, monkeypatch):
+    """Verdicts measured against torch's AVX-512 kernels must not be reused when torch is capped at AVX2."""
+    from packserve.layers.cpu_gemm import TORCH_ISA_CAPS, Calibration
+
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
+    for k in TORCH_ISA_CAPS:
+        monkeypatch.delenv(k, raising=False)
+    plain = Calibration()
+    plain.table, plain.dirty = {"8x8": ["panel"]}, True
+    plain.save()
+    assert Calibration().table == {"8x8": ["panel"]}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = Calibration()
+    assert capped.key != plain.key and capped.table == {}
+
+
 @pytest.mark.parametrize("rows,inter", [(1, 1), (3, 17), (32, 1024), (65, 40)])
 def test_silu_mul_matches_torch(rows, inter):
     g = torch.Generator().manual_seed(rows + inter)

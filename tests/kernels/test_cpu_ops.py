@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from packserve.kernels import cpu_ops as K
-from packserve.kernels.paged_attention import paged_decode_ref
-from packserve.layers.paged import build_paged_meta, paged_attention
-from packserve.testing import batch_view, gather_sdpa_decode, paged_case as setup
+from packserve.kernels.paged_attention_triton import paged_decode_ref
+from packserve.layers.paged_attention_layer import build_paged_meta, paged_attention
+from tests.support.engine_cases import batch_view, gather_sdpa_decode, paged_case as setup
 
 pytestmark = pytest.mark.usefixtures("each_isa")  # tests/kernels/conftest.py: every ISA build
 

@@ -6,7 +6,7 @@ Without CUDA the Triton kernels run on CPU tensors in the Triton interpreter (TR
 must be set before triton.language is first imported: its library functions (tl.sum, tl.zeros, ...) are
 decorated at import. When an earlier test module imported triton without it, these tests cannot run in this
 process: they are skipped here and `test_interpreter_checks_in_subprocess` runs this file in a fresh
-interpreter instead. fp32 and fp16 run in the interpreter; bf16 only on a GPU (DESIGN.md §9).
+interpreter instead. fp32 and fp16 run in the interpreter; bf16 only on a GPU (the interpreter's bf16 is wrong).
 Every buffer the Triton wrappers allocate is filled with NaN first, so an unwritten element fails.
 """
 
@@ -22,7 +22,8 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from packserve.testing import interpreted_module, run_tests_in_interpreter, triton_interpreted  # noqa: E402
+from tests.support.interpreter import (interpreted_module, run_tests_in_interpreter,  # noqa: E402
+                                       triton_interpreted)
 
 IN_PROCESS = ON_GPU or triton_interpreted()
 la = importlib.import_module("packserve.kernels.linear_attention")

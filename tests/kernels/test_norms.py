@@ -2,7 +2,7 @@
 
 Without CUDA the Triton kernels run on CPU tensors in the Triton interpreter
 (TRITON_INTERPRET=1, set below before the kernels are first imported); bf16 is wrong in
-the interpreter (DESIGN.md §9), so bf16 runs only on a GPU. Every output is written into
+the interpreter, so bf16 runs only on a GPU. Every output is written into
 a NaN-poisoned buffer (wider than the output, so stray writes show too).
 """
 

@@ -4,7 +4,7 @@ empty ones), strided q rows, NaN-poisoned cache slots outside the requests' cont
 
 Without CUDA the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported; when
 an earlier test module imported triton without it, `test_interpreter_checks_in_subprocess` runs this file in a
-fresh interpreter). fp32 and fp16 here; bf16 only on a GPU (DESIGN.md §9).
+fresh interpreter). fp32 and fp16 here; bf16 only on a GPU (the interpreter's bf16 is wrong).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from packserve.testing import (gather_sdpa_decode, interpreted_module, paged_case,  # noqa: E402  (after the flag)
-                               run_tests_in_interpreter, triton_interpreted)
+from tests.support.engine_cases import gather_sdpa_decode, paged_case  # noqa: E402  (after the flag)
+from tests.support.interpreter import (interpreted_module, run_tests_in_interpreter,  # noqa: E402
+                                       triton_interpreted)
 
 IN_PROCESS = ON_GPU or triton_interpreted()
-pa = interpreted_module("packserve.kernels.paged_attention", "_paged_kernel")
+pa = interpreted_module("packserve.kernels.paged_attention_triton", "_paged_kernel")
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET; "
                                                        "test_interpreter_checks_in_subprocess runs these")
 
@@ -37,7 +38,7 @@ LENS = [1, 2, 15, 16, 17, 63, 64, 65, 300, 3]
 
 
 def setup(lens, H, Hkv, D, bs, dtype=torch.float32, seed=0):
-    """packserve.testing.paged_case on DEV with an int32 block table (the kernel takes either width)."""
+    """tests/support/engine_cases.paged_case on DEV with an int32 block table (the kernel takes either width)."""
     return paged_case(lens, H, Hkv, D, bs, seed=seed, dtype=dtype, device=DEV, table_dtype=torch.int32)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from packserve.kernels import triton_ops
 from packserve.kernels.norm_utils import interpreting
-from packserve.kernels.paged_attention import paged_decode_ref
+from packserve.kernels.paged_attention_triton import paged_decode_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEV == "cpu" and not interpreting(), reason="needs TRITON_INTERPRET=1 on CPU")

@@ -1,4 +1,4 @@
-"""Arrival processes: Poisson and gamma inter-arrival statistics (DESIGN §9) and schedule bookkeeping."""
+"""Arrival processes: Poisson and gamma inter-arrival statistics and schedule bookkeeping."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import packserve.loadtest
-from packserve.loadtest.cli import main
+from packserve.commands.loadtest import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

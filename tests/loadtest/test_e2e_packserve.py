@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from packserve.loadtest.cli import main
-from packserve.testing import ServerProcess
+from packserve.commands.loadtest import main
+from tests.support.server_process import ServerProcess
 
 
 

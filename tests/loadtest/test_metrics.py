@@ -1,6 +1,6 @@
 """Metric math against the deterministic fake server (known TTFT, per-token gap, token counts).
 
-Tolerance (DESIGN §9): within 5 ms or 5 %, whichever is larger."""
+Tolerance: within 5 ms or 5 %, whichever is larger."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from packserve.checkpoints import build_linear_attn_checkpoint
 from packserve.engine.engine import LLMEngine, engine_config
 from packserve.engine.request import SamplingParams
-from packserve.testing import run_with_arrivals
+from tests.support.engine_cases import run_with_arrivals
 
 
 def phi_ref(name: str, x: torch.Tensor, is_query: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`packserve serve | generate | loadtest | build-kernels`: one console script, one module per command."""
+"""`packserve serve | generate | loadtest | build-kernels`: one console script; each command's parser and main
+live in the module of this package named after it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "serve": "packserve.api.cli",
-        "generate": "packserve.engine.cli",
-        "loadtest": "packserve.loadtest.cli",
-        "build-kernels": "packserve.kernels.cpu_build",
+        "serve": "packserve.commands.serve",
+        "generate": "packserve.commands.generate",
+        "loadtest": "packserve.commands.loadtest",
+        "build-kernels": "packserve.commands.build_kernels",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: packserve {serve,generate,loadtest,build-kernels} [options]   (packserve CMD --help for each)")

@@ -5,11 +5,12 @@ and prompts behind a prefix-cache hit, all in one call per layer with metadata b
 (packserve.engine.input_batch): each request's block-table row, cached and new token counts.
 Then per layer:
 - CUDA (and the Triton interpreter in tests): one call of the unified paged kernel,
-  packserve.kernels.paged_attention, for every new token of the step whatever its request's query length.
+  packserve.kernels.paged_attention_triton, for every new token of the step whatever its request's query length.
 - CPU: the requests with one new token (decodes) go through the C decode kernel (packserve.kernels.cpu_ops) in
-  one call; each request with several new tokens attends over its own blocks with SDPA (causal from its cached
-  length; in slices of query rows when its mask would be large). Without the C kernels, the decodes are
-  gathered together and masked to each request's length instead.
+  one call, and those with several new tokens through the C prefill operator in one more (paged_prefill_attention:
+  keys read through the block table, causal from each request's cached length). Without the C kernels, the
+  decodes are gathered together and masked to each request's length, and each multi-token request attends over
+  its own blocks with SDPA (in slices of query rows when its mask would be large).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
-from packserve.kernels.paged_attention import PagedTiles, block_q_for, query_tiles
+from packserve.kernels.paged_attention_triton import PagedTiles, block_q_for, query_tiles
 
 if TYPE_CHECKING:
     from packserve.engine.input_batch import BatchView
@@ -65,6 +66,10 @@ class PagedMeta:
     decode_seq_lens: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None  # torch: additive [Bd, 1, 1, nb * block_size]
     spans: list[Span] = field(default_factory=list)
+    # cpu with the C prefill operator: the multi-token requests' table rows, lengths, first rows and counts (int64
+    # [S]), and their rows in the segment (None when they are all of it, in order)
+    span_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    span_rows: torch.Tensor | None = None
 
 
 def build_paged_meta(view: BatchView, block_size: int, kernel: str, device: torch.device,
@@ -80,8 +85,20 @@ def build_paged_meta(view: BatchView, block_size: int, kernel: str, device: torc
     one = [b for b in range(n) if q_host[b] == 1]
     starts = (np.cumsum(view.q_host) - view.q_host).tolist()
     ctx_host = view.ctx_host.tolist()
-    meta.spans = [Span(starts[b], q_host[b], ctx_host[b],
-                       view.table[b, :-(-(ctx_host[b] + q_host[b]) // block_size)]) for b in range(n) if q_host[b] > 1]
+    multi = [b for b in range(n) if q_host[b] > 1]
+    if multi and kernel == "cpu" and cpu_ops.has_varlen():  # every span in one call of the C operator
+        idx = torch.tensor(multi, dtype=torch.long, device=device)
+        table = view.table if len(multi) == n else view.table.index_select(0, idx)
+        lens = view.seq_lens if len(multi) == n else view.seq_lens.index_select(0, idx)
+        span_starts = [starts[b] for b in multi]
+        meta.span_args = (table, lens, torch.tensor(span_starts, dtype=torch.long, device=device),
+                          torch.tensor([q_host[b] for b in multi], dtype=torch.long, device=device))
+        if len(multi) < n:
+            meta.span_rows = torch.cat([torch.arange(a, a + q_host[b], device=device)
+                                        for a, b in zip(span_starts, multi)])
+    else:
+        meta.spans = [Span(starts[b], q_host[b], ctx_host[b],
+                           view.table[b, :-(-(ctx_host[b] + q_host[b]) // block_size)]) for b in multi]
     if one:
         all_decode = len(one) == n
         idx = None if all_decode else torch.tensor(one, dtype=torch.long, device=device)
@@ -133,6 +150,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         t = meta.tiles
         return ops.paged_attention(q, k_cache, v_cache, meta.block_table, meta.ctx_lens, meta.q_lens, meta.q_start,
                                    t.tile_seq, t.tile_q0, t.block_q, meta.block_size, scale, meta.max_seq_len)
+    if meta.span_args is not None:
+        spans = cpu_ops.paged_prefill_attention(q, k_cache, v_cache, *meta.span_args, meta.block_size, scale)
+        if meta.span_rows is None:  # every request of the segment has several new tokens: the rows in order
+            return spans
+        out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+        out.index_copy_(0, meta.span_rows, spans)
+        out.index_copy_(0, meta.decode_rows, _decode(q.index_select(0, meta.decode_rows), k_cache, v_cache, meta,
+                                                     scale))
+        return out
     if not meta.spans:
         return _decode(q, k_cache, v_cache, meta, scale)
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])

@@ -20,11 +20,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .arrivals import ArrivalConfig
-from .client import RequestResult
-from .metrics import parse_slos
-from .runner import RunConfig, RunOutcome, Stopper, run_load, run_sweep
-from .workload import LengthDist, RequestSpec, dataset_requests, synthetic_requests
+from packserve.loadtest.arrivals import ArrivalConfig
+from packserve.loadtest.client import RequestResult
+from packserve.loadtest.metrics import parse_slos
+from packserve.loadtest.runner import RunConfig, RunOutcome, Stopper, run_load, run_sweep
+from packserve.loadtest.workload import LengthDist, RequestSpec, dataset_requests, synthetic_requests
 
 
 def _rate(text: str) -> float:
@@ -100,7 +100,7 @@ def _plots(args: argparse.Namespace, console: Console):
     if args.no_plots:
         return None
     try:
-        from . import plots
+        from packserve.loadtest import plots
     except ImportError as exc:
         if not getattr(args, "_warned_plots", False):
             args._warned_plots = True
@@ -112,7 +112,7 @@ def _plots(args: argparse.Namespace, console: Console):
 
 def _write_run(outcome: RunOutcome, out: Path, args: argparse.Namespace, slos: dict, workload: dict,
                console: Console) -> dict:
-    from .report import build_report, print_tables, summary_tables, write_json
+    from packserve.loadtest.report import build_report, print_tables, summary_tables, write_json
 
     report = build_report(outcome, slos, workload)
     write_json(report, out / "report.json")
@@ -158,7 +158,7 @@ async def _amain(args: argparse.Namespace, cfg: RunConfig, rates: list[float] | 
         report = _write_run(outcomes[0], out, args, slos, workload, console)
         completed = report["metrics"]["completed"]
     else:
-        from .report import SWEEP_SCHEMA, sweep_table, write_json
+        from packserve.loadtest.report import SWEEP_SCHEMA, sweep_table, write_json
 
         runs = []
         for oc in outcomes:
@@ -181,7 +181,7 @@ async def _amain(args: argparse.Namespace, cfg: RunConfig, rates: list[float] | 
 
 
 def _write_cfg(outcome: RunOutcome, workload: dict) -> dict:
-    from .report import config_dict
+    from packserve.loadtest.report import config_dict
 
     cfg = config_dict(outcome, workload)
     cfg.pop("request_rate", None)

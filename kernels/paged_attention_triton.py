@@ -18,7 +18,7 @@ streams each request's K/V once per tile of queries, flash-decoding style:
      max and normalizes. Splits keep a GPU busy when few requests have long contexts; `num_splits` picks them
      from the SM count.
 
-Loads are upcast to fp32 (the interpreter's bf16 is wrong, DESIGN.md §9); scores and accumulators are fp32;
+Loads are upcast to fp32 (the Triton interpreter's bf16 arithmetic is wrong); scores and accumulators are fp32;
 the probabilities are cast to the cache dtype for the second dot, as flash attention does.
 `paged_attention_ref` is the naive fp64 reference; `paged_decode_ref` its one-token case (also the CPU C decode
 kernel's, packserve.kernels.cpu_ops).
