@@ -78,7 +78,7 @@ class SchedulerConfig:
     # compute it instead of prefilling it again (not for linear-attention models, whose state is per request).
     share_prompt: bool = True
     # With prefix caching, a cached prefix is used only when it covers at least this fraction of the request's
-    # tokens (None: the device's default, packserve.engine.scheduler.min_cached_fraction).
+    # tokens (None: the engine's default for its attention path, packserve.engine.scheduler.min_cached_fraction).
     min_cached_fraction: float | None = None
 
     def __post_init__(self) -> None:

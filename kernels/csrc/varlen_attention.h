@@ -69,14 +69,14 @@ struct Seqs {
 
 /* Pass 1: chunk c of sequence s holds its keys [c * KC, c * KC + KC) of every KV head: kt [chunks][Hkv][D][KC]
    (transposed) and vc [chunks][Hkv][KC][D], zero from the sequence's end to the next multiple of KA. */
-static void pack_kv_chunks(const float *k, const float *v, const KeyRows &kr_of, const Seqs &sq,
-                           const int64_t *chunk0, const VarlenShape &sh, float *kt, float *vc) {
-    const int64_t D = sh.D, Hkv = sh.Hkv, S = sq.S, chunks = chunk0[S];
+static void pack_kv_chunks(const float *k, const float *v, const KeyRows &kr_of, const Seqs &sq, int64_t s0,
+                           int64_t n_seqs, const int64_t *chunk0, const VarlenShape &sh, float *kt, float *vc) {
+    const int64_t D = sh.D, Hkv = sh.Hkv, chunks = chunk0[n_seqs];
     #pragma omp parallel for schedule(dynamic, 1) collapse(2)
     for (int64_t c = 0; c < chunks; c++) {
         for (int64_t g = 0; g < Hkv; g++) {
-            const int64_t s = std::upper_bound(chunk0, chunk0 + S + 1, c) - chunk0 - 1;
-            const int64_t j0 = (c - chunk0[s]) * KC, n = std::min<int64_t>(KC, sq.kv_len[s] - j0);
+            const int64_t s = s0 + (std::upper_bound(chunk0, chunk0 + n_seqs + 1, c) - chunk0 - 1);
+            const int64_t j0 = (c - chunk0[s - s0]) * KC, n = std::min<int64_t>(KC, sq.kv_len[s] - j0);
             const int64_t nr = std::min<int64_t>(KC, (n + KA - 1) / KA * KA);
             float *kd = kt + (c * Hkv + g) * D * KC, *vd = vc + (c * Hkv + g) * KC * D;
             for (int64_t j = 0; j < n; j++) {
@@ -141,22 +141,48 @@ static inline void softmax_rows(float *S, int64_t ld, int64_t nr, float *m, floa
     }
 }
 
+// Packed keys and values kept between calls (floats, 256 MiB): a fresh multi-MB buffer per call would page-fault
+// its way in at every layer. Sequences are attended in groups whose packed K/V fit it; one sequence larger than
+// that alone (a very long cached context) takes a buffer of its own for the call.
+constexpr int64_t SCRATCH_KEPT = int64_t(1) << 26;
+
+static void attention_group(const float *q, const float *k, const float *v, const KeyRows &keys_at, const Seqs &sq,
+                            int64_t s0, int64_t s1, const VarlenShape &sh, float *out);
+
 /* Pass 2. q/k/v: token-major rows (strides in sh); out [rows, H, D] contiguous. */
 static void attention_f32(const float *q, const float *k, const float *v, const KeyRows &keys_at, const Seqs &sq,
                           const VarlenShape &sh, float *out) {
-    const int64_t H = sh.H, Hkv = sh.Hkv, D = sh.D, G = H / Hkv, M = G * VQ, S = sq.S;
-    std::vector<int64_t> chunk0(S + 1, 0);
-    for (int64_t s = 0; s < S; s++) chunk0[s + 1] = chunk0[s] + (sq.kv_len[s] + KC - 1) / KC;
-    const int64_t chunk_elems = Hkv * KC * D;
-    // Grown, never shrunk: a fresh multi-MB buffer per call would page-fault its way in at every layer.
-    thread_local std::vector<float> scratch;
-    if ((int64_t)scratch.size() < 2 * chunk0[S] * chunk_elems) scratch.resize(2 * chunk0[S] * chunk_elems);
-    float *kt = scratch.data(), *vc = kt + chunk0[S] * chunk_elems;
-    pack_kv_chunks(k, v, keys_at, sq, chunk0.data(), sh, kt, vc);
+    const int64_t max_chunks = std::max<int64_t>(1, SCRATCH_KEPT / (2 * sh.Hkv * KC * sh.D));
+    for (int64_t s0 = 0, s1; s0 < sq.S; s0 = s1) {
+        int64_t chunks = (sq.kv_len[s0] + KC - 1) / KC;
+        for (s1 = s0 + 1; s1 < sq.S && chunks + (sq.kv_len[s1] + KC - 1) / KC <= max_chunks; s1++)
+            chunks += (sq.kv_len[s1] + KC - 1) / KC;
+        attention_group(q, k, v, keys_at, sq, s0, s1, sh, out);
+    }
+}
+
+static void attention_group(const float *q, const float *k, const float *v, const KeyRows &keys_at, const Seqs &sq,
+                            int64_t s0, int64_t s1, const VarlenShape &sh, float *out) {
+    const int64_t H = sh.H, Hkv = sh.Hkv, D = sh.D, G = H / Hkv, M = G * VQ, n_seqs = s1 - s0;
+    std::vector<int64_t> chunk0(n_seqs + 1, 0);  // per sequence of the group: its first packed chunk
+    for (int64_t i = 0; i < n_seqs; i++) chunk0[i + 1] = chunk0[i] + (sq.kv_len[s0 + i] + KC - 1) / KC;
+    const int64_t chunk_elems = Hkv * KC * D, need = 2 * chunk0[n_seqs] * chunk_elems;
+    thread_local std::vector<float> kept;
+    std::vector<float> own;
+    float *kt;
+    if (need <= SCRATCH_KEPT) {
+        if ((int64_t)kept.size() < need) kept.resize(need);
+        kt = kept.data();
+    } else {
+        own.resize(need);
+        kt = own.data();
+    }
+    float *vc = kt + chunk0[n_seqs] * chunk_elems;
+    pack_kv_chunks(k, v, keys_at, sq, s0, n_seqs, chunk0.data(), sh, kt, vc);
 
     struct Item { int64_t s, q0, g, last; };  // last: the block's first query sees keys [0, last]
     std::vector<Item> items;
-    for (int64_t s = 0; s < S; s++)
+    for (int64_t s = s0; s < s1; s++)
         for (int64_t q0 = 0; q0 < sq.q_len[s]; q0 += VQ)
             for (int64_t g = 0; g < Hkv; g++) items.push_back({s, q0, g, sq.kv_len[s] - sq.q_len[s] + q0});
     // Most keys first, so the dynamic schedule ends balanced.
@@ -186,7 +212,7 @@ static void attention_f32(const float *q, const float *k, const float *v, const 
             const int64_t keys = w.last + nq;  // the block's last query sees keys [0, keys)
             for (int64_t c = 0, k0 = 0; k0 < keys; c++, k0 += KC) {
                 const int64_t n = std::min(KC, keys - k0), nr = std::min<int64_t>(KC, (n + KA - 1) / KA * KA);
-                const int64_t ci = chunk0[w.s] + c;
+                const int64_t ci = chunk0[w.s - s0] + c;
                 at::native::cpublas::brgemm(M, nr, D, D, KC, KC, false, qb.data(), kt + (ci * Hkv + w.g) * D * KC,
                                             sc.data(), false);
                 if (k0 + nr - 1 > w.last)  // causal: query q0 + i sees keys <= last + i (padding rows too)

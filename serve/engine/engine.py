@@ -1,4 +1,4 @@
-"""The engine: schedule -> run -> update, plus tokenization, detokenization and stop strings."""
+"""The engine: schedule -> run -> update; tokenization here, the outputs' text and ends in packserve.engine.outputs."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ import torch
 
 from packserve import envs
 from packserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from packserve.engine.detokenizer import IncrementalDetokenizer
+from packserve.engine.outputs import OutputProcessor
 from packserve.engine.precision import CpuMatmulPrecision
-from packserve.engine.stop import StopMatcher, token_finish
 from packserve.engine.threads import ThreadTuner
 from packserve.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
-from packserve.engine.request import (CompletionOutput, FinishReason, ParameterError, Request, RequestOutput,
+from packserve.engine.request import (FinishReason, ParameterError, Request, RequestOutput,
                                       SamplingParams, validate_request)
 from packserve.engine.runner import ModelRunner, StepStats
 from packserve.engine.sampler import Sampler
@@ -47,19 +46,6 @@ class EngineStats:
     padding_avoided: int = 0
     steps: int = 0
     last_step: StepStats = field(default_factory=StepStats)
-
-
-@dataclass
-class _Track:
-    """Engine-side per-request state: detokenizer, text and logprobs."""
-
-    request: Request
-    prompt: str | None
-    detok: IncrementalDetokenizer | None
-    stop: StopMatcher | None = None
-    text: str = ""
-    logprobs: list = field(default_factory=list)
-    finished_time: float | None = None
 
 
 class LLMEngine:
@@ -104,10 +90,7 @@ class LLMEngine:
         self.kv_cache = KVCache(self.info.num_layers, num_blocks, cc.block_size, self.info.num_kv_heads,
                                 self.info.head_dim, self.dtype, self.device)
         # Every scheduler setting as configured (admission order included), with the model's context length.
-        fraction = config.scheduler.min_cached_fraction
-        self.scheduler_config = sc = dataclasses.replace(
-            config.scheduler, max_model_len=self.max_model_len,
-            min_cached_fraction=min_cached_fraction(self.device.type, _cpu_kernels()) if fraction is None else fraction)
+        self.scheduler_config = sc = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         # Linear-attention layers keep a fixed-size state per running request: one slot each.
         self.state_cache, state_slots = None, None
         if n_lin:
@@ -126,6 +109,7 @@ class LLMEngine:
                                   cpu_precision=self.cpu_precision, max_model_len=self.max_model_len,
                                   max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
                                   tp=self.tp)
+        self._update_cached_fraction()
         if self.device.type == "cuda" and not mc.enforce_eager:  # before any request (packserve.engine.cuda_graphs)
             self.runner.capture_decode_graphs_if_supported(sc.max_num_seqs, sc.max_num_batched_tokens)
         eos = self.info.eos_token_id
@@ -133,7 +117,8 @@ class LLMEngine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos_ids))
-        self._tracks: dict[str, _Track] = {}
+        # Text, logprobs and when each request ends (packserve.engine.outputs).
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.sampler, self.max_model_len)
         self._ids = itertools.count()
         self._structured_lock = threading.Lock()  # the API thread compiles grammars too
         self.stats = EngineStats()
@@ -262,9 +247,7 @@ class LLMEngine:
         if params.structured is not None:
             req.matcher = self.structured_outputs().matcher(params.structured)  # ParameterError if it fails
         self.scheduler.add_request(req)
-        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids) if self.tokenizer is not None else None
-        stop = StopMatcher(params.stop) if params.stop and detok is not None else None
-        self._tracks[rid] = _Track(req, prompt if isinstance(prompt, str) else None, detok, stop)
+        self.outputs.add(req, prompt if isinstance(prompt, str) else None)
         self._refresh_stats(self.stats.last_step)  # the waiting gauge moves at once
         return rid
 
@@ -283,19 +266,22 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.finish(request_id, FinishReason.ABORT)
-        track = self._tracks.pop(request_id, None)
-        self.sampler.forget(request_id)
+        out = self.outputs.abort(request_id)
         self._refresh_stats(self.stats.last_step)  # gauges (KV usage, queues) move at once
-        if req is None or track is None:
-            return None
-        track.finished_time = time.monotonic()
-        return self._output(track)
+        return out if req is not None else None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # -- the step -----------------------------------------------------------
+    def _update_cached_fraction(self) -> None:
+        """Unless configured, the prefix-cache bound follows the attention path, which changes on CPU when the C
+        kernels finish building in the background."""
+        if self.scheduler_config.min_cached_fraction is None:
+            self.scheduler.min_cached_fraction = min_cached_fraction(self.runner.reads_cached_blocks_in_place)
+
     def step(self) -> list[RequestOutput]:
+        self._update_cached_fraction()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._refresh_stats(StepStats())
@@ -313,7 +299,7 @@ class LLMEngine:
         if self.thread_tuner is not None and decode:
             self.thread_tuner.observe(len(sched.scheduled), time.perf_counter() - t0)
         changed = self.scheduler.update(sched, tokens)
-        outputs = [self._on_token(req, logprobs.get(req.request_id)) for req in changed]
+        outputs = [self.outputs.on_token(req, logprobs.get(req.request_id)) for req in changed]
         self.stats.generation_tokens += len(changed)
         self.stats.padding_avoided += step_stats.padding_avoided
         self.stats.steps += 1
@@ -330,61 +316,6 @@ class LLMEngine:
         s.prefix_cache_hits = self.scheduler.prefix_cache_hits
         s.shared_prompt_tokens = self.scheduler.shared_prompt_tokens
         s.last_step = step_stats
-
-    def _on_token(self, req: Request, logprob) -> RequestOutput:
-        """The new token's text, and whether it ends the request: the one place that decides (precedence in
-        packserve.engine.stop); the scheduler then frees the request's blocks."""
-        track = self._tracks[req.request_id]
-        now = time.monotonic()
-        if not req.output_token_ids:  # max_tokens=0: the prompt was scored, nothing generated
-            reason, stop = FinishReason.LENGTH, None
-        else:
-            if req.first_token_time is None:
-                req.first_token_time = now
-            if logprob is not None:
-                track.logprobs.append(logprob)
-            reason, stop = token_finish(req, self.max_model_len)
-        if track.detok is not None and req.output_token_ids:
-            track.detok.add(req.output_token_ids[-1])
-            if reason is not None:
-                track.detok.flush()
-            full = track.detok.text
-            hit = track.stop.feed(full) if track.stop is not None else None
-            if hit is not None:
-                idx, s = hit
-                full = full[: idx + (len(s) if req.params.include_stop_str_in_output else 0)]
-                reason, stop = FinishReason.STOP, s
-            elif reason is None and track.stop is not None:
-                full = full[: len(full) - track.stop.holdback]  # a tail that may still become a stop string
-            track.text = full
-        if reason is not None:
-            self.scheduler.finish(req.request_id, reason, stop)
-            track.finished_time = now
-            self._tracks.pop(req.request_id, None)
-            self.sampler.forget(req.request_id)
-        return self._output(track)
-
-    def _output(self, track: _Track) -> RequestOutput:
-        req = track.request
-        reason = req.finish_reason.value if req.finish_reason is not None else None
-        within = None
-        if track.detok is not None and not req.is_finished:
-            within = track.detok.tokens_within(len(track.text))
-        comp = CompletionOutput(0, track.text, list(req.output_token_ids), reason, req.stop_reason,
-                                list(track.logprobs) if req.params.logprobs is not None else None, within)
-        return RequestOutput(req.request_id, track.prompt, req.prompt_token_ids, [comp], req.is_finished,
-                             prompt_logprobs=req.prompt_logprobs,
-                             arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
-                             first_token_time=req.first_token_time, finished_time=track.finished_time,
-                             num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens)
-
-
-def _cpu_kernels() -> bool:
-    """packserve's C kernels serve this CPU, or will once their background build ends (its first minute's
-    requests then run the torch paths)."""
-    from packserve.kernels import cpu_lib
-
-    return cpu_lib.enabled() and cpu_lib.selected_isa() is not None
 
 
 def _context_limit(cfg: dict) -> int:

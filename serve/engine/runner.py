@@ -103,9 +103,16 @@ class ModelRunner:
         efficiency = layout.efficiency if self.backend.uses_rows else 1.0
         return batch, meta, efficiency
 
+    @property
+    def reads_cached_blocks_in_place(self) -> bool:
+        """New tokens behind a cached context read its K/V where it lies (the Triton paged kernel; on CPU the C
+        decode kernel and prefill operator), not from a gathered copy."""
+        return self.decode_kernel == "triton" or (self.decode_kernel == "cpu" and cpu_ops.has_varlen())
+
     def _paged_meta(self, view) -> PagedMeta:
-        """Every new token with cached context attends through the block table (packserve.layers.paged_attention_layer): the
-        Triton kernel on CUDA, the C decode kernel plus per-request SDPA on CPU, gather + SDPA without kernels."""
+        """Every new token with cached context attends through the block table
+        (packserve.layers.paged_attention_layer): the Triton kernel on CUDA; on CPU the C decode kernel and the C
+        prefill operator; gather + SDPA without kernels."""
         return paged.build_paged_meta(view, self.block_size, self.decode_kernel or "torch", self.device,
                                       self.kv_cache.data.dtype)
 

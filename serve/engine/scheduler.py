@@ -20,8 +20,8 @@ Contract
   With prefix caching, a request admitted with nothing computed first takes the
   cached blocks of its longest cached prefix (whole blocks, leaving at least one
   token to compute: its logits give the first output token) when they cover at
-  least `config.min_cached_fraction` of it (the engine's default depends on the
-  device: `min_cached_fraction()`); it then continues from there like a chunked
+  least `min_cached_fraction` of it (configured, or set by the engine from its
+  attention path: `min_cached_fraction()`); it then continues from there like a chunked
   prefill. Requests that score their prompt (prompt_logprobs) compute every token.
   Siblings (requests of one `group`: a prompt sampled n times) compute the
   prompt once: the first admitted prefills it, the others wait until its
@@ -60,14 +60,15 @@ class QueueFull(RuntimeError):
 WAIT = object()  # _sibling_source: not yet
 
 
-def min_cached_fraction(device_type: str, cpu_kernels: bool = True) -> float:
-    """The least share of a request's tokens a cached prefix must cover to be used (SchedulerConfig's default).
-    The rest of the prompt then runs as a continuation through the paged path, outside the packed prefill.
-    CUDA (the Triton paged kernel) and CPU with packserve's C kernels (the C prefill operator reads the cached
-    blocks in place): every hit, as vLLM does; on CPU a cached tenth already saved 10% of the time
-    (benchmarks/prefix_fraction.py, 2 AMD EPYC cores). The torch-only CPU paths (`cpu_kernels` False: SDPA per
-    request with a mask) lost below about a third there (1.26x the recomputation at a fifth, 0.90x at a third)."""
-    return 1 / 3 if device_type == "cpu" and not cpu_kernels else 0.0
+def min_cached_fraction(reads_in_place: bool) -> float:
+    """The least share of a request's tokens a cached prefix must cover to be used (the engine's default, from its
+    attention path). The rest of the prompt then runs as a continuation through the paged path, outside the
+    packed prefill. Where that path reads the cached blocks in place (the Triton paged kernel on CUDA, the C
+    prefill operator on CPU): every hit, as vLLM does; on CPU a cached tenth already saved 10% of the time
+    (benchmarks/prefix_fraction.py, 2 AMD EPYC cores). The gather + SDPA paths (torch-only CPU, or CUDA with
+    PACKSERVE_GPU_DECODE_KERNEL=0) lost below about a third there (1.26x the recomputation at a fifth, 0.90x at
+    a third)."""
+    return 0.0 if reads_in_place else 1 / 3
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class Scheduler:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.groups: dict[str, list[Request]] = {}  # unfinished requests per sibling group
+        # None in the config: the engine sets it before each step from its attention path (min_cached_fraction).
+        self.min_cached_fraction = config.min_cached_fraction if config.min_cached_fraction is not None else 0.0
         self.shared_prompt_tokens = 0  # prompt tokens siblings took from another sibling's blocks
 
     # -- queue management -------------------------------------------------
@@ -244,14 +247,14 @@ class Scheduler:
 
     def _take_cached_prefix(self, req: Request) -> int | None:
         """On admission from scratch: own the cached blocks of req's longest cached prefix and count them as
-        computed, if they cover at least config.min_cached_fraction of it. Returns the cached token count used (0: the
+        computed, if they cover at least min_cached_fraction of it. Returns the cached token count used (0: the
         request is prefilled whole), or None when the cache was not consulted."""
         if not self.allocator.prefix_caching or req.num_computed_tokens or req.params.prompt_logprobs is not None:
             return None
         bs = self.allocator.block_size
         hashes = self._hashes(req, (req.num_tokens - 1) // bs)  # keep >= 1 token to compute
         n = self.allocator.num_matching(hashes)
-        if n * bs < (self.config.min_cached_fraction or 0.0) * req.num_tokens:
+        if n * bs < self.min_cached_fraction * req.num_tokens:
             return 0
         blocks = self.allocator.match(hashes[:n])
         req.block_ids = blocks

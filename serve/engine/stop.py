@@ -1,6 +1,6 @@
 """When a request ends: its newest token (`token_finish`) and its text (`StopMatcher`, stop strings).
 
-The engine is the one place that decides (LLMEngine._on_token, after each step); the scheduler only carries the
+The engine is the one place that decides (packserve.engine.outputs, after each step); the scheduler only carries the
 decision out (`Scheduler.finish` frees the blocks at once). Precedence: a stop string in the text, then EOS / a
 stop token id, a completed structured output, then the length limits.
 

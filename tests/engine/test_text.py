@@ -170,3 +170,28 @@ def test_penalties_change_greedy_output(llm):
                                          frequency_penalty=2.0, presence_penalty=2.0))[0].outputs[0].token_ids
     assert len(set(rep)) >= len(set(plain))
     assert rep != plain or len(set(plain)) == 30
+
+
+def test_a_request_whose_text_fails_is_aborted_alone(llm, monkeypatch, caplog):
+    """A detokenizer error on one request (injected: it raises on that request's 3rd token) aborts that request
+    only: it reports finish_reason "abort", the others finish with their tokens, and no KV block leaks."""
+    from packserve.engine.detokenizer import IncrementalDetokenizer
+
+    real = IncrementalDetokenizer.add
+    marker = [9, 9, 9, 9]
+
+    def add(self, token):
+        if list(self.prompt_token_ids[:4]) == marker and len(self.tokens) >= len(self.prompt_token_ids) + 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real(self, token)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7], [11, 12]], params)]
+    outs = llm.generate([[5, 6, 7], marker + [1, 2], [11, 12]], params)
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "abort", "length"]
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == alone
+    assert len(outs[1].outputs[0].token_ids) < 8
+    assert "could not be processed" in caplog.text
+    alloc = llm.engine.allocator
+    assert not llm.engine.has_unfinished() and alloc.num_free == alloc.num_blocks

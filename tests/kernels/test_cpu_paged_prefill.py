@@ -77,6 +77,17 @@ def test_single_and_many_requests(ctx, new):
                                atol=3e-6, rtol=3e-5)
 
 
+def test_contexts_beyond_the_kept_scratch_go_in_groups():
+    """The packed K/V kept between calls is bounded (256 MiB: 8 chunks of 256 keys at 64 KV heads of 256): the two
+    1000-token contexts share a group, the 2100-token one exceeds the bound alone (a buffer of its own), the last
+    goes in a group after it; every output equals the fp64 loop."""
+    ctx, new = [1000, 1000, 2100, 20], [1, 2, 1, 2]
+    q, kc, vc, tables, table, starts = _case(ctx, new, 64, 64, 256, 16, seed=9)
+    out = _run(q, kc, vc, table, ctx, new, starts, 16, 256 ** -0.5)
+    torch.testing.assert_close(out.double(), _ref(q, kc, vc, tables, ctx, new, starts, 16, 256 ** -0.5),
+                               atol=3e-6, rtol=3e-5)
+
+
 def test_no_cached_context_equals_the_packed_prefill_operator():
     """With nothing cached the operator is the packed prefill's attention over the same tokens, bit for bit."""
     lens = [1, 33, 300, 64]

@@ -5,7 +5,7 @@ from packserve.engine.stop import token_finish
 
 
 def update(s, out, sampled: dict[str, int]):
-    """Scheduler.update, then finish what the new tokens end (LLMEngine._on_token, without stop strings)."""
+    """Scheduler.update, then finish what the new tokens end (OutputProcessor.on_token, without stop strings)."""
     changed = s.update(out, sampled)
     for req in changed:
         reason, stop = token_finish(req, s.config.max_model_len) if req.output_token_ids else (FinishReason.LENGTH,
