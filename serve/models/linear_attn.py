@@ -21,10 +21,7 @@ from packserve.models.llama import LlamaForCausalLM
 
 class PackserveLinearAttentionForCausalLM(LlamaForCausalLM):
     """Llama's layer stack, weight names, loading and LM head, with linear attention as the token mixer of
-    every layer not listed in `softmax_attention_layers`."""
-
-    qkv_bias = False
-    qk_norm = False
+    every layer not listed in `softmax_attention_layers` (those keep Llama's attention, `attention_bias` included)."""
 
     def __init__(self, cfg: dict, max_model_len: int):
         super().__init__(cfg, max_model_len)

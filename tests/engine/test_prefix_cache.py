@@ -195,13 +195,13 @@ def _prompts():
 
 
 def test_the_cached_fraction_bound_depends_on_the_device_and_can_be_set(checkpoint_factory):
-    """Every hit is used on GPUs and on CPUs with the C kernels; the torch-only CPU paths use a cached prefix only
-    when it covers a third of the prompt. Either way the greedy tokens are the same."""
+    """Every hit is used where the paged path reads cached blocks in place (the Triton kernel, the C prefill
+    operator); the gather + SDPA paths use a cached prefix only when it covers a third of the prompt. Either way
+    the greedy tokens are the same."""
     from packserve.engine.scheduler import min_cached_fraction
-    from packserve.kernels import cpu_lib
+    from packserve.kernels import cpu_ops
 
-    assert min_cached_fraction("cuda") == min_cached_fraction("cpu", cpu_kernels=True) == 0.0
-    assert min_cached_fraction("cpu", cpu_kernels=False) == pytest.approx(1 / 3)
+    assert min_cached_fraction(True) == 0.0 and min_cached_fraction(False) == pytest.approx(1 / 3)
     path = checkpoint_factory("llama")
     rng = random.Random(3)
     prefix = [rng.randrange(3, 500) for _ in range(32)]  # 2 blocks of 16
@@ -213,8 +213,10 @@ def test_the_cached_fraction_bound_depends_on_the_device_and_can_be_set(checkpoi
         outs[fraction] = llm.generate([prompt], GREEDY)[0]
     assert outs[1 / 3].num_cached_tokens == 0 and outs[0.0].num_cached_tokens == 32
     assert outs[1 / 3].outputs[0].token_ids == outs[0.0].outputs[0].token_ids
-    default = LLM(path).engine.scheduler_config.min_cached_fraction
-    assert default == (0.0 if cpu_lib.enabled() and cpu_lib.selected_isa() else pytest.approx(1 / 3))
+    engine = LLM(path).engine
+    assert engine.scheduler_config.min_cached_fraction is None  # not configured: the attention path decides
+    assert engine.runner.reads_cached_blocks_in_place == cpu_ops.has_varlen()
+    assert engine.scheduler.min_cached_fraction == (0.0 if cpu_ops.has_varlen() else pytest.approx(1 / 3))
 
 
 def test_engine_greedy_outputs_equal_with_and_without_the_cache(checkpoint_factory):
