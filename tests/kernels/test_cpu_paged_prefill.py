@@ -11,6 +11,7 @@ import torch
 from packserve.kernels import cpu_lib
 from packserve.kernels import cpu_ops as K
 from packserve.kernels.paged_attention_triton import paged_attention_ref
+from tests.support.engine_cases import paged_case
 
 pytestmark = pytest.mark.usefixtures("each_isa")  # tests/kernels/conftest.py: every ISA build
 
@@ -19,26 +20,12 @@ NEW = [1, 2, 31, 32, 33, 63, 64, 65, 300]
 
 
 def _case(ctx, new, H, Hkv, D, bs, seed=0, gap=0):
-    """Caches with each request's ctx + new tokens written (random) in shuffled blocks, NaN elsewhere; q rows of
-    the requests in order, `gap` unrelated rows before each; returns q, caches, table, lengths, row starts."""
-    g = torch.Generator().manual_seed(seed)
-    total = [c + n for c, n in zip(ctx, new)]
-    nblocks = sum(-(-t // bs) for t in total) + 5
-    kc = torch.full((nblocks * bs, Hkv, D), float("nan"))
-    vc = torch.full((nblocks * bs, Hkv, D), float("nan"))
-    perm = torch.randperm(nblocks, generator=g).tolist()
-    tables, i = [], 0
-    for t in total:
-        nb = -(-t // bs)
-        tables.append(perm[i:i + nb])
-        i += nb
-        slots = [tables[-1][j // bs] * bs + j % bs for j in range(t)]
-        kc[slots] = torch.randn(t, Hkv, D, generator=g)
-        vc[slots] = torch.randn(t, Hkv, D, generator=g)
-    width = max(map(len, tables)) + 1
-    table = torch.tensor([tb + [nblocks - 1] * (width - len(tb)) for tb in tables])  # padding: a NaN block
+    """Caches holding each request's ctx + new tokens (tests/support/engine_cases.paged_case: shuffled blocks, NaN
+    in every other slot) and q rows of the requests in order, `gap` unrelated rows before each, as column slices
+    of a fused QKV output; returns q, caches, tables, the table tensor and the requests' first rows."""
+    _, kc, vc, tables, table = paged_case([c + n for c, n in zip(ctx, new)], H, Hkv, D, bs, seed=seed)
     rows = sum(new) + gap * len(new)
-    qkv = torch.randn(rows, (H + 2 * Hkv) * D, generator=g)
+    qkv = torch.randn(rows, (H + 2 * Hkv) * D, generator=torch.Generator().manual_seed(seed + 1))
     q = qkv[:, :H * D].view(rows, H, D)
     starts, r = [], 0
     for n in new:
