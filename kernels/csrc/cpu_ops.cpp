@@ -164,16 +164,22 @@ void check_token_rows(const Tensor &t, const char *name) {
                 name, " must be [tokens, heads, D] with heads and dims contiguous");
 }
 
-Tensor paged_decode_attention(const Tensor &q, const Tensor &k_cache, const Tensor &v_cache, const Tensor &block_table,
-                              const Tensor &seq_lens, int64_t block_size, double scale) {
+// q rows and the paged caches ([slots, Hkv, D] contiguous, whole blocks) of the paged attention operators.
+void check_paged_inputs(const Tensor &q, const Tensor &k_cache, const Tensor &v_cache, int64_t block_size) {
     check_token_rows(q, "q");
     check_f32(k_cache, "k_cache");
     check_f32(v_cache, "v_cache");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
                 "the caches must be contiguous [slots, kv heads, D]");
-    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(2) == D && Hkv > 0 && H % Hkv == 0, "shape mismatch between q and the caches");
+    const int64_t Hkv = k_cache.size(1);
+    TORCH_CHECK(k_cache.size(2) == q.size(2) && Hkv > 0 && q.size(1) % Hkv == 0, "shape mismatch between q and the caches");
     TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0, "the caches must hold whole blocks");
+}
+
+Tensor paged_decode_attention(const Tensor &q, const Tensor &k_cache, const Tensor &v_cache, const Tensor &block_table,
+                              const Tensor &seq_lens, int64_t block_size, double scale) {
+    check_paged_inputs(q, k_cache, v_cache, block_size);
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
     check_i64(block_table, "block_table");
     check_i64(seq_lens, "seq_lens");
     TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B && seq_lens.dim() == 1 && seq_lens.size(0) == B,
@@ -222,14 +228,8 @@ Tensor varlen_attention(const Tensor &q, const Tensor &k, const Tensor &v, const
 Tensor paged_prefill_attention(const Tensor &q, const Tensor &k_cache, const Tensor &v_cache, const Tensor &block_table,
                                const Tensor &seq_lens, const Tensor &q_starts, const Tensor &q_lens, int64_t block_size,
                                double scale) {
-    check_token_rows(q, "q");
-    check_f32(k_cache, "k_cache");
-    check_f32(v_cache, "v_cache");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
-                "the caches must be contiguous [slots, kv heads, D]");
+    check_paged_inputs(q, k_cache, v_cache, block_size);
     const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(2) == D && Hkv > 0 && H % Hkv == 0, "shape mismatch between q and the caches");
-    TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0, "the caches must hold whole blocks");
     for (const Tensor *t : {&block_table, &seq_lens, &q_starts, &q_lens}) check_i64(*t, "block_table / lengths");
     const int64_t S = seq_lens.numel();
     TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == S && seq_lens.dim() == 1 && q_starts.dim() == 1 &&
