@@ -1,6 +1,7 @@
 """Offline generation throughput: transformers `generate` (one left-padded batch) vs packserve LLM.generate.
 
-Workload (the serving workload of benchmarks/common.py): the first 32 cpu-lognormal prompts, 64 new tokens each, EOS ignored, greedy.
+Workload (the serving workload of benchmarks/common.py): the first 32 cpu-lognormal prompts, 64 new tokens
+each, EOS ignored, greedy.
 Each side runs `--repeats` times (default 3; packserve after a small warm-up generate, as transformers gets one;
 prefix caching off, or the repeats would find their prompts cached);
 prints the median time and output tokens/s of each, every run's time, and the ratio of medians; checks that the

@@ -1,7 +1,7 @@
 """Serving throughput: the HTTP server with all requests in flight at once vs transformers `generate` on one padded batch.
 
-Workload (the serving workload of benchmarks/common.py): the first 32 cpu-lognormal prompts (token ids), 64 new tokens each, EOS
-ignored, greedy; Llama shape hidden 384 / intermediate 1024 / 6 layers / 6 heads / 2 KV heads, fp32, 2 threads.
+Workload (the serving workload of benchmarks/common.py): the first 32 cpu-lognormal prompts (token ids), 64 new
+tokens each, EOS ignored, greedy; Llama shape hidden 384 / intermediate 1024 / 6 layers / 6 heads / 2 KV heads, fp32, 2 threads.
 The server is a `packserve serve` subprocess on a free port; the client streams every request over SSE
 (`--no-stream` for plain JSON). The baseline runs first, alone, so the two never share the CPU. The server tunes
 glibc malloc for itself (packserve.host); the baseline runs with stock malloc unless `--tuned-baseline`.

@@ -1,4 +1,5 @@
-"""Every kind of bad input, one test each: status, OpenAI error body, and a stream already in flight completes unharmed."""
+"""Every kind of bad input, one test each: status, OpenAI error body, and a stream already in flight completes
+unharmed."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ def test_generate_cli_reports_bad_input(checkpoint_factory):
 
 
 def test_kernels_namespace_does_not_shadow_hub_package():
-    """`packserve.kernels` is our folder; a bare `import kernels` must not find it (transformers probes for Hugging Face's `kernels`)."""
+    """`packserve.kernels` is our folder; a bare `import kernels` must not find it (transformers probes for
+    Hugging Face's `kernels`)."""
     import importlib.util
 
     import packserve.kernels
