@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_llama_config, save_serving_checkpoint  # noqa: E402
+from common import cpu_kernels_header, cpu_llama_config, save_serving_checkpoint  # noqa: E402
 
 
 def main() -> int:
@@ -39,16 +39,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from packserve import LLM, SamplingParams
-    from packserve.kernels import cpu_lib, cpu_ops
 
-    cpu_lib.wait()
     cfg = cpu_llama_config()
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, temperature=0)
     whole = args.prompts * args.length
     budgets = [int(b) for b in args.budgets.split(",")] + [whole]
-    op = f"the C prefill operator ({cpu_lib.loaded_isa()} build)" if cpu_ops.has_varlen() else "no C prefill operator"
-    print(f"CPU: {cpu_lib.cpu_model()}, {op}; {args.prompts} prompts of {args.length} tokens, {args.threads} threads")
+    print(cpu_kernels_header(f"{args.prompts} prompts of {args.length} tokens, {args.threads} threads"))
     with tempfile.TemporaryDirectory() as tmp:
         save_serving_checkpoint(cfg, tmp)
         llms = {b: LLM(tmp, max_num_batched_tokens=b, prefix_caching=False, num_kv_blocks=1024) for b in budgets}

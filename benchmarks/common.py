@@ -143,3 +143,12 @@ def hf_generate_padded(hf, prompts: list[list[int]], new_tokens: int) -> tuple[f
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
     return time.perf_counter() - t, out[:, L:].tolist()
+
+
+def cpu_kernels_header(detail: str) -> str:
+    """"CPU: <model>, <whether the C prefill operator runs, which build>; <detail>" (waits for the kernels)."""
+    from packserve.kernels import cpu_lib, cpu_ops
+
+    cpu_lib.wait()
+    op = f"the C prefill operator ({cpu_lib.loaded_isa()} build)" if cpu_ops.has_varlen() else "no C prefill operator"
+    return f"CPU: {cpu_lib.cpu_model()}, {op}; {detail}"

@@ -261,7 +261,7 @@ class LLMEngine:
 
                 threads = 1 if self.device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
                 self.sampler.structured = StructuredOutputs(self.tokenizer, self.info.vocab_size,
-                                                                   sorted(self.eos_token_ids), threads)
+                                                            sorted(self.eos_token_ids), threads)
             return self.sampler.structured
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -69,14 +69,12 @@ class OutputProcessor:
     def _on_token(self, req: Request, logprob) -> RequestOutput:
         track = self._tracks[req.request_id]
         now = time.monotonic()
-        if not req.output_token_ids:  # max_tokens=0: the prompt was scored, nothing generated
-            reason, stop = FinishReason.LENGTH, None
-        else:
+        reason, stop = token_finish(req, self.max_model_len)
+        if req.output_token_ids:  # (none when max_tokens=0: the prompt was scored; its sample is dropped)
             if req.first_token_time is None:
                 req.first_token_time = now
             if logprob is not None:
                 track.logprobs.append(logprob)
-            reason, stop = token_finish(req, self.max_model_len)
         if track.detok is not None and req.output_token_ids:
             track.detok.add(req.output_token_ids[-1])
             if reason is not None:

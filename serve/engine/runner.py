@@ -65,6 +65,9 @@ class ModelRunner:
         # All-decode steps read the paged KV in place instead of gathering it: the C kernel on CPU (fp32), the
         # Triton kernel on CUDA; None keeps the gather + SDPA path.
         self.decode_kernel: str | None = None
+        # New tokens behind a cached context read its K/V where it lies (the Triton paged kernel; on CPU the C
+        # prefill operator), not from a gathered copy: set with the kernel choice (the engine's prefix-cache bound).
+        self.reads_cached_blocks_in_place = False
         # CPU fp32: the C kernels may still be building in the background (cpu_lib); until they load, the torch
         # paths run, and the first step after they do (or this constructor, when they are cached) packs the weights
         # and turns the decode kernel on. This is the one place that packs them.
@@ -72,6 +75,7 @@ class ModelRunner:
         self._switch_to_cpu_kernels()
         if device.type == "cuda" and envs.get("GPU_DECODE_KERNEL"):
             self.decode_kernel = "triton"
+            self.reads_cached_blocks_in_place = True
 
     def _switch_to_cpu_kernels(self) -> None:
         if self._cpu_kernels_pending and cpu_ops.available():
@@ -79,6 +83,7 @@ class ModelRunner:
             n = prepack_cpu(self.model)
             log.info("CPU kernels on: decode attention in C, %d weights panel-packed where measured faster", n)
             self.decode_kernel = "cpu"
+            self.reads_cached_blocks_in_place = cpu_ops.has_varlen()
 
     def _packed_meta(self, fresh: list[ScheduledRequest]):
         batch = build_packed_batch([s.token_ids for s in fresh], [s.slot_mapping(self.block_size) for s in fresh],
@@ -102,12 +107,6 @@ class ModelRunner:
         self.backend.prepare(meta, self.device)
         efficiency = layout.efficiency if self.backend.uses_rows else 1.0
         return batch, meta, efficiency
-
-    @property
-    def reads_cached_blocks_in_place(self) -> bool:
-        """New tokens behind a cached context read its K/V where it lies (the Triton paged kernel; on CPU the C
-        decode kernel and prefill operator), not from a gathered copy."""
-        return self.decode_kernel == "triton" or (self.decode_kernel == "cpu" and cpu_ops.has_varlen())
 
     def _paged_meta(self, view) -> PagedMeta:
         """Every new token with cached context attends through the block table

@@ -24,8 +24,10 @@ from packserve.engine.request import FinishReason, Request
 
 
 def token_finish(req: Request, max_model_len: int) -> tuple[FinishReason | None, int | None]:
-    """(reason, stop token id or None) when req's newest token ends it, else (None, None)."""
+    """(reason, stop token id or None) when req's newest token ends it (or it generates none), else (None, None)."""
     p, out = req.params, req.output_token_ids
+    if not out:  # max_tokens=0: the prompt was scored, nothing generated
+        return FinishReason.LENGTH, None
     token = out[-1]
     if len(out) >= p.min_tokens:
         if not p.ignore_eos and token in req.eos_token_ids:

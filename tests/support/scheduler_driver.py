@@ -1,6 +1,5 @@
 """Drive the scheduler as the engine does, without a model: update, then the engine's end rule on the tokens."""
 
-from packserve.engine.request import FinishReason
 from packserve.engine.stop import token_finish
 
 
@@ -8,8 +7,7 @@ def update(s, out, sampled: dict[str, int]):
     """Scheduler.update, then finish what the new tokens end (OutputProcessor.on_token, without stop strings)."""
     changed = s.update(out, sampled)
     for req in changed:
-        reason, stop = token_finish(req, s.config.max_model_len) if req.output_token_ids else (FinishReason.LENGTH,
-                                                                                               None)
+        reason, stop = token_finish(req, s.config.max_model_len)
         if reason is not None:
             s.finish(req.request_id, reason, stop)
     return changed
