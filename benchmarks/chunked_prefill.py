@@ -23,18 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kernels_header, cpu_llama_config, save_serving_checkpoint  # noqa: E402
+from common import cpu_kernels_header, cpu_llama_config, long_prompt_parser, save_serving_checkpoint  # noqa: E402,E501
 
 
 def main() -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--length", type=int, default=2000)
+    ap = long_prompt_parser(2, 2000)
     ap.add_argument("--budgets", default="256,512,1024")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -49,6 +49,18 @@ def serving_parser():
     return ap
 
 
+def long_prompt_parser(prompts: int, length: int):
+    """Options shared by the CPU prefill benchmarks of long prompts (chunked_prefill.py, prefix_fraction.py)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--length", type=int, default=length, help="tokens per prompt")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (medians are compared)")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
 def cpu_llama_config(vocab: int = 32000):
     from transformers import LlamaConfig
 

@@ -28,18 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kernels_header, cpu_llama_config, save_serving_checkpoint  # noqa: E402
+from common import cpu_kernels_header, cpu_llama_config, long_prompt_parser, save_serving_checkpoint  # noqa: E402,E501
 
 
 def main() -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--length", type=int, default=1000)
+    ap = long_prompt_parser(4, 1000)
     ap.add_argument("--shares", default="0.1,0.2,0.33,0.5,0.8")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
