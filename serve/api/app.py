@@ -241,7 +241,9 @@ def create_app(state: ServerState) -> FastAPI:
         return await generate(request, prepare(serving.prepare_chat, body, _chat_chars(body)), body.stream)
 
     def model_card(name: str) -> dict:
+        # root/parent as vLLM writes them (every name here is the one base model: no adapters).
         return {"id": name, "object": "model", "created": state.created, "owned_by": "packserve",
+                "root": state.model_name, "parent": None,
                 "max_model_len": state.max_model_len, "demo": state.is_demo,
                 "description": "built-in demo model (random weights)" if state.is_demo else None}
 

@@ -5,7 +5,8 @@ A token's text is its decoded string; a token that is only part of a UTF-8 chara
 raw bytes come from the vocabulary itself (byte-level BPE's printable byte alphabet, or SentencePiece's <0xNN>
 byte tokens). Completions' top_logprobs is a dict keyed by text: tokens that would collide there are keyed
 "bytes:\\xNN..." (partial characters, as OpenAI and vLLM write them) or "token_id:N" (any other duplicate), so
-the dict always holds exactly the number of alternatives asked for.
+the dict always holds the number of alternatives asked for, plus the sampled token when it is not among them
+(OpenAI's legacy completions: up to logprobs + 1 entries; logprobs=0 gives the sampled token alone).
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def completion_logprobs(state, entries, offset: int, as_ids: bool = False) -> di
         s = _tok(state, chosen.token_id)
         tokens.append(f"token_id:{chosen.token_id}" if as_ids else s)
         token_lps.append(_lp(chosen.logprob))
-        tops.append((_top_dict(state, top, as_ids) or None) if chosen.logprob is not None else None)
+        if chosen.logprob is None:
+            tops.append(None)
+        else:  # the sampled token is always among its alternatives (so there may be k + 1), as OpenAI's are
+            listed = any(t.token_id == chosen.token_id for t in top)
+            tops.append(_top_dict(state, top if listed else [*top, chosen], as_ids))
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -89,6 +89,7 @@ class CompletionRequest(_SamplingFields):
                                                                    "\"json_schema\", \"json_schema\": {...}}")
     best_of: int | None = Field(None, description="candidates generated per prompt (>= n, not with stream); the n "
                                                    "with the highest cumulative logprob are returned")
+    add_special_tokens: bool = Field(True, description="text prompts get the tokenizer's special tokens (BOS)")
 
 
 class TextPart(_Model):
@@ -122,6 +123,17 @@ class ChatCompletionRequest(_SamplingFields):
     audio: Any = Field(None, description="not supported")
     modalities: list[str] | None = Field(None, description="only [\"text\"]")
     prediction: Any = Field(None, description="not supported")
+    # vLLM's prompt-rendering extras.
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant turn's header")
+    continue_final_message: bool = Field(False, description="the reply continues the final (assistant) message; "
+                                                            "needs add_generation_prompt=false")
+    echo: bool = Field(False, description="the reply starts with the final message's content when that message "
+                                          "is the assistant's")
+    add_special_tokens: bool = Field(False, description="add the tokenizer's special tokens to the rendered chat "
+                                                        "(templates usually write them)")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template "
+                                                                          "(e.g. {\"enable_thinking\": false})")
+    chat_template: str | None = Field(None, description="not supported: the server's template is used")
 
 
 def _set(value) -> bool:
@@ -145,4 +157,6 @@ def unsupported_fields(req: _SamplingFields) -> str | None:
         return "modalities"
     if req.prediction is not None:
         return "prediction"
+    if req.chat_template is not None:  # a request's own Jinja is untrusted code (vLLM refuses it by default too)
+        return "chat_template"
     return None

@@ -75,6 +75,8 @@ def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
             msg, reason = {"role": "assistant", "content": comp.text}, comp.finish_reason
             if job.tools is not None and job.tools.mode is not None:
                 msg, reason = tool_calls.message(job.tools, comp.text, reason)
+            if ch.prompt_text:  # chat echo
+                msg["content"] = ch.prompt_text + (msg["content"] or "")
             choices.append({"index": index, "message": msg,
                             "logprobs": chat_logprobs(state, lps, job.ids) if lps is not None else None,
                             "finish_reason": reason, "stop_reason": comp.stop_reason})
@@ -111,6 +113,9 @@ def _delta_chunks(state, job: Job, out: RequestOutput) -> list[str]:
     if job.kind == "chat" and not ch.started:
         chunks.append(_sse(_chunk(job, {"index": ch.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}, out)))
+        if ch.prompt_text:  # chat echo: the repeated final message, before the reply
+            chunks.append(_sse(_chunk(job, {"index": ch.index, "delta": {"content": ch.prompt_text},
+                                            "logprobs": None, "finish_reason": None}, out)))
     offset = ch.sent_text + (len(ch.prompt_text) if job.echo else 0)
     if job.kind == "completion" and not ch.started and ch.prompt_text:
         text = ch.prompt_text + text

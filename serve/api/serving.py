@@ -24,7 +24,7 @@ from packserve.api.protocol import (
 from packserve.api import tool_calls
 from packserve.api.structured import guided_spec
 from packserve.api.tool_calls import ToolSetup, ToolStream
-from packserve.api.text import encode, render_chat
+from packserve.api.text import encode, message_text, render_chat
 from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
 from packserve.engine.request import (
     GuidedSpec,
@@ -125,6 +125,8 @@ def _check_common(state, req) -> None:
         raise APIError(400, f"{bad} is not supported by this server", bad, "unsupported_parameter")
     if not 1 <= req.n <= state.max_n:
         raise APIError(400, f"n must be between 1 and {state.max_n}, got {req.n}", "n", "invalid_value")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true", "stream_options", "invalid_value")
 
 
 def _seed(seed: int | None, j: int) -> int | None:
@@ -199,14 +201,15 @@ def prepare_completion(state, req: CompletionRequest) -> Job:
         # Refuse oversized batches before tokenizing them.
         raise APIError(400, f"{len(p)} prompts x n={req.n} exceeds the server's queue capacity "
                             f"({state.max_waiting})", "prompt", "invalid_value")
+    special = req.add_special_tokens
     if isinstance(p, str):
-        prompts = [(p, encode(state, p, "prompt"))]
+        prompts = [(p, encode(state, p, "prompt", special))]
     elif not p:
         raise APIError(400, "prompt is empty", "prompt", "invalid_value")
     elif all(isinstance(x, int) for x in p):
         prompts = [(None, list(p))]
     elif all(isinstance(x, str) for x in p):
-        prompts = [(s, encode(state, s, "prompt")) for s in p]
+        prompts = [(s, encode(state, s, "prompt", special)) for s in p]
     else:
         prompts = [(None, list(x)) for x in p]
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
@@ -218,15 +221,16 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs", "invalid_value")
     tools = tool_calls.setup(req, state.tool_format)
-    text = render_chat(state, req, tools=tools.tools if tools is not None else ())
-    ids = encode(state, text, "messages")
+    text = render_chat(state, req, req.add_generation_prompt, req.continue_final_message,
+                       tools=tools.tools if tools is not None else ())
+    ids = encode(state, text, "messages", req.add_special_tokens)
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if limit is None:  # default: whatever context is left (documented)
         def limit(ids):
             return max(1, state.max_model_len - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     try:
-        return _build(state, "chat", req, [(text, ids)], limit, logprobs, tools=tools)
+        job = _build(state, "chat", req, [(text, ids)], limit, logprobs, tools=tools)
     except APIError as e:
         if e.param == "max_tokens" and req.max_completion_tokens is not None:
             e.param = "max_completion_tokens"
@@ -234,6 +238,11 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
             e.param = "top_logprobs"
             e.message = e.message.replace("logprobs", "top_logprobs", 1)
         raise
+    if req.echo and req.messages[-1].role == "assistant":  # vLLM's chat echo: the reply repeats that message
+        echoed = message_text(req.messages[-1].content)
+        for ch in job.choices.values():
+            ch.prompt_text = echoed
+    return job
 
 
 # -- running ------------------------------------------------------------------------

@@ -3,8 +3,8 @@ POST /detokenize, and GET /tokenizer_info (what a client needs to tokenize the w
 it instead of fetching the tokenizer from the Hugging Face hub by model name).
 
 Defaults follow vLLM: a prompt is tokenized with the tokenizer's special tokens (add_special_tokens=true), chat
-messages without them (the template already writes them). Note that /v1/completions encodes text prompts without
-special tokens: ask /tokenize with add_special_tokens=false to count a completion prompt's tokens exactly.
+messages without them (the template already writes them); /v1/completions and /v1/chat/completions have the same
+defaults and the same add_special_tokens field, so /tokenize counts what they compute.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class TokenizeChatRequest(_Model):
     add_special_tokens: bool = False
     return_token_strs: bool = False
     tools: list[Any] | None = Field(None, description="function tools the chat template lists, as in chat")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra chat template variables, as in chat")
 
 
 TokenizeRequest = Union[TokenizeChatRequest, TokenizeCompletionRequest]
@@ -64,9 +65,6 @@ def _check_model(state, model: str | None) -> None:
 
 def _tokenize(state, body: TokenizeRequest) -> dict[str, Any]:
     if isinstance(body, TokenizeChatRequest):
-        if body.add_generation_prompt and body.continue_final_message:
-            raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true",
-                           "continue_final_message", "invalid_value")
         text = render_chat(state, body, add_generation_prompt=body.add_generation_prompt,
                            continue_final_message=body.continue_final_message,
                            tools=tuple(check_tools(body.tools)) if body.tools else ())

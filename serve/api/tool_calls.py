@@ -99,6 +99,8 @@ def template_message(i: int, m) -> dict:
     """A chat message as chat templates expect it: assistant tool_calls with their arguments as objects (as
     Hugging Face templates render them), tool results with their tool_call_id."""
     out: dict[str, Any] = {"role": m.role}
+    if m.name is not None:
+        out["name"] = m.name
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     if m.tool_calls:
@@ -116,7 +118,9 @@ def template_message(i: int, m) -> dict:
                 try:
                     args = json.loads(args) if args.strip() else {}
                 except ValueError:
-                    raise _bad(f"{param}.function.arguments", f"{param}.function.arguments is not JSON") from None
+                    pass  # a call cut off by max_tokens comes back as it was returned: the template gets the text
+            elif not isinstance(args, dict):
+                raise _bad(f"{param}.function.arguments", f"{param}.function.arguments must be a JSON string")
             calls.append({"id": c.get("id"), "type": "function",
                           "function": {"name": fn["name"], "arguments": args}})
         out["tool_calls"] = calls
@@ -127,15 +131,22 @@ def _call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+def _finish_reason(setup_: ToolSetup, called: bool, reason: str | None) -> str | None:
+    """"tool_calls" when the model chose to call (auto, required); a call forced by name ends "stop", as OpenAI's
+    and vLLM's do. A call cut off by max_tokens ends "length" (its arguments are not whole JSON)."""
+    return "tool_calls" if called and reason == "stop" and setup_.mode != "forced" else reason
+
+
 def message(setup_: ToolSetup, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """The assistant message of a finished choice, and its finish_reason ("tool_calls" when it called)."""
+    """The assistant message of a finished choice, and its finish_reason."""
     parsed = setup_.format.parse(text, final=True)
+    content = parsed.content if setup_.mode == "auto" else ""  # required/forced: the output is calls only
     if not parsed.calls:
-        return {"role": "assistant", "content": parsed.content}, finish_reason
+        return {"role": "assistant", "content": content}, finish_reason
     calls = [{"id": _call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
              for c in parsed.calls]
-    msg = {"role": "assistant", "content": parsed.content or None, "tool_calls": calls}
-    return msg, "tool_calls" if finish_reason == "stop" else finish_reason
+    msg = {"role": "assistant", "content": content or None, "tool_calls": calls}
+    return msg, _finish_reason(setup_, True, finish_reason)
 
 
 @dataclass
@@ -150,7 +161,7 @@ class ToolStream:
     def delta(self, text: str, final: bool) -> dict:
         parsed = self.setup.format.parse(text, final)
         out: dict[str, Any] = {}
-        if len(parsed.content) > self.sent_content:
+        if self.setup.mode == "auto" and len(parsed.content) > self.sent_content:
             out["content"] = parsed.content[self.sent_content:]
             self.sent_content = len(parsed.content)
         deltas = []
@@ -175,7 +186,7 @@ class ToolStream:
         return [{"index": k, "function": {"arguments": call.arguments[sent:]}}]
 
     def finish_reason(self, reason: str | None) -> str | None:
-        return "tool_calls" if self.called and reason == "stop" else reason
+        return _finish_reason(self.setup, self.called, reason)
 
 
 def _merge(deltas: list[dict]) -> list[dict]:

@@ -9,7 +9,8 @@ A format knows how its family writes calls (Hermes/Qwen: `<tool_call>\\n{"name":
 whole, its arguments as far as they are certain), and the content that is certain (never the start of a
 marker, nor whitespace that could turn out to border a call). Streaming sends the difference between two
 parses; the final parse of the whole text gives the same content and calls, so streamed and unstreamed
-responses agree. Content is the text outside calls, with the whitespace next to each call removed.
+responses agree. Content is the text outside calls, with the whitespace next to each call removed and one space
+between the pieces a call separated ("Sure <call> done" -> "Sure done").
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ class ToolFormat:
             after_call = True
         if final:
             calls = [c for c in calls if c.name is not None]
-        return Parsed("".join(pieces), calls)
+        return Parsed(" ".join(p for p in pieces if p), calls)
 
 
 def _marker_prefix(text: str, marker: str) -> int:

@@ -93,10 +93,34 @@ def test_round_trip_streamed_and_not(client, tools_server):
 
 
 def test_named_function_is_called(client):
-    out = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200, temperature=0,
-                                         tool_choice={"type": "function", "function": {"name": "add"}})
-    assert out.choices[0].finish_reason == "tool_calls"
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, max_tokens=200, temperature=0,
+              tool_choice={"type": "function", "function": {"name": "add"}})
+    out = client.chat.completions.create(**kw)
+    # OpenAI's (and vLLM's) finish_reason for a call forced by name is "stop"; "tool_calls" is for auto/required.
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].message.content is None
     _check_calls(out.choices[0].message.tool_calls, n=1, name="add")
+    snap, _ = _streamed(client, **kw)
+    assert snap.choices[0].finish_reason == "stop"
+    assert snap.choices[0].message.tool_calls[0].function.arguments == out.choices[0].message.tool_calls[0].function.arguments
+
+
+@pytest.mark.parametrize("max_tokens", [3, 8, 20])
+def test_call_cut_by_max_tokens(client, max_tokens):
+    """A required call cut off by max_tokens ends "length" with no marker text leaking into content, and the
+    message (its arguments not whole JSON) can be sent back in the next turn, as OpenAI's can."""
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=max_tokens, temperature=0)
+    out = client.chat.completions.create(**kw)
+    ch = out.choices[0]
+    assert ch.finish_reason == "length" and not ch.message.content
+    snap, chunks = _streamed(client, **kw)
+    assert all(c.choices[0].delta.content in (None, "") for c in chunks if c.choices)
+    assert snap.choices[0].finish_reason == "length"
+    if ch.message.tool_calls:
+        history = ASK + [ch.message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": c.id, "content": "error: cut off"} for c in ch.message.tool_calls]
+        again = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=4,
+                                               temperature=0, tool_choice="none")
+        assert again.choices[0].finish_reason in ("stop", "length")
 
 
 def test_parallel_calls_and_n(client):
@@ -136,7 +160,7 @@ def test_auto_and_none(client):
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
-        "name": "add", "arguments": "{not json"}}]}]}, "messages[1].tool_calls[0].function.arguments"),
+        "name": "add", "arguments": 5}}]}]}, "messages[1].tool_calls[0].function.arguments"),
     ({"messages": ASK + [{"role": "user", "tool_calls": [{"id": "1", "type": "function", "function": {
         "name": "add", "arguments": "{}"}}]}]}, "messages[1].tool_calls"),
 ])

@@ -35,6 +35,8 @@ CASES = [
     ("hermes", 'x <tool_call>\n{"name": "add", "arguments": {"a": "}\\"{", "b": [1, {"c": 2}]}}\n</tool_call>', "x",
      [("add", '{"a": "}\\"{", "b": [1, {"c": 2}]}')]),
     ("hermes", "plain answer, no calls ", "plain answer, no calls ", []),
+    ("hermes", 'Sure <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n done.', "Sure done.",
+     [("add", '{"a": 1, "b": 2}')]),
     ("llama3_json", '{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "get_weather", "parameters": '
                     '{"city": "Oslo", "unit": "f"}}', "",
      [("add", '{"a": 1, "b": 2}'), ("get_weather", '{"city": "Oslo", "unit": "f"}')]),
