@@ -148,12 +148,16 @@ def hf_generate_padded(hf, prompts: list[list[int]], new_tokens: int) -> tuple[f
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     ids, mask = left_pad(prompts)
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
     L = ids.shape[1]
     with torch.no_grad():  # warm-up, as packserve gets one: first-call setup is not part of the measurement
         hf.generate(input_ids=ids[:2, -16:], attention_mask=mask[:2, -16:], max_new_tokens=4, do_sample=False)
+    sync = torch.cuda.synchronize if hf.device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    sync()
     return time.perf_counter() - t, out[:, L:].tolist()
 
 

@@ -4,7 +4,7 @@ Every request with cached context (decodes, chunk continuations, prompts behind 
 runs: its block-table row is written once and extended by the blocks it gains; a finished or preempted request's
 row is refilled by the last row. Per step the rows' cached and new token counts are set, the flat token ids,
 positions and KV slots of the whole step are written into host buffers (pinned on CUDA), and each buffer goes to
-the device in one copy (on CPU the host buffers are used as they are). `tests/engine/test_input_batch.py` checks
+the device in asynchronous copies of its contiguous rows (on CPU the host buffers are used as they are). `tests/engine/test_input_batch.py` checks
 the rows against a batch rebuilt from scratch after additions, finishes, preemptions and reorderings.
 """
 
@@ -47,6 +47,9 @@ class InputBatch:
         self._epoch: list[int] = []  # the request's preemption count when its row was written
         self._written: list[int] = []  # blocks written into the row
         self._row: dict[int, int] = {}  # id(Request) -> row
+        # The last step's host-to-device copies from the pinned buffers: they run asynchronously, so the host
+        # waits for them before it writes the buffers again (a step that samples nothing never syncs otherwise).
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def _buf(self, *shape) -> torch.Tensor:
         return torch.zeros(*shape, dtype=torch.int64, pin_memory=self.device.type == "cuda")
@@ -69,6 +72,10 @@ class InputBatch:
         self._tokens = self.tokens.numpy()
         self.tokens_dev = self._mirror(self.tokens)
 
+    def _wait_copies(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()  # recorded after the last step's copies: done long since, as a rule
+
     # -- rows -----------------------------------------------------------------
     def _remove(self, row: int) -> None:
         last = len(self.reqs) - 1
@@ -85,6 +92,7 @@ class InputBatch:
     def update(self, entries: list) -> list:
         """Rows for the step's scheduled requests with cached context (ScheduledRequest entries); returns the
         entries in row order, the order of the step's paged segment."""
+        self._wait_copies()  # the rows below rewrite the pinned block table
         wanted = {id(e.request): e for e in entries}
         row = 0
         while row < len(self.reqs):
@@ -116,6 +124,7 @@ class InputBatch:
         tokens in row order; copy each buffer to the device once. A decode step replayed by a CUDA graph captured
         for `pad_to` rows gets padding rows after its own: one token each (id 0, position 0) whose K/V go to
         slot 0 of `scratch_block` and which attends to that slot alone."""
+        self._wait_copies()
         n, P = len(order), len(fresh_ids)
         ctx, q, seq, start = self._rows[0, :n], self._rows[1, :n], self._rows[2, :n], self._rows[3, :n]
         ctx[:] = [e.context_len for e in order]
@@ -142,10 +151,15 @@ class InputBatch:
             ids[n:padded], pos[n:padded], slots[n:padded] = 0, 0, scratch_block * self.block_size
             T = padded
         if self.device.type != "cpu":
-            self.tokens_dev[:, :T].copy_(self.tokens[:, :T], non_blocking=True)
-            self.rows_dev[:, :padded].copy_(self.rows_i64[:, :padded], non_blocking=True)
+            # Contiguous pieces only: a strided slice of a pinned buffer is staged through pageable memory (a
+            # synchronous copy), so the per-token and per-row buffers go one row at a time.
+            for k in range(3):
+                self.tokens_dev[k, :T].copy_(self.tokens[k, :T], non_blocking=True)
+            for k in range(4):
+                self.rows_dev[k, :padded].copy_(self.rows_i64[k, :padded], non_blocking=True)
             if padded:
                 self.table_dev[:padded].copy_(self.table[:padded], non_blocking=True)
+            self._copied.record()
         self.num_tokens = T
         return BatchView(n, self.table_dev[:n], self.rows_dev[2, :n], self.rows_dev[0, :n], self.rows_dev[1, :n],
                          self.rows_dev[3, :n], ctx, q, self.table[:n])

@@ -183,7 +183,7 @@ class VarlenBackend(AttentionBackend):
 
         self.fn = varlen_attn
         params = inspect.signature(varlen_attn).parameters
-        # The causal flag changed across torch versions: is_causal now, window_size=(-1, 0) before.
+        # The causal flag differs across torch versions (is_causal=True in some, window_size=(-1, 0) in others).
         if "is_causal" in params:
             self.causal = {"is_causal": True}
         elif "window_size" in params:

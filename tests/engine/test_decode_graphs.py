@@ -16,7 +16,8 @@ from packserve.kernels import cpu_ops
 from tests.support.engine_cases import run_with_arrivals
 from tests.engine.test_generate import NEW, _mixed_workload, hf_greedy, prompts
 
-pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="needs the C decode kernel (the paged kernel on CPU)")
+# The CPU tests replay through the C decode kernel; the Triton test (CUDA graphs on a GPU) does not need it.
+needs_c_kernel = pytest.mark.skipif(not cpu_ops.available(), reason="needs the C decode kernel (the paged kernel on CPU)")
 
 
 def test_capture_sizes():
@@ -54,6 +55,7 @@ def _poison_scratch(engine) -> None:
     engine.kv_cache.data[:, :, engine.kv_cache.scratch_block * bs:] = float("nan")
 
 
+@needs_c_kernel
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_greedy_matches_transformers_through_padded_graphs(arch, checkpoint_factory):
     path = checkpoint_factory(arch)
@@ -69,6 +71,7 @@ def test_greedy_matches_transformers_through_padded_graphs(arch, checkpoint_fact
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
 
 
+@needs_c_kernel
 def test_mixed_steps_stay_eager_and_match(checkpoint_factory):
     """Staggered arrivals, chunked prefill, prefix hits and preemption: mixed steps run eagerly, pure decode
     steps replay; the tokens are transformers'."""
@@ -93,6 +96,7 @@ def test_graphs_need_a_paged_decode_kernel(checkpoint_factory):
         llm.engine.runner.capture_decode_graphs([1, 2])
 
 
+@needs_c_kernel
 def test_reallocated_buffers_drop_the_graphs(checkpoint_factory):
     """prefill_logits of more tokens than a step's budget grows the token buffers: the graphs would read freed
     memory, so they are dropped and decode steps run eagerly (still correct)."""
@@ -129,6 +133,7 @@ def test_triton_decode_kernel_through_padded_graphs(checkpoint_factory):
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, ps, new=5)
 
 
+@needs_c_kernel
 def test_start_up_capture_skips_what_graphs_do_not_cover(checkpoint_factory, tmp_path):
     """The engine's start-up call captures only with the Triton paged kernel (CUDA), never for linear-attention
     models: elsewhere it leaves decode steps eager."""

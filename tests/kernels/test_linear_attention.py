@@ -175,7 +175,8 @@ def test_chunked_equals_naive(impl, fm, normalize, heads, dims):
     assert rel_rmse(S, S_ref) < 1e-3 and rel_rmse(z, z_ref) < 1e-3
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)))
+@pytest.mark.parametrize("dtype", (pytest.param(torch.float16, id="float16"),
+                                   pytest.param(torch.bfloat16, marks=GPU_ONLY, id="bfloat16")))
 @pytest.mark.parametrize("fm", ("elu1", "nalaformer"))
 @in_process
 def test_chunked_half_inputs(dtype, fm):

@@ -40,7 +40,9 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 ROWS = (1, 7, 83, 300)
 WIDTHS = (8, 64, 768, 769, 1023, 4095)
 GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="bf16 is wrong in the Triton interpreter; checked on a GPU")
-DTYPES = (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY))
+# Named ids, so `-k bfloat16` picks the GPU-only cases (benchmarks/gpu_check.sh).
+DTYPES = (pytest.param(torch.float32, id="float32"), pytest.param(torch.float16, id="float16"),
+          pytest.param(torch.bfloat16, marks=GPU_ONLY, id="bfloat16"))
 # (atol, rtol): fp32 accumulation-order noise; half types allow ~2 ulp (Llama rounds twice).
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 EPS = 1e-5
@@ -239,7 +241,7 @@ def test_rows_wider_than_the_largest_block_loop_by_default(dtype):
 
 # ---- in place ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", sorted(FUSED))
 @pytest.mark.parametrize("block_n", [None, 256])
 def test_fused_in_place(op, block_n, dtype):

@@ -120,7 +120,7 @@ def unified(ctx, qlens, H, Hkv, D, bs, dtype=torch.float32, seed=0, splits=1):
     _, kc, vc, tables, table = setup(lens, H, Hkv, D, bs, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     T = sum(qlens)
-    q = torch.randn(T, H + 2 * Hkv, D, generator=g)[:, :H].to(DEV, dtype)  # strided rows, like a fused QKV
+    q = torch.randn(T, H + 2 * Hkv, D, generator=g).to(DEV, dtype)[:, :H]  # strided rows, like a fused QKV
     start = [sum(qlens[:b]) for b in range(len(qlens))]
     as_t = dict(dtype=torch.int32, device=DEV)
     block_q = pa.block_q_for(max(qlens), H // Hkv)

@@ -47,9 +47,11 @@ def paged_case(lens: list[int], H: int, Hkv: int, D: int, block_size: int, seed:
             v_cache[slot] = torch.randn(Hkv, D, generator=g)
     width = max(map(len, tables))
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=table_dtype or torch.long)
-    q = torch.randn(len(lens), H + 2 * Hkv, D, generator=g)[:, :H]
     to = dict(device=device, dtype=dtype or torch.float32)
-    return q.to(**to), k_cache.to(**to), v_cache.to(**to), tables, table.to(device)
+    # q as the QKV projection leaves it: a strided view of its first H heads (sliced after the move: .to() of a
+    # strided slice makes a contiguous copy).
+    q = torch.randn(len(lens), H + 2 * Hkv, D, generator=g).to(**to)[:, :H]
+    return q, k_cache.to(**to), v_cache.to(**to), tables, table.to(device)
 
 
 def batch_view(block_ids: list[list[int]], ctx_lens: list[int], q_lens: list[int], block_size: int, device="cpu"):
