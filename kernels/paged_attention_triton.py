@@ -15,8 +15,9 @@ streams each request's K/V once per tile of queries, flash-decoding style:
      limit. Without splits it writes the normalized output; with splits, each split's running max, sum and
      unnormalized accumulator.
   2. `_combine_kernel` (splits only), one program per (query token, head): rescales the splits to their common
-     max and normalizes. Splits keep a GPU busy when few requests have long contexts; `num_splits` picks them
-     from the SM count.
+     max and normalizes. Splits keep a GPU busy when few requests have long contexts; `num_splits` picks how many
+     from the SM count, and each request's context is divided among them (so a CUDA graph captured with the
+     split count of the model's whole context still spreads a short context over its splits).
 
 Loads are upcast to fp32 (the Triton interpreter's bf16 arithmetic is wrong); scores and accumulators are fp32;
 the probabilities are cast to the cache dtype for the second dot, as flash attention does.
@@ -48,9 +49,9 @@ def _block_n(dtype: torch.dtype, head_dim: int) -> int:
 
 @triton.jit
 def _paged_kernel(Q, K, V, BT, CTX, QLEN, QSTART, TSEQ, TQ0, O, M, L, stride_qt, stride_bt, stride_slot,
-                  tiles_per_split, scale, G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                  scale, G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-                  SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                  SPLIT: tl.constexpr, IEEE: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr = 4):
     tile = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -76,6 +77,10 @@ def _paged_kernel(Q, K, V, BT, CTX, QLEN, QSTART, TSEQ, TQ0, O, M, L, stride_qt,
     l_sum = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
     kv_len = ctx + tl.minimum(q0 + BLOCK_Q, qlen)  # the tile's last row sees this many keys
+    # Each request's own context is divided among the splits (at least MIN_SPLIT_TILES tiles each; later splits
+    # may be empty), not a bound on every request's: a CUDA graph's split count is fixed by the model's context
+    # length, and a short context must still spread over the splits.
+    tiles_per_split = tl.maximum(tl.cdiv(tl.cdiv(kv_len, BLOCK_N), n_split), MIN_SPLIT_TILES)
     start = s * tiles_per_split * BLOCK_N
     end = tl.minimum(kv_len, start + tiles_per_split * BLOCK_N)
     for j0 in range(start, end, BLOCK_N):
@@ -195,7 +200,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_table = block_table.contiguous()
     block_n = _block_n(k_cache.dtype, D)
     S = splits or num_splits(n_tiles, Hkv, max_kv_len, q.device, block_n)
-    tiles_per_split = -(-(-(-max(1, max_kv_len) // block_n)) // S)
     G = H // Hkv
     common = dict(G=G, D=D, BLOCK_Q=tiles.block_q, BLOCK_G=dot_block(G) if tiles.block_q == 1 else triton.next_power_of_2(G),
                   BLOCK_D=dot_block(D), BLOCK_N=block_n, BS=block_size, IEEE=k_cache.dtype == torch.float32)
@@ -204,14 +208,14 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     args = (block_table, ctx_lens, q_lens, q_start, tiles.tile_seq, tiles.tile_q0)
     if S == 1:
         _paged_kernel[(n_tiles, Hkv, 1)](q, k_cache, v_cache, *args, out, out, out, q.stride(0),
-                                         block_table.stride(0), Hkv * D, tiles_per_split, scale, SPLIT=False,
+                                         block_table.stride(0), Hkv * D, scale, SPLIT=False,
                                          **common)
         return out
     m = torch.empty(T, H, S, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     acc = torch.empty(T, H, S, D, dtype=torch.float32, device=q.device)
     _paged_kernel[(n_tiles, Hkv, S)](q, k_cache, v_cache, *args, acc, m, l_sum, q.stride(0),
-                                     block_table.stride(0), Hkv * D, tiles_per_split, scale, SPLIT=True, **common)
+                                     block_table.stride(0), Hkv * D, scale, SPLIT=True, **common)
     _combine_kernel[(T * H,)](m, l_sum, acc, out, S, D=D, BLOCK_S=dot_block(S), BLOCK_D=dot_block(D))
     return out
 
