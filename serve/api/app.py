@@ -17,11 +17,12 @@ from functools import partial
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from packserve import __version__
 from packserve.api import errors, responses, serving, tokenization
 from packserve.api.body import install_schemas, openapi_body, parse_body
 from packserve.api.errors import APIError
+from packserve.api.grammars import GrammarCompiles
 from packserve.api.middleware import BodyLimitMiddleware, GuardMiddleware
 from packserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from packserve.api.text import chat_template
@@ -92,24 +93,40 @@ class ServerState:
                 await asyncio.sleep(0.05)
 
 
+SSE_WRITE_TIMEOUT = 60.0  # seconds one chunk may wait for a client that does not read before the stream is dropped
+
+
 class SSEResponse(StreamingResponse):
-    """Streams SSE while watching for the client going away (then the body is cancelled and `on_close` aborts)."""
+    """Streams SSE while watching for the client going away (then the body is cancelled and `on_close` aborts).
+    A client that stops reading is dropped once a chunk has waited SSE_WRITE_TIMEOUT to be sent (its socket
+    buffers full): it would otherwise hold its requests' outputs and a connection for as long as it likes."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content, on_close=None):
+    def __init__(self, content, on_close=None, write_timeout: float | None = None):
         super().__init__(content, media_type=self.media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
+        self.write_timeout = SSE_WRITE_TIMEOUT if write_timeout is None else write_timeout
 
     async def __call__(self, scope, receive, send) -> None:
+        async def timed_send(message) -> None:
+            with anyio.fail_after(self.write_timeout):
+                await send(message)
+
+        async def stream() -> None:
+            try:
+                await self.stream_response(timed_send)
+            except TimeoutError:  # the response stays incomplete: the server closes the connection
+                log.info("dropped a stream whose client read nothing for %.0f s", self.write_timeout)
+
         try:
             async with anyio.create_task_group() as tg:
                 async def wrap(func) -> None:
                     await func()
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(wrap, partial(self.stream_response, send))
+                tg.start_soon(wrap, stream)
                 await wrap(partial(self.listen_for_disconnect, receive))
         except OSError:
             pass  # the client went away mid-write
@@ -179,7 +196,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             job = await prepare_job()
             if job.requests and job.requests[0].params.structured is not None:
-                await anyio.to_thread.run_sync(serving.compile_grammars, state, job, limiter=grammars)
+                await grammars.compile(job.requests[0].params.structured)
             rs = await serving.submit(state, job, stream)
             if stream:
                 def on_close():
@@ -194,7 +211,9 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(500, "the engine stopped while generating", None, "engine_failed") from None
             if finals is None:  # the client went away; nobody reads this
                 return Response(status_code=499)
-            return JSONResponse(responses.full_response(state, job, finals))
+            body = await anyio.to_thread.run_sync(
+                lambda: responses.json_bytes(responses.full_response(state, job, finals)))
+            return Response(body, media_type="application/json")
         finally:
             if not handed_off:
                 state.release()
@@ -202,8 +221,8 @@ def create_app(state: ServerState) -> FastAPI:
     # Tokenizing a text prompt of several MB takes seconds and about 200x its size in memory: at most two of
     # those at once. Shorter texts (the usual case) use anyio's shared worker threads and never wait behind them.
     big_texts = anyio.CapacityLimiter(2)
-    # At most two grammar compiles (~0.4 s of CPU each) at once: many distinct schemas queue instead of flooding.
-    grammars = anyio.CapacityLimiter(2)
+    # At most two grammar compiles at once, a bounded queue, a bounded wait (packserve.api.grammars).
+    grammars = GrammarCompiles(lambda spec: state.engine.engine.structured_outputs().compile(spec))
 
     def prepare(fn, body, text_chars: int | None):
         """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the
@@ -258,7 +277,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize", openapi_extra=openapi_body(TokenizeBody))
     async def tokenize(request: Request):
-        return await tokenization.tokenize(state, (await parse_body(request, TokenizeBody)).root)
+        body = (await parse_body(request, TokenizeBody)).root
+        big = (_chat_chars(body) if hasattr(body, "messages") else len(body.prompt)) > BIG_TEXT_CHARS
+        try:  # a big text under the same limiter and heap trim as a big prompt (prepare)
+            return await tokenization.tokenize(state, body, big_texts if big else None)
+        finally:
+            if big:
+                trim_heap()
 
     @app.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
     async def detokenize(request: Request):

@@ -20,7 +20,13 @@ MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 
 
 def _tok(state, tid: int) -> str:
-    return state.tokenizer.decode([tid]) if state.tokenizer is not None else f"<{tid}>"
+    return _decode_one(state.tokenizer, tid) if state.tokenizer is not None else f"<{tid}>"
+
+
+@lru_cache(maxsize=1 << 16)
+def _decode_one(tokenizer, tid: int) -> str:
+    """One token's text (cached: a response with 20 alternatives per token decodes the same ids again and again)."""
+    return tokenizer.decode([tid])
 
 
 @lru_cache(maxsize=1)

@@ -85,6 +85,12 @@ def full_response(state, job: Job, finals: dict[str, RequestOutput]) -> dict:
             "usage": _usage(job, finals.values())}
 
 
+def json_bytes(obj: Any) -> bytes:
+    """A JSON response body as starlette's JSONResponse writes it; large ones are built in a worker thread (a
+    response with thousands of logprob entries took seconds of the event loop)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 

@@ -27,6 +27,7 @@ from packserve.api.tool_calls import ToolSetup, ToolStream
 from packserve.api.text import encode, message_text, render_chat
 from packserve.engine.async_engine import EngineDeadError, EngineRequest, RequestStream
 from packserve.engine.request import (
+    MAX_BAD_WORDS,
     GuidedSpec,
     ParameterError,
     RequestOutput,
@@ -36,6 +37,8 @@ from packserve.engine.request import (
 from packserve.engine.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
+
+MAX_BAD_WORD_CHARS = 256  # a bad word is at most MAX_BAD_WORD_TOKENS tokens: longer text is refused untokenized
 
 
 @dataclass
@@ -100,10 +103,15 @@ def _bad_words(state, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
     """Each word's tokens, alone and after a space (how it reads mid-sentence), as vLLM bans them."""
     if not words:
         return ()
+    words = list(dict.fromkeys(words))  # checked before any tokenizing: a long list costs nothing to refuse
+    if len(words) > MAX_BAD_WORDS:
+        raise APIError(400, f"at most {MAX_BAD_WORDS} distinct bad_words, got {len(words)}", "bad_words",
+                       "invalid_value")
     seqs = []  # (encode() refuses without a tokenizer)
     for w in words:
-        if not isinstance(w, str) or not w.strip():
-            raise APIError(400, "bad_words must be non-empty strings", "bad_words", "invalid_value")
+        if not isinstance(w, str) or not w.strip() or len(w) > MAX_BAD_WORD_CHARS:
+            raise APIError(400, f"bad_words must be non-empty strings of at most {MAX_BAD_WORD_CHARS} characters",
+                           "bad_words", "invalid_value")
         for text in dict.fromkeys((w, " " + w.lstrip())):
             ids = encode(state, text, "bad_words")
             if ids:
@@ -170,7 +178,12 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
         try:  # here too, not only in the engine: before the echo decodes the ids and the grammar compiles
             validate_prompt(ids, state.vocab_size, state.max_model_len, 1 if mt is None else mt)
         except ParameterError as e:
-            raise _param_error(e) from None
+            err = _param_error(e)
+            if "context length" in e.message:  # OpenAI's code for it (a chat's prompt is its messages)
+                err.code = "context_length_exceeded"
+                if kind == "chat" and err.param == "prompt":
+                    err.param = "messages"
+            raise err from None
         total_prompt += len(ids)
         echoed = ""
         if echo:
@@ -246,21 +259,6 @@ def prepare_chat(state, req: ChatCompletionRequest) -> Job:
 
 
 # -- running ------------------------------------------------------------------------
-def compile_grammars(state, job: Job) -> None:
-    """Compile the job's structured-output grammar (cached) before it is queued; run in a worker thread, so a
-    slow schema never holds the event loop or the engine loop."""
-    spec = job.requests[0].params.structured if job.requests else None
-    if spec is None:
-        return
-    try:
-        state.engine.engine.structured_outputs().compile(spec)
-    except ParameterError as e:
-        raise _param_error(e) from None
-    except ImportError:
-        raise APIError(400, "structured outputs need the xgrammar package on the server", spec.param,
-                       "unsupported_parameter") from None
-
-
 async def submit(state, job: Job, stream: bool = True) -> RequestStream:
     try:
         return await state.engine.submit(job.requests, final_only=not stream)

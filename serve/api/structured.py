@@ -26,7 +26,7 @@ def _schema_text(value: Any, param: str) -> str:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
             raise _bad(param, f"{param} must be a JSON schema (an object, or its JSON text)") from None
     if not isinstance(value, dict):
         raise _bad(param, f"{param} must be a JSON schema object")

@@ -14,7 +14,10 @@ from typing import Annotated, Any, Union
 import anyio
 from pydantic import Discriminator, Field, RootModel, StrictInt, Tag
 
+from fastapi.responses import Response
+
 from packserve.api.errors import APIError
+from packserve.api.responses import json_bytes
 from packserve.api.protocol import ChatMessage, _Model
 from packserve.api.serving import check_model
 from packserve.api.text import check_text, render_chat
@@ -76,9 +79,12 @@ def _tokenize(state, body: TokenizeRequest) -> dict[str, Any]:
             "token_strs": state.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
 
 
-async def tokenize(state, body: TokenizeRequest) -> dict[str, Any]:
+async def tokenize(state, body: TokenizeRequest, limiter: anyio.CapacityLimiter | None = None) -> Response:
+    """Tokenized and serialized off the event loop (a text of megabytes is millions of ids to write out);
+    `limiter`: the server's limiter of big texts, for a big one."""
     _check_model(state, body.model)
-    return await anyio.to_thread.run_sync(_tokenize, state, body)  # long texts: off the event loop
+    content = await anyio.to_thread.run_sync(lambda: json_bytes(_tokenize(state, body)), limiter=limiter)
+    return Response(content, media_type="application/json")
 
 
 async def detokenize(state, body: DetokenizeRequest) -> dict[str, Any]:

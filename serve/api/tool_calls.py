@@ -117,7 +117,7 @@ def template_message(i: int, m) -> dict:
             if isinstance(args, str):
                 try:
                     args = json.loads(args) if args.strip() else {}
-                except ValueError:
+                except (ValueError, RecursionError):
                     pass  # a call cut off by max_tokens comes back as it was returned: the template gets the text
             elif not isinstance(args, dict):
                 raise _bad(f"{param}.function.arguments", f"{param}.function.arguments must be a JSON string")

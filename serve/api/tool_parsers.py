@@ -101,7 +101,7 @@ def _call(text: str, i: int) -> tuple[Call | None, int | None]:
         return Call(None, ""), None  # the name is still to come
     try:  # a complete object whose keys come in another order
         obj = json.loads(text[i:end])
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, end
     args = obj.get("arguments", obj.get("parameters")) if isinstance(obj, dict) else None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or args is None:

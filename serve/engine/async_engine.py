@@ -44,11 +44,44 @@ class EngineRequest:
     group: str | None = None  # requests of one prompt sampled n times: the prompt is computed once
 
 
+class _Outputs:
+    """A submission's undelivered outputs, the newest per request only: outputs are cumulative (all text and
+    tokens so far), so a newer one replaces an older one not yet taken. A consumer that stops reading (a stalled
+    stream) thus holds one output per request, not one per step, each a copy of everything so far. An
+    exception (the engine failed) is raised after the outputs already there. Event-loop thread only."""
+
+    def __init__(self):
+        self._latest: dict[str, RequestOutput] = {}  # in first-arrival order
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+        else:
+            self._latest[item.request_id] = item
+        self._ready.set()
+
+    def get_nowait(self) -> RequestOutput | BaseException | None:
+        if self._latest:
+            rid = next(iter(self._latest))
+            return self._latest.pop(rid)
+        if self._error is not None:
+            return self._error
+        self._ready.clear()
+        return None
+
+    async def get(self) -> RequestOutput | BaseException:
+        while (item := self.get_nowait()) is None:
+            await self._ready.wait()
+        return item
+
+
 @dataclass
 class _Submission:
     requests: list[EngineRequest]
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: _Outputs
     accepted: asyncio.Future
     final_only: bool = False  # a non-streamed response: skip the per-token outputs
 
@@ -82,11 +115,8 @@ class RequestStream:
         """An output already delivered, or None (lets a slow consumer coalesce cumulative outputs)."""
         if not self._open:
             return None
-        try:
-            item = self._sub.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        return self._take(item)
+        item = self._sub.queue.get_nowait()
+        return None if item is None else self._take(item)
 
     def abort(self) -> None:
         """Abort every unfinished request of this submission (idempotent, non-blocking)."""
@@ -163,7 +193,7 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
-        sub = _Submission(list(requests), loop, asyncio.Queue(), loop.create_future(), final_only)
+        sub = _Submission(list(requests), loop, _Outputs(), loop.create_future(), final_only)
         self._put(("submit", sub))
         try:
             await sub.accepted

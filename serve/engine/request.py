@@ -11,6 +11,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string (a matched string is held back from streaming)
 MAX_LOGIT_BIAS = 2048  # logit_bias entries per request (applied at every step)
+MAX_STOP_TOKEN_IDS = 2048  # distinct stop_token_ids per request (checked at every step)
 MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS = 256, 32  # bad word sequences per request, tokens per sequence
 
 
@@ -77,7 +78,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        stop_ids = self.stop_token_ids or ()
+        if len(stop_ids) > 16 * MAX_STOP_TOKEN_IDS:  # before the copy below: refuse a huge list without work
+            raise ParameterError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids", "stop_token_ids")
+        object.__setattr__(self, "stop_token_ids", tuple(dict.fromkeys(int(t) for t in stop_ids)))
         # max_tokens=0 scores the prompt only (echo + logprobs, as evaluation harnesses use it).
         min_tokens_out = 0 if self.prompt_logprobs is not None else 1
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < min_tokens_out:
@@ -119,6 +123,9 @@ class SamplingParams:
             raise ParameterError(f"seed must be an integer in [-2^63, 2^64), got {self.seed!r}", "seed")
         if any(t < 0 for t in self.stop_token_ids):
             raise ParameterError("stop_token_ids must be non-negative token ids", "stop_token_ids")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ParameterError(f"at most {MAX_STOP_TOKEN_IDS} distinct stop_token_ids, got "
+                                 f"{len(self.stop_token_ids)}", "stop_token_ids")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ParameterError(f"min_tokens must be >= 0, got {self.min_tokens!r}", "min_tokens")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))

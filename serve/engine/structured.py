@@ -1,8 +1,9 @@
 """Structured outputs: constrained decoding with xgrammar (the grammar engine vLLM and SGLang use).
 
 A request's `SamplingParams.structured` (a `GuidedSpec`: a JSON schema, any JSON object, a regex, a choice of
-strings, an EBNF grammar in xgrammar's GBNF dialect, or a structural tag) is compiled once per distinct spec (an LRU cache here,
-plus xgrammar's own), and each request gets its own matcher. Every step, the sampler fills the next-token bitmask
+strings, an EBNF grammar in xgrammar's GBNF dialect, or a structural tag) is compiled once per distinct spec (an LRU
+cache bounded by entries and bytes), and each request gets its own matcher. Specs over the size, nesting and
+repetition limits below are refused before they compile. Every step, the sampler fills the next-token bitmask
 of all constrained rows and applies it to their logits in one op, then advances each matcher by the sampled
 token; a matcher that has accepted a complete output ends its request (finish_reason "stop"), also under
 ignore_eos. The matcher lives on the request, so a preempted request resumes where it was (its generated tokens
@@ -33,7 +34,52 @@ import torch
 from packserve.engine.request import GuidedSpec, ParameterError
 from packserve.kernels import cpu_ops
 
-CACHE_SIZE = 256  # compiled grammars kept (distinct specs)
+CACHE_SIZE = 256  # compiled grammars kept (distinct specs), and at most CACHE_BYTES of them
+CACHE_BYTES = 512 * 2**20  # (a 50,000-string enum compiles to ~350 MB: counting entries alone bounds nothing)
+# What a spec may hold. Compile time grows fast with each: xgrammar took 0.5 s for a pattern "[a-z]{3000}" inside a
+# JSON schema and 6 s for {10000}; 0.25 s for an object nested 128 deep and 8 s at 450; 30-55 s for a 588 KB enum.
+MAX_SPEC_CHARS = 256 * 1024
+MAX_NESTING = 64  # JSON brackets (schemas, structural tags)
+MAX_REPEAT = 1000  # regex repetition bounds {n}, {n,}, {n,m}: in patterns, regexes and grammars
+_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def check_spec(spec: GuidedSpec) -> None:
+    """ParameterError naming the field for a spec over the limits above (checked before anything compiles)."""
+    text = spec.value
+    if len(text) > MAX_SPEC_CHARS:
+        raise ParameterError(f"the {spec.kind.replace('_', ' ')} is {len(text)} characters; at most "
+                             f"{MAX_SPEC_CHARS} are accepted", spec.param)
+    if spec.kind in ("json_schema", "structural_tag") and _nesting(text) > MAX_NESTING:
+        raise ParameterError(f"the {spec.kind.replace('_', ' ')} nests deeper than {MAX_NESTING} levels",
+                             spec.param)
+    if spec.kind != "choice":
+        for m in _REPEAT.finditer(text):
+            if max(int(m.group(1)), int(m.group(2) or 0)) > MAX_REPEAT:
+                raise ParameterError(f"repetition bounds above {MAX_REPEAT} ({m.group(0)!r}) are not accepted",
+                                     spec.param)
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting of JSON text, outside strings."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}]":
+            depth -= 1
+    return deepest
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -71,7 +117,8 @@ class StructuredOutputs:
         self.xgr = xgr
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
-        self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        # xgrammar's own cache off: ours is the one bounded by memory.
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         # The bitmask words of JSON constraints: every token but those with a raw control character; of structural
         # tags (tool calls: text and JSON arguments), the same but newlines allowed.
         self.json_words = xgr.allocate_token_bitmask(1, vocab_size)[0]
@@ -82,6 +129,7 @@ class StructuredOutputs:
                 if any(b < 0x20 and b != 0x0A for b in piece):
                     self.text_words[tid // 32] &= ~(1 << (tid % 32))
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()
+        self._cache_bytes = 0
         # Threads filling the bitmasks: 1 on CPU, where torch's threads hold every core between steps (2 threads
         # took 1.2 ms per step for 32 rows there, 1 thread 0.1 ms); more on a GPU host, whose cores are idle.
         self.fill_threads = fill_threads
@@ -95,6 +143,7 @@ class StructuredOutputs:
             if hit is not None:
                 self._cache.move_to_end(spec)
                 return hit
+        check_spec(spec)
         try:
             if spec.kind == "json_schema":
                 compiled = self.compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
@@ -116,8 +165,10 @@ class StructuredOutputs:
                                  spec.param) from None
         with self._lock:
             self._cache[spec] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._cache_bytes += compiled.memory_size_bytes
+            while len(self._cache) > 1 and (len(self._cache) > CACHE_SIZE or self._cache_bytes > CACHE_BYTES):
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.memory_size_bytes
         return compiled
 
     def matcher(self, spec: GuidedSpec):

@@ -1,0 +1,213 @@
+"""Requests that cost the server far more than they cost the client (found by a red-team pass), each bounded:
+long stop-id and bad-word lists are refused before any per-step or tokenizing work, JSON nested past the parser's
+stack is a 400 (was a 500), grammar specs over the size / nesting / repetition limits are refused before they
+compile, compiles are bounded in number and wait (packserve.api.grammars), undelivered outputs are coalesced per
+request, and a stream whose client reads nothing is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from packserve.api.errors import APIError
+from packserve.api.grammars import GrammarCompiles
+from packserve.engine.async_engine import _Outputs
+from packserve.engine.request import MAX_STOP_TOKEN_IDS, GuidedSpec, ParameterError, RequestOutput, SamplingParams
+from packserve.engine.structured import MAX_NESTING, MAX_REPEAT, MAX_SPEC_CHARS, check_spec
+
+DEEP = "[" * 2000 + "]" * 2000
+
+
+def _post(server, auth, path, body):
+    return httpx.post(server.url + path, json={"model": "llama", **body}, headers=auth, timeout=60)
+
+
+def _param(r) -> str:
+    assert r.status_code == 400, r.text
+    return r.json()["error"]["param"]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [7] * 200_000}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": [f"w{i}" for i in range(100_000)]}, "bad_words"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": ["x" * 100_000]}, "bad_words"),
+    ("/v1/completions", {"prompt": "hi", "guided_json": DEEP}, "guided_json"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": DEEP}}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "string", "pattern": "[a-z]{1,30000}"}}, "guided_json"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "(ab){5000}"}, "guided_regex"),
+    ("/v1/completions", {"prompt": "hi", "guided_choice": ["y" * 4000] * 100}, "guided_choice"),
+])
+def test_amplifying_requests_are_refused(server, auth, inflight, path, body, param):
+    with inflight():  # a normal stream runs throughout, unharmed
+        t = time.monotonic()
+        assert _param(_post(server, auth, path, {"max_tokens": 2, **body})) == param
+        assert time.monotonic() - t < 20  # refused, not worked through (a generous bound: a shared 2-core host)
+
+
+def test_deeply_nested_tool_arguments_are_text(server, auth):
+    """Past arguments nested past the parser's stack reach the template as text, as other non-JSON ones do."""
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                  "function": {"name": "f", "arguments": DEEP}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "ok"}]
+    tok = _post(server, auth, "/tokenize", {"messages": msgs})
+    assert tok.status_code == 200 and tok.json()["count"] > 1000
+    r = _post(server, auth, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text  # (256 here)
+
+
+def test_stop_token_ids_are_deduplicated():
+    p = SamplingParams(stop_token_ids=[5, 7, 5] * 600)
+    assert p.stop_token_ids == (5, 7)
+
+
+@pytest.mark.parametrize("kind,value,fits", [
+    ("json_schema", json.dumps({"type": "string", "pattern": f"[a-z]{{1,{MAX_REPEAT}}}"}), True),
+    ("json_schema", json.dumps({"type": "string", "pattern": f"[a-z]{{{MAX_REPEAT + 1}}}"}), False),
+    ("regex", f"a{{{MAX_REPEAT + 1},}}", False),
+    ("grammar", f'root ::= "a"{{2,{MAX_REPEAT + 1}}}', False),
+    ("json_schema", '{"a": "{5000}"}'.replace('"{5000}"', '"[[[["'), True),  # brackets inside strings: not nesting
+    ("json_schema", "[" * MAX_NESTING + "]" * MAX_NESTING, True),
+    ("json_schema", "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1), False),
+    ("json_schema", json.dumps({"enum": ["v" * 1000] * (MAX_SPEC_CHARS // 1000)}), False),
+])
+def test_spec_limits(kind, value, fits):
+    spec = GuidedSpec(kind, value, "p")
+    if fits:
+        check_spec(spec)
+    else:
+        with pytest.raises(ParameterError) as e:
+            check_spec(spec)
+        assert e.value.param == "p"
+
+
+# -- grammar compiles: bounded in number and wait -----------------------------------
+def _spec(i) -> GuidedSpec:
+    return GuidedSpec("regex", f"a{i}", "guided_regex")
+
+
+def test_compiles_run_once_per_spec_and_bounded():
+    started, release = [], threading.Event()
+
+    def slow(spec):
+        started.append(spec)
+        release.wait(10)
+        return spec
+
+    async def main():
+        gc = GrammarCompiles(slow, slots=1, max_queued=1, timeout=5)
+        same = [asyncio.ensure_future(gc.compile(_spec(0))) for _ in range(3)]  # one compile for three requests
+        queued = asyncio.ensure_future(gc.compile(_spec(1)))  # waits for the slot
+        await asyncio.sleep(0.2)
+        with pytest.raises(APIError) as busy:  # a third distinct spec: over slots + queue
+            await gc.compile(_spec(2))
+        assert busy.value.status == 503 and busy.value.headers.get("Retry-After")
+        release.set()
+        await asyncio.gather(*same, queued)
+        return started
+
+    assert asyncio.run(main()) == [_spec(0), _spec(1)]
+
+
+def test_compile_wait_is_bounded_and_abandoned_compiles_never_start():
+    started, release = [], threading.Event()
+
+    def slow(spec):
+        started.append(spec)
+        release.wait(10)
+        return spec
+
+    async def main():
+        gc = GrammarCompiles(slow, slots=1, max_queued=4, timeout=0.3)
+        for i in (0, 1):
+            with pytest.raises(APIError) as e:
+                await gc.compile(_spec(i))
+            assert e.value.status == 400 and e.value.code == "grammar_too_complex"
+        release.set()
+        await asyncio.sleep(0.3)
+        await gc.compile(_spec(0))  # finished meanwhile: waits for nothing new (compiled again: ours caches)
+        return started
+
+    started = asyncio.run(main())
+    assert _spec(1) not in started  # nobody waited for it when the slot freed
+
+
+def test_compile_errors_are_400s():
+    def bad(spec):
+        raise ParameterError("the regex does not compile: x", spec.param)
+
+    async def main():
+        with pytest.raises(APIError) as e:
+            await GrammarCompiles(bad).compile(_spec(0))
+        return e.value
+
+    err = asyncio.run(main())
+    assert err.status == 400 and err.param == "guided_regex" and "does not compile" in err.message
+
+
+# -- undelivered outputs and stalled readers ------------------------------------------
+def _out(rid: str, n: int, finished=False) -> RequestOutput:
+    from packserve.engine.request import CompletionOutput
+
+    return RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * n, list(range(n)), None, None)], finished)
+
+
+def test_undelivered_outputs_keep_the_newest_per_request():
+    async def main():
+        q = _Outputs()
+        for n in range(1, 1000):
+            q.put_nowait(_out("a", n))
+            q.put_nowait(_out("b", n))
+        q.put_nowait(_out("a", 1000, finished=True))
+        q.put_nowait(RuntimeError("engine died"))
+        got = [await q.get(), await q.get()]
+        return got, await q.get()
+
+    got, last = asyncio.run(main())
+    assert [(o.request_id, len(o.outputs[0].token_ids), o.finished) for o in got] == [("a", 1000, True),
+                                                                                      ("b", 999, False)]
+    assert isinstance(last, RuntimeError)  # after the outputs already there
+
+
+def test_a_stream_nobody_reads_is_dropped(tiny_model, helpers, monkeypatch):
+    import packserve.api.app as app
+
+    monkeypatch.setattr(app, "SSE_WRITE_TIMEOUT", 1.0)
+    srv = helpers["InProcessServer"](tiny_model, max_model_len=1024)
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "hi", "n": 8, "max_tokens": 900, "ignore_eos": True,
+                           "logprobs": 20, "echo": True, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # never read: the server gives up and aborts the requests
+            text = httpx.get(srv.url + "/metrics", timeout=10).text
+            if _value(text, "packserve:request_success_total", 'finished_reason="abort"') == 8 and \
+                    _value(text, "packserve:num_requests_running") == 0:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the stalled stream was not dropped")
+        sock.close()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4},
+                       timeout=60)
+        assert r.status_code == 200
+    finally:
+        srv.stop()
+
+
+def _value(metrics: str, name: str, label: str = "") -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name) and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0
