@@ -19,6 +19,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from packserve.jsontext import bracket_depths
+
 NAME_HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(arguments|parameters)"\s*:\s*')
 _PRIMITIVE = re.compile(r"-?(?:\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)|true|false|null")
 
@@ -40,25 +42,7 @@ def scan_value(text: str, i: int) -> int | None:
     """End (exclusive) of the JSON value starting at text[i], or None when the text ends inside it."""
     c = text[i]
     if c in "{[":
-        depth, in_str, esc = 0, False, False
-        for j in range(i, len(text)):
-            ch = text[j]
-            if in_str:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == '"':
-                    in_str = False
-            elif ch == '"':
-                in_str = True
-            elif ch in "{[":
-                depth += 1
-            elif ch in "}]":
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-        return None
+        return next((j + 1 for j, depth in bracket_depths(text, i) if depth == 0), None)
     if c == '"':
         j, esc = i + 1, False
         while j < len(text):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from packserve.engine.request import GuidedSpec, ParameterError
+from packserve.jsontext import bracket_depths
 from packserve.kernels import cpu_ops
 
 CACHE_SIZE = 256  # compiled grammars kept (distinct specs), and at most CACHE_BYTES of them
@@ -62,24 +63,7 @@ def check_spec(spec: GuidedSpec) -> None:
 
 def _nesting(text: str) -> int:
     """Deepest bracket nesting of JSON text, outside strings."""
-    depth = deepest = 0
-    in_str = esc = False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "}]":
-            depth -= 1
-    return deepest
+    return max((depth for _, depth in bracket_depths(text)), default=0)
 
 
 def choice_grammar(choices: list[str]) -> str:

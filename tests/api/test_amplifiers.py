@@ -94,13 +94,20 @@ def _spec(i) -> GuidedSpec:
     return GuidedSpec("regex", f"a{i}", "guided_regex")
 
 
-def test_compiles_run_once_per_spec_and_bounded():
+def _slow_compiler():
+    """A compile function that blocks until released, recording what it was asked to compile."""
     started, release = [], threading.Event()
 
     def slow(spec):
         started.append(spec)
         release.wait(10)
         return spec
+
+    return slow, started, release
+
+
+def test_compiles_run_once_per_spec_and_bounded():
+    slow, started, release = _slow_compiler()
 
     async def main():
         gc = GrammarCompiles(slow, slots=1, max_queued=1, timeout=5)
@@ -118,12 +125,7 @@ def test_compiles_run_once_per_spec_and_bounded():
 
 
 def test_compile_wait_is_bounded_and_abandoned_compiles_never_start():
-    started, release = [], threading.Event()
-
-    def slow(spec):
-        started.append(spec)
-        release.wait(10)
-        return spec
+    slow, started, release = _slow_compiler()
 
     async def main():
         gc = GrammarCompiles(slow, slots=1, max_queued=4, timeout=0.3)
