@@ -95,15 +95,17 @@ def test_compiler_timeout_kills_the_whole_process_group(tmp_path, monkeypatch):
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
     t = time.monotonic()
     with pytest.raises(RuntimeError, match="timed out"):
-        cpu_lib.build("avx2", timeout=2)
+        cpu_lib.build("avx2", timeout=4)
     assert time.monotonic() - t < 30
+    assert (tmp_path / "cpu-kernels" / cpu_lib.library_path("avx2").with_suffix(".failed").name).exists()
+    if not pidfile.exists():  # a loaded machine: the driver was killed before it had started its child
+        return
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 5
     while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
         time.sleep(0.05)
     state = open(f"/proc/{child}/stat").read().split()[2] if os.path.exists(f"/proc/{child}") else "gone"
     assert state in ("gone", "Z")  # a zombie is dead, only not yet reaped by its (killed) parent's parent
-    assert (tmp_path / "cpu-kernels" / cpu_lib.library_path("avx2").with_suffix(".failed").name).exists()
 
 
 def test_builds_are_per_isa_and_replace_only_their_own_stale_builds(tmp_path, monkeypatch):
