@@ -222,7 +222,8 @@ def create_app(state: ServerState) -> FastAPI:
     # those at once. Shorter texts (the usual case) use anyio's shared worker threads and never wait behind them.
     big_texts = anyio.CapacityLimiter(2)
     # At most two grammar compiles at once, a bounded queue, a bounded wait (packserve.api.grammars).
-    grammars = GrammarCompiles(lambda spec: state.engine.engine.structured_outputs().compile(spec))
+    grammars = GrammarCompiles(lambda spec: state.engine.engine.structured_outputs().compile(spec),
+                               lambda spec: state.engine.engine.grammar_compiled(spec))
 
     def prepare(fn, body, text_chars: int | None):
         """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the

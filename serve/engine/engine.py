@@ -251,6 +251,11 @@ class LLMEngine:
         self._refresh_stats(self.stats.last_step)  # the waiting gauge moves at once
         return rid
 
+    def grammar_compiled(self, spec) -> bool:
+        """Whether spec's grammar is compiled and cached (cheap: never builds the compiler)."""
+        so = self.sampler.structured
+        return so is not None and so.is_compiled(spec)
+
     def structured_outputs(self):
         """The grammar compiler for this model (built on first use; packserve.engine.structured)."""
         with self._structured_lock:

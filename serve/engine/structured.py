@@ -31,39 +31,12 @@ from typing import Any
 
 import torch
 
+from packserve.engine.grammar_limits import check_spec
 from packserve.engine.request import GuidedSpec, ParameterError
-from packserve.jsontext import bracket_depths
 from packserve.kernels import cpu_ops
 
 CACHE_SIZE = 256  # compiled grammars kept (distinct specs), and at most CACHE_BYTES of them
 CACHE_BYTES = 512 * 2**20  # (a 50,000-string enum compiles to ~350 MB: counting entries alone bounds nothing)
-# What a spec may hold. Compile time grows fast with each: xgrammar took 0.5 s for a pattern "[a-z]{3000}" inside a
-# JSON schema and 6 s for {10000}; 0.25 s for an object nested 128 deep and 8 s at 450; 30-55 s for a 588 KB enum.
-MAX_SPEC_CHARS = 256 * 1024
-MAX_NESTING = 64  # JSON brackets (schemas, structural tags)
-MAX_REPEAT = 1000  # regex repetition bounds {n}, {n,}, {n,m}: in patterns, regexes and grammars
-_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
-
-
-def check_spec(spec: GuidedSpec) -> None:
-    """ParameterError naming the field for a spec over the limits above (checked before anything compiles)."""
-    text = spec.value
-    if len(text) > MAX_SPEC_CHARS:
-        raise ParameterError(f"the {spec.kind.replace('_', ' ')} is {len(text)} characters; at most "
-                             f"{MAX_SPEC_CHARS} are accepted", spec.param)
-    if spec.kind in ("json_schema", "structural_tag") and _nesting(text) > MAX_NESTING:
-        raise ParameterError(f"the {spec.kind.replace('_', ' ')} nests deeper than {MAX_NESTING} levels",
-                             spec.param)
-    if spec.kind != "choice":
-        for m in _REPEAT.finditer(text):
-            if max(int(m.group(1)), int(m.group(2) or 0)) > MAX_REPEAT:
-                raise ParameterError(f"repetition bounds above {MAX_REPEAT} ({m.group(0)!r}) are not accepted",
-                                     spec.param)
-
-
-def _nesting(text: str) -> int:
-    """Deepest bracket nesting of JSON text, outside strings."""
-    return max((depth for _, depth in bracket_depths(text)), default=0)
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -119,6 +92,10 @@ class StructuredOutputs:
         self.fill_threads = fill_threads
         self._batch = None  # xgrammar's BatchGrammarMatcher (a thread pool), made on first use
         self._lock = threading.Lock()
+
+    def is_compiled(self, spec: GuidedSpec) -> bool:
+        with self._lock:
+            return spec in self._cache
 
     def compile(self, spec: GuidedSpec):
         """The compiled grammar (cached); ParameterError naming the field when it does not compile."""

@@ -19,7 +19,8 @@ from packserve.api.errors import APIError
 from packserve.api.grammars import GrammarCompiles
 from packserve.engine.async_engine import _Outputs
 from packserve.engine.request import MAX_STOP_TOKEN_IDS, GuidedSpec, ParameterError, RequestOutput, SamplingParams
-from packserve.engine.structured import MAX_NESTING, MAX_REPEAT, MAX_SPEC_CHARS, check_spec
+from packserve.engine.grammar_limits import (MAX_NESTING, MAX_OPTIONAL_PROPERTIES, MAX_REPEAT, MAX_REPEAT_TOTAL,
+                                               MAX_SPEC_CHARS, check_spec)
 
 DEEP = "[" * 2000 + "]" * 2000
 
@@ -78,6 +79,16 @@ def test_stop_token_ids_are_deduplicated():
     ("json_schema", "[" * MAX_NESTING + "]" * MAX_NESTING, True),
     ("json_schema", "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1), False),
     ("json_schema", json.dumps({"enum": ["v" * 1000] * (MAX_SPEC_CHARS // 1000)}), False),
+    ("json_schema", json.dumps({"type": "string", "pattern": "(" * (MAX_NESTING + 1) + ")" * (MAX_NESTING + 1)}),
+     False),  # 30,000 of them overflowed xgrammar's stack
+    ("json_schema", json.dumps({"type": "string", "pattern": "\\(" * 200 + "x"}), True),  # escaped: not groups
+    ("regex", "(" * (MAX_NESTING + 1) + "a" + ")" * (MAX_NESTING + 1), False),
+    ("json_schema", json.dumps({"type": "string", "pattern": "|".join(f"(.{{{MAX_REPEAT}}}x{i})" for i in range(
+        MAX_REPEAT_TOTAL // MAX_REPEAT + 1))}), False),
+    ("json_schema", json.dumps({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(
+        MAX_OPTIONAL_PROPERTIES + 1)}}), False),
+    ("json_schema", json.dumps({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(
+        2 * MAX_OPTIONAL_PROPERTIES)}, "required": [f"p{i}" for i in range(MAX_OPTIONAL_PROPERTIES)]}), True),
 ])
 def test_spec_limits(kind, value, fits):
     spec = GuidedSpec(kind, value, "p")
@@ -110,7 +121,7 @@ def test_compiles_run_once_per_spec_and_bounded():
     slow, started, release = _slow_compiler()
 
     async def main():
-        gc = GrammarCompiles(slow, slots=1, max_queued=1, timeout=5)
+        gc = GrammarCompiles(slow, lambda spec: False, slots=1, max_queued=1, timeout=5)
         same = [asyncio.ensure_future(gc.compile(_spec(0))) for _ in range(3)]  # one compile for three requests
         queued = asyncio.ensure_future(gc.compile(_spec(1)))  # waits for the slot
         await asyncio.sleep(0.2)
@@ -128,11 +139,16 @@ def test_compile_wait_is_bounded_and_abandoned_compiles_never_start():
     slow, started, release = _slow_compiler()
 
     async def main():
-        gc = GrammarCompiles(slow, slots=1, max_queued=4, timeout=0.3)
-        for i in (0, 1):
-            with pytest.raises(APIError) as e:
-                await gc.compile(_spec(i))
-            assert e.value.status == 400 and e.value.code == "grammar_too_complex"
+        gc = GrammarCompiles(slow, lambda spec: spec == _spec(9), slots=1, max_queued=4, timeout=0.3)
+        first = asyncio.ensure_future(gc.compile(_spec(0)))  # compiles past the timeout: the spec's fault
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as queued:  # never got the worker: the server's fault, retry later
+            await gc.compile(_spec(1))
+        assert queued.value.status == 503 and queued.value.code == "grammar_compiler_busy"
+        with pytest.raises(APIError) as slow_one:
+            await first
+        assert slow_one.value.status == 400 and slow_one.value.code == "grammar_too_complex"
+        await gc.compile(_spec(9))  # already compiled: no wait behind the busy worker
         release.set()
         await asyncio.sleep(0.3)
         await gc.compile(_spec(0))  # finished meanwhile: waits for nothing new (compiled again: ours caches)
@@ -148,7 +164,7 @@ def test_compile_errors_are_400s():
 
     async def main():
         with pytest.raises(APIError) as e:
-            await GrammarCompiles(bad).compile(_spec(0))
+            await GrammarCompiles(bad, lambda spec: False).compile(_spec(0))
         return e.value
 
     err = asyncio.run(main())
