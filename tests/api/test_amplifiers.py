@@ -229,3 +229,18 @@ def _value(metrics: str, name: str, label: str = "") -> float:
         if line.startswith(name) and label in line:
             return float(line.rsplit(" ", 1)[1])
     return -1.0
+
+
+@pytest.mark.parametrize("obj", [
+    {"choices": [{"text": "é\u2028", "logprobs": {"top": [{"a": -1.0}] * 3}}, {"text": ""}], "usage": {"n": 1}},
+    {"count": 9000, "tokens": list(range(9000)), "token_strs": None, "empty": [], "one": [[1]]},
+    [1, 2, {"x": "y"}], {},
+])
+def test_response_bodies_encoded_in_pieces_are_the_same_json(obj):
+    """Responses are encoded piecewise so no single json.dumps call holds the GIL for long; the bytes parse back to
+    the same value and equal starlette's compact encoding."""
+    from starlette.responses import JSONResponse
+
+    from packserve.api.responses import json_bytes
+
+    assert json_bytes(obj) == JSONResponse(obj).body
