@@ -5,7 +5,10 @@ Hostile load, all at once for the second phase (localhost only, bounded):
 - idle sockets: `--idle` connections that send half a request's headers and stop (reopened when closed);
 - slow bodies: connections that announce 1 KB and send 10 bytes;
 - a chat of 100,000 tiny messages, a 6.7 MB token-id prompt, 16 stop strings of 1,024 characters with n=16,
-  lone surrogates, booleans as token ids, both Transfer-Encoding and Content-Length, invalid JSON: in turns.
+  lone surrogates, booleans as token ids, both Transfer-Encoding and Content-Length, invalid JSON, 100,000
+  stop_token_ids, 100,000 bad_words, grammar specs that compiled for minutes or crashed xgrammar
+  ("[a-z]{1,30000}", 30,000 nested groups, JSON nested 5,000 deep), and a legal non-streamed response of
+  4 prompts x n=4 echoed with 20 logprobs per token: in turns.
 Reports the normal requests' errors and TTFT / end-to-end p50 and p99 in each phase (hostile vs clean), the
 hostile requests' status codes, and the server's RSS over time.
 
@@ -77,6 +80,18 @@ def hostile_requests() -> list[tuple[str, dict | None, bytes | None, dict]]:
          {"Content-Type": "application/json"}),
         ("/v1/completions", {"prompt": [True], "max_tokens": 2}, None, {}),
         ("/v1/completions", None, b"{not json", {"Content-Type": "application/json"}),
+        # Amplifiers (refused before any per-step, tokenizing or compile work), and one heavy legal response.
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 200, "stop_token_ids": list(range(100_000))}, None, {}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "bad_words": [f"w{i}" for i in range(100_000)]},
+         None, {}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "guided_json": {"type": "string",
+                                                                             "pattern": "[a-z]{1,30000}"}}, None, {}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "guided_json": {"type": "string",
+                                                                             "pattern": "(" * 30000 + ")" * 30000}},
+         None, {}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "guided_json": "[" * 5000 + "]" * 5000}, None, {}),
+        ("/v1/completions", {"prompt": [[7] * 500] * 4, "n": 4, "echo": True, "logprobs": 20, "max_tokens": 1},
+         None, {}),
     ]
 
 
