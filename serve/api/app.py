@@ -93,6 +93,7 @@ class ServerState:
                 await asyncio.sleep(0.05)
 
 
+GRAMMAR_COMPILE_TIMEOUT = 25.0  # seconds a grammar may compile before its child process is killed (then a 400)
 SSE_WRITE_TIMEOUT = 60.0  # seconds one chunk may wait for a client that does not read before the stream is dropped
 
 
@@ -221,9 +222,11 @@ def create_app(state: ServerState) -> FastAPI:
     # Tokenizing a text prompt of several MB takes seconds and about 200x its size in memory: at most two of
     # those at once. Shorter texts (the usual case) use anyio's shared worker threads and never wait behind them.
     big_texts = anyio.CapacityLimiter(2)
-    # At most two grammar compiles at once, a bounded queue, a bounded wait (packserve.api.grammars).
-    grammars = GrammarCompiles(lambda spec: state.engine.engine.structured_outputs().compile(spec),
-                               lambda spec: state.engine.engine.grammar_compiled(spec))
+    # At most two grammar compiles at once, a bounded queue, a bounded wait (packserve.api.grammars), each compile
+    # in a child process killed past GRAMMAR_COMPILE_TIMEOUT (packserve.engine.grammar_process).
+    grammars = GrammarCompiles(
+        lambda spec: state.engine.engine.structured_outputs(GRAMMAR_COMPILE_TIMEOUT).compile(spec),
+        lambda spec: state.engine.engine.grammar_compiled(spec), timeout=GRAMMAR_COMPILE_TIMEOUT + 5)
 
     def prepare(fn, body, text_chars: int | None):
         """Tokenizing text (and rendering a chat template) runs in a worker thread: the tokenizer releases the

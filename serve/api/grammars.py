@@ -1,16 +1,16 @@
 """Grammar compiles for the HTTP server: off the event loop, bounded in number and in how long a request waits.
 
 A structured-output or tool-calling request's grammar is compiled before the request is queued (the engine loop
-then finds it in the compiled-grammar cache). xgrammar's compile cannot be interrupted, and some specs within the
-limits (packserve.engine.grammar_limits) may still take seconds, so here:
+then finds it in the compiled-grammar cache). Each compile runs in a child process killed past its own timeout
+(packserve.engine.grammar_process: the worker here then gets a 400 for its requests), and here:
 - a grammar already compiled is used at once: no queue, no thread (a queue full of slow specs never delays it);
 - `slots` daemon worker threads compile, one spec at a time each (a compile still running never holds up the
   process's exit, as anyio's worker threads would); concurrent requests with the same spec share one compile;
 - at most `max_queued` distinct specs wait for a worker (abandoned ones do not count): beyond that a request gets
   503 with Retry-After at once;
-- a request waits at most `timeout` seconds: 400 `grammar_too_complex` if its compile was running all that time
-  (it goes on and is cached when it finishes), 503 if it never got a worker; a queued compile that nobody waits
-  for any more is dropped when its turn comes.
+- a request waits at most `timeout` seconds: 503 if its compile never got a worker, 400 `grammar_too_complex` if
+  it was running all that time (only when the compile itself has no shorter timeout); a queued compile that
+  nobody waits for any more is dropped when its turn comes.
 """
 
 from __future__ import annotations

@@ -256,8 +256,9 @@ class LLMEngine:
         so = self.sampler.structured
         return so is not None and so.is_compiled(spec)
 
-    def structured_outputs(self):
-        """The grammar compiler for this model (built on first use; packserve.engine.structured)."""
+    def structured_outputs(self, compile_timeout: float | None = None):
+        """The grammar compiler for this model (built on first use; packserve.engine.structured). The server
+        passes compile_timeout on its first call: compiles then run in child processes killed past it."""
         with self._structured_lock:
             if self.sampler.structured is None:
                 if self.tokenizer is None:
@@ -266,7 +267,7 @@ class LLMEngine:
 
                 threads = 1 if self.device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
                 self.sampler.structured = StructuredOutputs(self.tokenizer, self.info.vocab_size,
-                                                            sorted(self.eos_token_ids), threads)
+                                                            sorted(self.eos_token_ids), threads, compile_timeout)
             return self.sampler.structured
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -3,7 +3,8 @@
 A request's `SamplingParams.structured` (a `GuidedSpec`: a JSON schema, any JSON object, a regex, a choice of
 strings, an EBNF grammar in xgrammar's GBNF dialect, or a structural tag) is compiled once per distinct spec (an LRU
 cache bounded by entries and bytes), and each request gets its own matcher. Specs over the size, nesting and
-repetition limits below are refused before they compile. Every step, the sampler fills the next-token bitmask
+repetition limits (packserve.engine.grammar_limits) are refused before they compile; the server compiles in child
+processes killed past a timeout (packserve.engine.grammar_process). Every step, the sampler fills the next-token bitmask
 of all constrained rows and applies it to their logits in one op, then advances each matcher by the sampled
 token; a matcher that has accepted a complete output ends its request (finish_reason "stop"), also under
 ignore_eos. The matcher lives on the request, so a preempted request resumes where it was (its generated tokens
@@ -23,8 +24,7 @@ JSON constraints.
 
 from __future__ import annotations
 
-import json
-import re
+import queue
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -32,16 +32,13 @@ from typing import Any
 import torch
 
 from packserve.engine.grammar_limits import check_spec
-from packserve.engine.request import GuidedSpec, ParameterError
+from packserve.engine.grammar_process import CompileProcess, compile_spec
+from packserve.engine.request import GuidedSpec
 from packserve.kernels import cpu_ops
 
 CACHE_SIZE = 256  # compiled grammars kept (distinct specs), and at most CACHE_BYTES of them
 CACHE_BYTES = 512 * 2**20  # (a 50,000-string enum compiles to ~350 MB: counting entries alone bounds nothing)
-
-
-def choice_grammar(choices: list[str]) -> str:
-    """GBNF accepting exactly one of the strings (JSON string escapes are valid GBNF literals)."""
-    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+COMPILE_PROCESSES = 2  # child processes compiling at once (compile_timeout set: the server)
 
 
 def mask_logits_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
@@ -68,7 +65,10 @@ def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vo
 class StructuredOutputs:
     """The compiler for one tokenizer and vocabulary size, with a cache of compiled grammars."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], fill_threads: int = 1):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], fill_threads: int = 1,
+                 compile_timeout: float | None = None):
+        """compile_timeout: compile in child processes (packserve.engine.grammar_process), each compile killed
+        past that many seconds (the server); None: in the calling thread (offline use)."""
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -87,6 +87,7 @@ class StructuredOutputs:
                     self.text_words[tid // 32] &= ~(1 << (tid % 32))
         self._cache: OrderedDict[GuidedSpec, Any] = OrderedDict()
         self._cache_bytes = 0
+        self._pool = None if compile_timeout is None else _ProcessPool(info, compile_timeout, COMPILE_PROCESSES)
         # Threads filling the bitmasks: 1 on CPU, where torch's threads hold every core between steps (2 threads
         # took 1.2 ms per step for 32 rows there, 1 thread 0.1 ms); more on a GPU host, whose cores are idle.
         self.fill_threads = fill_threads
@@ -105,25 +106,7 @@ class StructuredOutputs:
                 self._cache.move_to_end(spec)
                 return hit
         check_spec(spec)
-        try:
-            if spec.kind == "json_schema":
-                compiled = self.compiler.compile_json_schema(spec.value, any_whitespace=False, strict_mode=True)
-            elif spec.kind == "json_object":
-                compiled = self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
-                                                             strict_mode=False)
-            elif spec.kind == "regex":
-                compiled = self.compiler.compile_regex(spec.value)
-            elif spec.kind == "structural_tag":
-                compiled = self.compiler.compile_structural_tag(spec.value)
-            elif spec.kind == "choice":
-                compiled = self.compiler.compile_grammar(choice_grammar(json.loads(spec.value)))
-            else:
-                compiled = self.compiler.compile_grammar(spec.value)
-        except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's message
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", message)  # xgrammar's "[time] file.cc:94: " prefix
-            raise ParameterError(f"the {spec.kind.replace('_', ' ')} does not compile: {message[:300]}",
-                                 spec.param) from None
+        compiled = self._pool.compile(spec) if self._pool is not None else compile_spec(self.compiler, spec)
         with self._lock:
             self._cache[spec] = compiled
             self._cache_bytes += compiled.memory_size_bytes
@@ -153,3 +136,19 @@ class StructuredOutputs:
 
     def accept(self, matchers: list, tokens: list[int]) -> None:
         self.xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+
+
+class _ProcessPool:
+    """`size` compile processes; a compile takes a free one (they start on first use)."""
+
+    def __init__(self, info, timeout: float, size: int):
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(size):
+            self._free.put(CompileProcess(info, timeout))
+
+    def compile(self, spec: GuidedSpec):
+        proc = self._free.get()
+        try:
+            return proc.compile(spec)
+        finally:
+            self._free.put(proc)

@@ -121,8 +121,10 @@ def test_compiles_run_once_per_spec_and_bounded():
     slow, started, release = _slow_compiler()
 
     async def main():
-        gc = GrammarCompiles(slow, lambda spec: False, slots=1, max_queued=1, timeout=5)
+        gc = GrammarCompiles(slow, lambda spec: False, slots=1, max_queued=1, timeout=60)
         same = [asyncio.ensure_future(gc.compile(_spec(0))) for _ in range(3)]  # one compile for three requests
+        while not started:  # the worker runs it (the queue is empty again)
+            await asyncio.sleep(0.01)
         queued = asyncio.ensure_future(gc.compile(_spec(1)))  # waits for the slot
         await asyncio.sleep(0.2)
         with pytest.raises(APIError) as busy:  # a third distinct spec: over slots + queue
@@ -141,7 +143,8 @@ def test_compile_wait_is_bounded_and_abandoned_compiles_never_start():
     async def main():
         gc = GrammarCompiles(slow, lambda spec: spec == _spec(9), slots=1, max_queued=4, timeout=0.3)
         first = asyncio.ensure_future(gc.compile(_spec(0)))  # compiles past the timeout: the spec's fault
-        await asyncio.sleep(0.05)
+        while not started:
+            await asyncio.sleep(0.01)
         with pytest.raises(APIError) as queued:  # never got the worker: the server's fault, retry later
             await gc.compile(_spec(1))
         assert queued.value.status == 503 and queued.value.code == "grammar_compiler_busy"
