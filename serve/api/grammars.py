@@ -65,7 +65,7 @@ class GrammarCompiles:
             raise APIError(400, f"the {spec.kind.replace('_', ' ')} did not compile within {self.timeout:.0f} s; "
                                 "simplify it", spec.param, "grammar_too_complex") from None
         except ParameterError as e:
-            raise APIError(400, e.message, e.param, "invalid_value") from None
+            raise APIError(400, e.message, e.param, e.code or "invalid_value") from None
         except ImportError:
             raise APIError(400, "structured outputs need the xgrammar package on the server", spec.param,
                            "unsupported_parameter") from None

@@ -75,7 +75,7 @@ class Job:
 
 # -- preparing ----------------------------------------------------------------------
 def _param_error(e: ParameterError) -> APIError:
-    return APIError(400, e.message, e.param, "invalid_value")
+    return APIError(400, e.message, e.param, e.code or "invalid_value")
 
 
 def _sampling(state, req, max_tokens: int | None, logprobs: int | None, seed: int | None,
@@ -179,10 +179,8 @@ def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_to
             validate_prompt(ids, state.vocab_size, state.max_model_len, 1 if mt is None else mt)
         except ParameterError as e:
             err = _param_error(e)
-            if "context length" in e.message:  # OpenAI's code for it (a chat's prompt is its messages)
-                err.code = "context_length_exceeded"
-                if kind == "chat" and err.param == "prompt":
-                    err.param = "messages"
+            if kind == "chat" and err.param == "prompt":  # a chat's prompt is its messages
+                err.param = "messages"
             raise err from None
         total_prompt += len(ids)
         echoed = ""

@@ -18,10 +18,11 @@ MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS = 256, 32  # bad word sequences per request, 
 class ParameterError(ValueError):
     """Invalid request input; `param` names the offending field."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code  # OpenAI's error code where it has a specific one (the API's default: invalid_value)
 
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this sample greedily
@@ -316,13 +317,13 @@ def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: in
         raise ParameterError(
             f"prompt has {len(token_ids)} tokens, but the model's context length is {max_model_len} "
             "(the prompt must leave room for at least one generated token)",
-            "prompt",
+            "prompt", "context_length_exceeded",
         )
     if len(token_ids) + max_tokens > max_model_len:
         raise ParameterError(
             f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) = {len(token_ids) + max_tokens} "
             f"exceeds the model's context length {max_model_len}",
-            "max_tokens",
+            "max_tokens", "context_length_exceeded",
         )
     if not all(type(t) is int for t in token_ids) or min(token_ids) < 0 or max(token_ids) >= vocab_size:
         bad = next(t for t in token_ids if type(t) is not int or not 0 <= t < vocab_size)
