@@ -6,8 +6,10 @@ requests as it needs:
 - synthetic: prompt and output lengths drawn from a `LengthDist` (fixed, uniform, lognormal). Without a
   tokenizer a prompt of N "tokens" is N words from a fixed vocabulary (an approximation: most BPE
   tokenizers spend 1-2 tokens per such word). With a tokenizer the prompt has exactly N tokens as
-  counted by `len(tokenizer.encode(prompt, add_special_tokens=False))`; the server may add BOS or a chat
-  template on top, which its `usage.prompt_tokens` then reports.
+  counted by `len(tokenizer.encode(prompt, add_special_tokens=False))`, less the special tokens the
+  tokenizer adds to a text (`num_special_tokens_to_add()`, e.g. one BOS) when the endpoint is
+  completions, so the server sees N tokens (vLLM's benchmark does the same); a chat template adds more,
+  which the server's `usage.prompt_tokens` then reports.
 - a JSONL file: one object per line, either `{"prompt": "..."}` (optionally `"output_len": int`) or
   ShareGPT `{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}`
   (the first human turn is the prompt). Lines are shuffled with the seed and cycled.
@@ -148,20 +150,25 @@ class PromptBuilder:
 
 
 def synthetic_requests(
-    input_len: LengthDist, output_len: LengthDist, seed: int = 0, tokenizer: Any | None = None, prefix_len: int = 0
+    input_len: LengthDist, output_len: LengthDist, seed: int = 0, tokenizer: Any | None = None, prefix_len: int = 0,
+    special_tokens: int = 0,
 ) -> Iterator[RequestSpec]:
     """An endless, seeded stream of synthetic requests. With prefix_len, every prompt starts with the same
     prefix of that length (a shared system prompt: what a server's prefix cache is for; vLLM's
-    --random-prefix-len), followed by its own part of input_len."""
-    if prefix_len < 0:
-        raise ValueError("prefix_len must be >= 0")
+    --random-prefix-len), followed by its own part of input_len. special_tokens: how many tokens the server
+    adds to each prompt (a BOS): taken off each request's own part (never below one token) and counted in
+    prompt_len."""
+    if prefix_len < 0 or special_tokens < 0:
+        raise ValueError("prefix_len and special_tokens must be >= 0")
     rng = np.random.default_rng(seed)
     builder = PromptBuilder(tokenizer)
     prefix = builder.build(prefix_len, np.random.default_rng([seed, 1])) + " " if prefix_len else ""
     while True:
         n_in, n_out = input_len.sample(rng), output_len.sample(rng)
-        prompt = prefix + builder.build(n_in, rng)
-        n = builder.count(prompt) if tokenizer is not None else prefix_len + n_in  # the junction may merge tokens
+        n_own = max(1, n_in - special_tokens)
+        prompt = prefix + builder.build(n_own, rng)
+        n = builder.count(prompt) if tokenizer is not None else prefix_len + n_own  # the junction may merge tokens
+        n += special_tokens
         yield RequestSpec(prompt=prompt, output_len=n_out, prompt_len=n)
 
 

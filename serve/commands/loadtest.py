@@ -220,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     def make_specs() -> Iterator[RequestSpec]:
         if args.dataset:
             return dataset_requests(args.dataset, output_len, args.seed, tokenizer)
-        return synthetic_requests(input_len, output_len, args.seed, tokenizer, args.prefix_len)
+        return synthetic_requests(input_len, output_len, args.seed, tokenizer, args.prefix_len, special)
+
+    # Completions prompts are encoded with the tokenizer's special tokens (a BOS) by the server: leave room.
+    special = int(tokenizer.num_special_tokens_to_add()) if tokenizer is not None and args.endpoint == "completions" \
+        and hasattr(tokenizer, "num_special_tokens_to_add") else 0
 
     workload = {"input_len": None if args.dataset else input_len.describe(), "output_len": output_len.describe(),
                 "prefix_len": args.prefix_len, "dataset": args.dataset, "tokenizer": args.tokenizer}

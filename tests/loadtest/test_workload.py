@@ -57,6 +57,30 @@ def test_synthetic_exact_token_lengths(tokenizer):
         assert len(tokenizer.encode(r.prompt, add_special_tokens=False)) == r.prompt_len
 
 
+def test_synthetic_prompts_leave_room_for_the_bos(tokenizer):
+    """With a BOS-adding tokenizer (Llama's) a completions prompt of N tokens is N - 1 tokens of text: the server
+    adds the BOS, so it sees N (vLLM's benchmark does the same); prompt_len counts it."""
+    from tokenizers import processors
+
+    tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
+        tokenizer.backend_tokenizer.to_str()))
+    bos = tok.convert_tokens_to_ids("<|begin|>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin|> $A", special_tokens=[("<|begin|>", bos)])
+    special = tok.num_special_tokens_to_add()
+    assert special == 1
+    for prefix_len in (0, 20):
+        it = synthetic_requests(LengthDist.parse("uniform:1:65"), LengthDist.parse("8"), seed=4, tokenizer=tok,
+                                prefix_len=prefix_len, special_tokens=special)
+        for r in itertools.islice(it, 30):
+            ids = tok.encode(r.prompt)  # what the server encodes: with the BOS
+            assert ids[0] == bos and len(ids) == r.prompt_len, (prefix_len, r)
+    one = next(synthetic_requests(LengthDist.parse("1"), LengthDist.parse("8"), tokenizer=tok, special_tokens=1))
+    assert len(tok.encode(one.prompt)) == 2 == one.prompt_len  # never an empty prompt
+    with pytest.raises(ValueError):
+        next(synthetic_requests(LengthDist.parse("4"), LengthDist.parse("8"), special_tokens=-1))
+
+
 def test_jsonl_plain_and_sharegpt(tmp_path, tokenizer):
     path = tmp_path / "data.jsonl"
     lines = [
