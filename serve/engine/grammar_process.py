@@ -89,12 +89,14 @@ class CompileProcess:
     """One child compiling one spec at a time (callers serialize on it); restarted after a kill. The child is
     `python -m packserve.engine.grammar_process`, talking length-prefixed messages over its stdin/stdout."""
 
-    def __init__(self, info, timeout: float):
+    def __init__(self, info, timeout: float, start_now: bool = True):
+        """start_now: start the child in the background at once (else at its first compile)."""
         self.info, self.timeout = info, timeout
         self._info_json = info.serialize_json().encode()
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        threading.Thread(target=self._warm, daemon=True, name="grammar-compiler-start").start()
+        if start_now:
+            threading.Thread(target=self._warm, daemon=True, name="grammar-compiler-start").start()
 
     def _warm(self) -> None:
         """Start the child now, so the first compile does not wait for its imports."""
@@ -146,6 +148,10 @@ class CompileProcess:
         if reply[:1] == b"e":
             raise ParameterError(reply[1:].decode(), spec.param)
         return xgr.CompiledGrammar.deserialize_json(reply[1:].decode(), self.info)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def close(self) -> None:
         with self._lock:

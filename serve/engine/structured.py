@@ -139,12 +139,15 @@ class StructuredOutputs:
 
 
 class _ProcessPool:
-    """`size` compile processes; a compile takes a free one (they start on first use)."""
+    """`size` compile processes; a compile takes the most recently freed one. The first child starts with the
+    pool, the others when compiles overlap (each child holds ~300 MB: a server whose grammars come one at a
+    time runs one)."""
 
     def __init__(self, info, timeout: float, size: int):
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(size):
-            self._free.put(CompileProcess(info, timeout))
+        self.procs = [CompileProcess(info, timeout, start_now=(i == size - 1)) for i in range(size)]
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        for proc in self.procs:  # the started one last: taken first
+            self._free.put(proc)
 
     def compile(self, spec: GuidedSpec):
         proc = self._free.get()

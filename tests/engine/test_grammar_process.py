@@ -62,3 +62,32 @@ def test_a_runaway_compile_costs_only_its_request(setup, spec, reason):
     assert reason in e.value.message and e.value.param == "guided_json"
     assert time.monotonic() - t < 3.0 + 10  # killed at the timeout (or dead sooner)
     assert xgr.GrammarMatcher(proc.compile(GuidedSpec("regex", "ok", "r"))).accept_string("ok")  # a fresh child
+
+
+def test_the_pool_starts_a_second_child_only_when_compiles_overlap():
+    """The server's pool: one child runs from the start; one compile at a time keeps it at one (each holds
+    ~300 MB); a compile that arrives while another runs starts the second."""
+    import threading
+
+    from packserve.engine.structured import StructuredOutputs
+
+    tok = build_tokenizer()
+    so = StructuredOutputs(tok, len(tok), [tok.eos_token_id], compile_timeout=20.0)
+    pool = so._pool
+    try:
+        for i in range(3):
+            assert xgr.GrammarMatcher(pool.compile(GuidedSpec("regex", f"a{i}b", "r"))).accept_string(f"a{i}b")
+        assert [p.running for p in pool.procs] == [False, True]
+        slow = GuidedSpec("json_schema", json.dumps({"type": "string", "pattern": "|".join(
+            f"(.{{999}}x{i})" for i in range(3))}), "guided_json")  # ~1 s at this vocabulary
+        t = threading.Thread(target=pool.compile, args=(slow,))
+        t.start()
+        deadline = time.monotonic() + 10
+        while pool._free.qsize() == 2 and time.monotonic() < deadline:  # until the slow one holds its child
+            time.sleep(0.005)
+        assert xgr.GrammarMatcher(pool.compile(GuidedSpec("regex", "x+", "r"))).accept_string("xx")
+        t.join(30)
+        assert [p.running for p in pool.procs] == [True, True]
+    finally:
+        for p in pool.procs:
+            p.close()
