@@ -30,7 +30,8 @@ def main() -> int:
     ap = serving_parser()
     ap.add_argument("--gpu", action="store_true", help="gpu-lognormal on the Llama-3.2-1B shape, bf16, CUDA")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if not args.gpu:  # on a GPU host the CPU threads only build the random weights: keep them all
+        torch.set_num_threads(args.threads)
     if args.gpu and args.new_tokens == ap.get_default("new_tokens"):
         args.new_tokens = 128
 

@@ -42,7 +42,7 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | No
 def crms_norm_triton(x: torch.Tensor, eps: float = 1e-5, weight: torch.Tensor | None = None,
                      full_width: int | None = None, out: torch.Tensor | None = None,
                      block_n: int | None = None) -> torch.Tensor:
-    x2 = as_rows("x", x)
+    x2 = as_rows("x", x, copy_ok=True)
     check_param("weight", weight, x.shape[-1], x.device)
     check_out("out", out, x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out

@@ -96,7 +96,7 @@ def _launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | No
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5,
                       out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
-    x2 = as_rows("x", x)
+    x2 = as_rows("x", x, copy_ok=True)
     check_param("weight", weight, x.shape[-1], x.device)
     check_param("bias", bias, x.shape[-1], x.device)
     check_out("out", out, x)

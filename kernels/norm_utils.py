@@ -59,8 +59,10 @@ def check_input(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
-def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    """[..., width] -> [rows, width] without a copy; rows must share one stride."""
+def as_rows(name: str, t: torch.Tensor, copy_ok: bool = False) -> torch.Tensor:
+    """[..., width] -> [rows, width] without a copy; rows must share one stride. copy_ok (an input only read):
+    leading dims that do not collapse into one row stride are copied instead (q/k heads sliced out of a fused
+    QKV output: [tokens, heads, head_dim] with the token stride of the whole QKV row)."""
     check_input(name, t)
     width = t.shape[-1]
     if t.dim() == 1:
@@ -68,6 +70,8 @@ def as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
     try:
         return t.view(-1, width)
     except RuntimeError as e:  # leading dims not collapsible into one row stride
+        if copy_ok:
+            return t.reshape(-1, width)
         raise ValueError(f"{name}: leading dimensions of shape {tuple(t.shape)} with strides {t.stride()} "
                          f"cannot be viewed as rows; pass a contiguous tensor") from e
 

@@ -51,17 +51,25 @@ def _block_n(dtype: torch.dtype, head_dim: int) -> int:
 def _paged_kernel(Q, K, V, BT, CTX, QLEN, QSTART, TSEQ, TQ0, O, M, L, stride_qt, stride_bt, stride_slot,
                   scale, G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-                  SPLIT: tl.constexpr, IEEE: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr = 4):
+                  SPLIT: tl.constexpr, IEEE: tl.constexpr, DECODE: tl.constexpr = False,
+                  MIN_SPLIT_TILES: tl.constexpr = 4):
     tile = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
     n_split = tl.num_programs(2)
     H = tl.num_programs(1) * G
-    b = tl.load(TSEQ + tile).to(tl.int64)
-    q0 = tl.load(TQ0 + tile)
-    ctx = tl.load(CTX + b)
-    qlen = tl.load(QLEN + b)
-    qstart = tl.load(QSTART + b).to(tl.int64)
+    if DECODE:  # one new token per request, tile b = request b = query row b; CTX holds the sequence lengths
+        b = tile.to(tl.int64)
+        q0 = 0
+        ctx = tl.load(CTX + b) - 1
+        qlen = 1
+        qstart = b
+    else:
+        b = tl.load(TSEQ + tile).to(tl.int64)
+        q0 = tl.load(TQ0 + tile)
+        ctx = tl.load(CTX + b)
+        qlen = tl.load(QLEN + b)
+        qstart = tl.load(QSTART + b).to(tl.int64)
     rows = tl.arange(0, BLOCK_Q * BLOCK_G)
     qi = q0 + rows // BLOCK_G  # the row's new token (0-based within the request)
     hg = rows % BLOCK_G
@@ -158,6 +166,10 @@ class PagedTiles:
     block_q: int  # new tokens per tile
 
 
+# A decode step's tiles: one per request, derived in the kernel (DECODE).
+DECODE_TILES = PagedTiles(None, None, 1)
+
+
 def block_q_for(max_q_len: int, heads_per_kv: int) -> int:
     """Query tokens per tile: 1 for decodes (the G heads are the rows, padded to 16), else enough tokens for ~64
     rows (a longer tile reuses each K/V tile for more queries)."""
@@ -176,11 +188,14 @@ def query_tiles(q_lens: list[int], block_q: int, device: torch.device) -> PagedT
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                            ctx_lens: torch.Tensor, q_lens: torch.Tensor, q_start: torch.Tensor, tiles: PagedTiles,
-                           block_size: int, scale: float, max_kv_len: int, splits: int | None = None) -> torch.Tensor:
+                           block_size: int, scale: float, max_kv_len: int, splits: int | None = None,
+                           decode: bool = False) -> torch.Tensor:
     """q: [T, H, D] new tokens of B requests, request b's at rows q_start[b] .. q_start[b] + q_lens[b] - 1 (rows may
     be strided; heads and dims contiguous); caches [slots, Hkv, D] contiguous, the new tokens' K/V already in
     them; block_table int [B, max_blocks]; ctx_lens, q_lens, q_start int [B] (ctx_lens: cached tokens before the
     new ones); tiles from query_tiles(q_lens); max_kv_len: a host-side bound on ctx + q_len (no device read).
+    decode: one new token per request (T = B): ctx_lens then holds the sequence lengths (context including the
+    new token) and q_lens, q_start and the tiles are not read (a decode step allocates no index tensors).
     Returns [T, H, D] in q's dtype."""
     T, H, D = q.shape
     Hkv = k_cache.shape[1]
@@ -194,7 +209,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not (ctx_lens.shape == q_lens.shape == q_start.shape == (B,)):
         raise ValueError("block_table, ctx_lens, q_lens and q_start need one row per request")
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-    n_tiles = tiles.tile_seq.shape[0]
+    n_tiles = B if decode else tiles.tile_seq.shape[0]
     if T == 0 or n_tiles == 0:
         return out
     block_table = block_table.contiguous()
@@ -202,7 +217,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     S = splits or num_splits(n_tiles, Hkv, max_kv_len, q.device, block_n)
     G = H // Hkv
     common = dict(G=G, D=D, BLOCK_Q=tiles.block_q, BLOCK_G=dot_block(G) if tiles.block_q == 1 else triton.next_power_of_2(G),
-                  BLOCK_D=dot_block(D), BLOCK_N=block_n, BS=block_size, IEEE=k_cache.dtype == torch.float32)
+                  BLOCK_D=dot_block(D), BLOCK_N=block_n, BS=block_size, IEEE=k_cache.dtype == torch.float32,
+                  DECODE=decode)
     if common["BLOCK_Q"] * common["BLOCK_G"] < 16:
         raise ValueError("a query tile needs at least 16 rows (block_q x heads per KV head)")
     args = (block_table, ctx_lens, q_lens, q_start, tiles.tile_seq, tiles.tile_q0)
@@ -228,12 +244,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     B = q.shape[0]
     if block_table.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError("block_table and seq_lens need one row per request")
-    ones = torch.ones(B, dtype=seq_lens.dtype, device=q.device)
-    tiles = PagedTiles(torch.arange(B, dtype=torch.int32, device=q.device),
-                       torch.zeros(B, dtype=torch.int32, device=q.device), 1)
-    return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens - 1, ones,
-                                  torch.arange(B, dtype=seq_lens.dtype, device=q.device), tiles, block_size, scale,
-                                  max_seq_len, splits)
+    return paged_attention_triton(q, k_cache, v_cache, block_table, seq_lens, seq_lens, seq_lens, DECODE_TILES,
+                                  block_size, scale, max_seq_len, splits, decode=True)
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[list[int]],

@@ -102,7 +102,7 @@ def launch(x2: torch.Tensor, r2: torch.Tensor | None, weight: torch.Tensor | Non
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, offset: float = 0.0,
                     out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
-    x2 = as_rows("x", x)
+    x2 = as_rows("x", x, copy_ok=True)
     check_param("weight", weight, x.shape[-1], x.device)
     check_out("out", out, x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out

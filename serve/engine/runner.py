@@ -214,13 +214,14 @@ class ModelRunner:
             req = out.scheduled[k].request
             n_top = req.params.prompt_logprobs
             lp = torch.log_softmax(self._chunk_logits(out, hidden, last_index, k, a, b).float(), dim=-1)
-            targets = torch.tensor(req.prompt_token_ids[a + 1:b + 1], device=hidden.device)
-            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-            tops = lp.topk(n_top, dim=-1) if n_top else None
+            ids = req.prompt_token_ids[a + 1:b + 1]
+            chosen = lp.gather(1, torch.tensor(ids, device=hidden.device)[:, None])[:, 0].tolist()
+            # One transfer per chunk for the top-k too (per-row reads would each wait on the device).
+            values, indices = lp.topk(n_top, dim=-1) if n_top else (None, None)
+            values, indices = (values.tolist(), indices.tolist()) if n_top else ([[]] * (b - a), [[]] * (b - a))
             for r in range(b - a):
-                top = ([Logprob(int(t), float(v)) for v, t in zip(tops.values[r].tolist(), tops.indices[r].tolist())]
-                       if tops is not None else [])
-                req.prompt_logprobs.append((Logprob(int(targets[r]), chosen[r]), top))
+                top = [Logprob(t, v) for v, t in zip(values[r], indices[r])]
+                req.prompt_logprobs.append((Logprob(ids[r], chosen[r]), top))
 
     def worker_step(self, out: SchedulerOutput, chunks: list[tuple[int, int, int]]) -> None:
         """A tensor-parallel worker's step: the forward pass and its share of every logits computation rank 0

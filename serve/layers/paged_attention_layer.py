@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from packserve.kernels import cpu_ops
-from packserve.kernels.paged_attention_triton import PagedTiles, block_q_for, query_tiles
+from packserve.kernels.paged_attention_triton import DECODE_TILES, PagedTiles, block_q_for, query_tiles
 
 if TYPE_CHECKING:
     from packserve.engine.input_batch import BatchView
@@ -132,19 +132,16 @@ def static_decode_meta(table: torch.Tensor, seq_lens: torch.Tensor, block_size: 
     return meta
 
 
-# Every request decodes: paged_attention takes the decode launch, which makes its own tiles.
-DECODE_TILES = PagedTiles(None, None, 1)
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedMeta,
                     scale: float) -> torch.Tensor:
     """q: [num_tokens, H, D], the step's new tokens with cached context (their own K/V already in the cache)."""
     if meta.kernel == "triton":
         if meta.tiles is None:  # made once per step (the first layer), from host lists
-            meta.tiles = query_tiles(meta.q_lens_host, block_q_for(max(meta.q_lens_host), q.shape[1] //
-                                                                   k_cache.shape[1]), q.device)
+            max_q = max(meta.q_lens_host)
+            meta.tiles = DECODE_TILES if max_q == 1 else query_tiles(
+                meta.q_lens_host, block_q_for(max_q, q.shape[1] // k_cache.shape[1]), q.device)
         ops = torch.ops.packserve_triton  # the kernels as torch operators (packserve.kernels.triton_ops)
-        if meta.tiles.block_q == 1:  # every request decodes: the decode launch (its splits fit decode steps)
+        if meta.tiles is DECODE_TILES:  # every request decodes: the decode launch (its splits fit decode steps)
             return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, meta.block_size,
                                               scale, meta.max_seq_len)
         t = meta.tiles

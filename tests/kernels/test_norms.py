@@ -270,6 +270,19 @@ def test_leading_dims_and_strided_rows():
     torch.testing.assert_close(rmsnorm.rms_norm_triton(x, w, EPS).double(), ref_rms(x, w), atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(layernorm.layer_norm_triton(x, w, w, EPS).double(), ref_ln(x, w, w),
                                atol=2e-5, rtol=2e-5)
+    # Heads sliced out of a fused QKV output (Qwen3's q/k norm): [tokens, heads, head_dim], token stride of the
+    # whole row, so the leading dims do not collapse into one row stride: read through a copy.
+    for tokens in (1, 2, 5):
+        qkv = torch.randn(tokens, (4 + 2 + 2) * 32, device=DEVICE)
+        q = qkv[:, :4 * 32].view(tokens, 4, 32)
+        k = qkv[:, 4 * 32:6 * 32].view(tokens, 2, 32)
+        for t in (q, k):
+            wt = torch.rand(32, device=DEVICE) + 0.5
+            for got, want in ((rmsnorm.rms_norm_triton(t, wt, EPS), ref_rms(t, wt)),
+                              (layernorm.layer_norm_triton(t, wt, wt, EPS), ref_ln(t, wt, wt)),
+                              (crmsnorm.crms_norm_triton(t, EPS, wt), ref_crms(t, wt))):
+                assert got.shape == t.shape
+                torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
 def test_zero_rows():
@@ -346,5 +359,6 @@ def test_validation():
         rmsnorm.fused_add_rms_norm_triton(x, x.clone(), None, EPS, out=o, residual_out=o)
     with pytest.raises(ValueError, match="power of two"):
         rmsnorm.rms_norm_triton(x, None, EPS, block_n=48)
-    with pytest.raises(ValueError, match="rows"):
-        rmsnorm.rms_norm_triton(torch.randn(4, 6, 64, device=DEVICE).transpose(0, 1), None, EPS)
+    with pytest.raises(ValueError, match="rows"):  # an input the op writes (in place) is never copied
+        rmsnorm.fused_add_rms_norm_triton(torch.randn(4, 6, 64, device=DEVICE).transpose(0, 1),
+                                          torch.randn(6, 4, 64, device=DEVICE), None, EPS, inplace=True)

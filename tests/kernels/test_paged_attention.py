@@ -157,3 +157,30 @@ def test_unified_equals_decode_kernel_on_one_token_each():
     dec = run(q, kc, vc, table, lens, 16, 1)
     ref = pa.paged_attention_ref(q, kc, vc, tables, [n - 1 for n in lens], [1] * len(lens), 16, 32 ** -0.5)
     torch.testing.assert_close(dec.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+
+
+@in_process
+@pytest.mark.parametrize("H,Hkv", [(6, 2), (64, 1)])
+@pytest.mark.parametrize("qlens", [QLENS, [1] * len(CTX)])
+def test_layer_takes_the_right_launch(H, Hkv, qlens, monkeypatch):
+    """The attention layer on the Triton kernel: a step where every request decodes takes the decode launch,
+    any step with a multi-token request the general one, whatever the tile height (64 query heads per KV head
+    give one-token tiles: still the general launch)."""
+    from packserve.layers import paged_attention_layer as layer
+    from tests.support.engine_cases import batch_view
+
+    monkeypatch.setattr(layer, "query_tiles", pa.query_tiles)  # the interpreted module's
+    lens = [c + n for c, n in zip(CTX, qlens)]
+    _, kc, vc, tables, _ = setup(lens, H, Hkv, 16, 16, seed=5)
+    q = torch.randn(sum(qlens), H + 2 * Hkv, 16, generator=torch.Generator().manual_seed(6)).to(DEV)[:, :H]
+    meta = layer.build_paged_meta(batch_view(tables, CTX, qlens, 16, device=DEV), 16, "triton", DEV)
+    launches = []
+    for name in ("paged_attention_triton", "paged_decode_attention_triton"):
+        real = getattr(pa, name)
+        monkeypatch.setattr(pa, name, lambda *a, _r=real, _n=name, **k: launches.append(_n) or _r(*a, **k))
+    out = layer.paged_attention(q, kc, vc, meta, 16 ** -0.5)
+    decode = max(qlens) == 1
+    assert launches[0] == ("paged_decode_attention_triton" if decode else "paged_attention_triton")
+    assert (meta.tiles is layer.DECODE_TILES) == decode
+    torch.testing.assert_close(out.double().cpu(), pa.paged_attention_ref(q, kc, vc, tables, CTX, qlens, 16,
+                                                                            16 ** -0.5), atol=2e-5, rtol=2e-5)

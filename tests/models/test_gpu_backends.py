@@ -41,3 +41,23 @@ def test_fp32_cuda_greedy_equals_cpu(ckpt):
     gpu = LLM(ckpt, device="cuda", dtype="float32", backend="sdpa")
     assert [o.outputs[0].token_ids for o in gpu.generate(ps, params)] == cpu
     assert gpu.engine.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_other_families_on_cuda(arch, checkpoint_factory):
+    """Qwen3 (q/k norms over heads sliced out of the fused QKV: strided rows for the Triton norm) and GPT-2
+    (LayerNorm, learned positions, one KV head per query head) through the default CUDA path (Triton norms,
+    captured decode graphs): fp32 greedy equal to the CPU engine, bf16 prefill logits close to it."""
+    path = checkpoint_factory(arch, max_position_embeddings=2048)
+    ps = prompts(2)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    cpu_llm = LLM(path, device="cpu", num_kv_blocks=256)
+    cpu = [o.outputs[0].token_ids for o in cpu_llm.generate(ps, params)]
+    ref = cpu_llm.engine.prefill_logits(ps)
+    gpu = LLM(path, device="cuda", dtype="float32", num_kv_blocks=256)
+    assert gpu.engine.runner.graphs is not None
+    assert [o.outputs[0].token_ids for o in gpu.generate(ps, params)] == cpu
+    got = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=256).engine.prefill_logits(ps).float().cpu()
+    for i in range(len(LENGTHS)):
+        err = float((got[i] - ref[i]).abs().max() / ref[i].abs().max())
+        assert err < 3e-2, (arch, LENGTHS[i], err)
