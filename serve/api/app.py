@@ -136,7 +136,22 @@ class SSEResponse(StreamingResponse):
                 self.on_close()
 
 
-BIG_TEXT_CHARS = 1 << 20  # prompts with more characters are tokenized under a limiter (create_app)
+# Prompts with more characters are tokenized under a limiter of 2 (create_app), then the heap trimmed. At 1 MiB,
+# 48 clients sending texts just under it filled anyio's 40 shared worker threads (each tokenization ~200x its size
+# of heap: 7 GB kept) and every other request waited ~50 s for a thread to tokenize in.
+BIG_TEXT_CHARS = 1 << 16
+
+
+
+def trimmed(fn):
+    """fn, then the heap trimmed in the same worker thread: tokenizing a big text took ~200x its size of heap,
+    which the engine's malloc tuning would otherwise keep (and trimming a large heap is not for the event loop)."""
+    def run(*args):
+        try:
+            return fn(*args)
+        finally:
+            trim_heap()
+    return run
 
 
 INLINE_IDS = 65536  # token-id prompts up to this many ids are prepared on the event loop
@@ -145,6 +160,8 @@ INLINE_IDS = 65536  # token-id prompts up to this many ids are prepared on the e
 def _num_ids(prompt) -> int:
     return len(prompt) if not prompt or isinstance(prompt[0], int) else sum(map(len, prompt))
 
+
+MAX_CHAT_MESSAGES = 4096  # messages per chat request (also at most the context length: each is >= 1 token)
 
 CHAT_MESSAGE_CHARS = 32  # what a chat template adds around each message (role markers), as characters
 
@@ -239,15 +256,41 @@ def create_app(state: ServerState) -> FastAPI:
                 return await anyio.to_thread.run_sync(fn, state, body)
             if text_chars <= BIG_TEXT_CHARS:
                 return await anyio.to_thread.run_sync(fn, state, body)
-            try:
-                return await anyio.to_thread.run_sync(fn, state, body, limiter=big_texts)
-            finally:  # tokenizing it took ~200x its size of heap, which the engine's malloc tuning would keep
-                trim_heap()
+            return await anyio.to_thread.run_sync(trimmed(fn), state, body, limiter=big_texts)
         return run
+
+    def completion_bounds(data: dict) -> None:
+        """Token-id prompts longer than the context, or more prompts than the queue holds: refused before
+        validating millions of ids."""
+        p = data.get("prompt")
+        if not isinstance(p, list) or not p:
+            return
+        nested = isinstance(p[0], list)
+        if nested and len(p) > state.max_waiting:
+            raise APIError(400, f"{len(p)} prompts exceed the server's queue capacity ({state.max_waiting})",
+                           "prompt", "invalid_value")
+        longest = max((len(x) for x in p if isinstance(x, list)), default=0) if nested else len(p)
+        if longest > state.max_model_len:
+            raise APIError(400, f"a prompt of {longest} tokens exceeds the model's context length "
+                                f"({state.max_model_len})", "prompt", "context_length_exceeded")
+
+    def chat_bounds(data: dict) -> None:
+        messages = data.get("messages")
+        if isinstance(messages, list) and len(messages) > min(state.max_model_len, MAX_CHAT_MESSAGES):
+            # each message renders to at least one token
+            raise APIError(400, f"{len(messages)} messages: at most {min(state.max_model_len, MAX_CHAT_MESSAGES)}"
+                                " per request (each renders to at least one token of the context of "
+                                f"{state.max_model_len})", "messages", "context_length_exceeded")
+
+    def tokenize_bounds(data: dict) -> None:
+        messages = data.get("messages")
+        if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
+            raise APIError(400, f"{len(messages)} messages: at most {MAX_CHAT_MESSAGES} per request", "messages",
+                           "invalid_value")
 
     @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest, completion_bounds)
         admit()
         p = body.prompt
         texts = [p] if isinstance(p, str) else [x for x in p if isinstance(x, str)]
@@ -256,11 +299,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        body = await parse_body(request, ChatCompletionRequest)
+        body = await parse_body(request, ChatCompletionRequest, chat_bounds)
         admit()
-        if len(body.messages) > state.max_model_len:  # each renders to at least one token: checked before rendering
-            raise APIError(400, f"{len(body.messages)} messages cannot fit the context of {state.max_model_len} "
-                                "tokens", "messages", "context_length_exceeded")
         return await generate(request, prepare(serving.prepare_chat, body, _chat_chars(body)), body.stream)
 
     def model_card(name: str) -> dict:
@@ -281,13 +321,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize", openapi_extra=openapi_body(TokenizeBody))
     async def tokenize(request: Request):
-        body = (await parse_body(request, TokenizeBody)).root
+        body = (await parse_body(request, TokenizeBody, tokenize_bounds)).root
         big = (_chat_chars(body) if hasattr(body, "messages") else len(body.prompt)) > BIG_TEXT_CHARS
         try:  # a big text under the same limiter and heap trim as a big prompt (prepare)
             return await tokenization.tokenize(state, body, big_texts if big else None)
         finally:
             if big:
-                trim_heap()
+                await anyio.to_thread.run_sync(trim_heap, limiter=big_texts)
 
     @app.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
     async def detokenize(request: Request):

@@ -15,7 +15,11 @@ from packserve.api.errors import APIError
 class BodyLimitMiddleware:
     """413 for request bodies over the limit (by Content-Length, or counted while reading); 408 and the
     connection closed when the body stops arriving for `read_timeout` seconds (a slow body held its connection
-    and its request slot forever)."""
+    and its request slot forever), or arrives slower on average than MIN_BODY_RATE after BODY_GRACE seconds (a
+    byte every few seconds kept a connection, and its file descriptor, for as long as the client liked)."""
+
+    BODY_GRACE = 30.0  # seconds any body may take ...
+    MIN_BODY_RATE = 64 * 1024  # ... plus one per this many bytes received (a 8 MiB body: 158 s)
 
     def __init__(self, app, max_bytes: int, on_error=None, read_timeout: float | None = None):
         self.app = app
@@ -35,12 +39,21 @@ class BodyLimitMiddleware:
                 if too_big:
                     return await self._reject(scope, receive, send)
         chunks, size = [], 0
+        start = time.monotonic()
         while True:
+            # The next chunk within read_timeout, and the body so far within its rate allowance.
+            wait = self.BODY_GRACE + size / self.MIN_BODY_RATE - (time.monotonic() - start)
+            if self.read_timeout is not None:
+                wait = min(wait, self.read_timeout)
             try:
-                msg = await asyncio.wait_for(receive(), self.read_timeout)
+                if wait <= 0:
+                    raise TimeoutError
+                msg = await asyncio.wait_for(receive(), wait)
             except TimeoutError:
-                return await self._error(APIError(408, f"the request body did not arrive within "
-                                                       f"{self.read_timeout:g} s", None, "request_timeout"),
+                return await self._error(APIError(408, "the request body arrived too slowly (a gap of "
+                                                       f"{self.read_timeout:g} s, or under "
+                                                       f"{self.MIN_BODY_RATE // 1024} KiB/s after "
+                                                       f"{self.BODY_GRACE:g} s)", None, "request_timeout"),
                                          scope, receive, send)
             if msg["type"] != "http.request":
                 return  # disconnected before the body was complete

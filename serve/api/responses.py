@@ -25,7 +25,6 @@ from packserve.engine.request import RequestOutput
 
 log = logging.getLogger(__name__)
 
-
 def _usage(job: Job, outs) -> dict:
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
     cached: dict[int, int] = {}  # per prompt: its tokens served from the prefix cache (n choices share a prompt)

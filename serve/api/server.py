@@ -20,6 +20,7 @@ import collections
 import logging
 import resource
 import socket
+import struct
 import time
 
 import uvicorn
@@ -55,6 +56,9 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+CLOSE_LINGER = 10.0  # seconds a closed connection may keep unsent data for its client to read
+
+
 def guarded_protocol(read_timeout: float, max_idle: int) -> type[H11Protocol]:
     """An h11 protocol class whose connections get the header deadline and the idle cap (module docstring)."""
     idle: collections.OrderedDict[H11Protocol, None] = collections.OrderedDict()  # awaiting headers, oldest first
@@ -65,6 +69,24 @@ def guarded_protocol(read_timeout: float, max_idle: int) -> type[H11Protocol]:
         def connection_made(self, transport):
             super().connection_made(transport)
             self._await_request()
+            # A close with unsent data waits for the client to read it, forever for one that never does (a dropped
+            # stream, a timed-out response): such a close becomes a reset after CLOSE_LINGER seconds.
+            close = transport.close
+
+            def reset() -> None:
+                if transport.is_closing() and transport.get_extra_info("socket") is not None:
+                    try:  # RST: the kernel drops what it still holds too, instead of retrying it for minutes
+                        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                      struct.pack("ii", 1, 0))
+                    except OSError:
+                        pass
+                    transport.abort()
+
+            def close_then_reset() -> None:
+                close()
+                if transport.get_write_buffer_size():
+                    self.loop.call_later(CLOSE_LINGER, reset)
+            transport.close = close_then_reset
 
         def _await_request(self) -> None:
             self._cancel_header_timer()

@@ -158,12 +158,23 @@ def _candidates(state, req) -> int:
     return best_of
 
 
+# Prompt tokens one request may have scored (echo + logprobs, counted once per choice): a 147 KB request for 15
+# prompts of 2047 tokens x n=16 x 20 top logprobs made a 306 MB response and held the engine for minutes.
+MAX_PROMPT_LOGPROB_TOKENS = 65536
+
+
 def _build(state, kind, req, prompts: list[tuple[str | None, list[int]]], max_tokens, logprobs, echo=False,
            tools: ToolSetup | None = None) -> Job:
     k = _candidates(state, req)
     if len(prompts) * k > state.max_waiting:
         raise APIError(400, f"{len(prompts)} prompts x {'best_of' if k > req.n else 'n'}={k} exceeds the server's "
                             f"queue capacity ({state.max_waiting})", "prompt", "invalid_value")
+    if echo and logprobs is not None:  # every prompt token of every choice scored: bound the response's size
+        scored = sum(len(ids) for _, ids in prompts) * k
+        if scored > MAX_PROMPT_LOGPROB_TOKENS:
+            raise APIError(400, f"echo with logprobs would score {scored} prompt tokens (prompt tokens x "
+                                f"{'best_of' if k > req.n else 'n'}={k}); at most {MAX_PROMPT_LOGPROB_TOKENS} per "
+                                "request: send fewer prompts per request, or n=1", "logprobs", "invalid_value")
     structured, bad_words = guided_spec(req), _bad_words(state, req.bad_words)
     if tools is not None and tools.spec is not None:
         if structured is not None:

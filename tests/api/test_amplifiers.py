@@ -46,6 +46,11 @@ def _param(r) -> str:
     ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "string", "pattern": "[a-z]{1,30000}"}}, "guided_json"),
     ("/v1/completions", {"prompt": "hi", "guided_regex": "(ab){5000}"}, "guided_regex"),
     ("/v1/completions", {"prompt": "hi", "guided_choice": ["y" * 4000] * 100}, "guided_choice"),
+    # bounded on the raw JSON, before validation (250,000 messages took seconds of the engine's GIL)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}] * 250_000}, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": ""}] * 250_000}, "messages"),
+    ("/v1/completions", {"prompt": [5] * 1_000_000}, "prompt"),
+    ("/v1/completions", {"prompt": [[5]] * 100_000}, "prompt"),
 ])
 def test_amplifying_requests_are_refused(server, auth, inflight, path, body, param):
     with inflight():  # a normal stream runs throughout, unharmed
@@ -256,3 +261,27 @@ def test_response_bodies_encoded_in_pieces_are_the_same_json(obj):
     from packserve.api.responses import json_bytes
 
     assert json_bytes(obj) == JSONResponse(obj).body
+
+
+def test_echo_with_logprobs_is_bounded_per_request(tiny_model, helpers, monkeypatch):
+    """echo + logprobs scores every prompt token of every choice: prompt tokens x n is bounded per request (15
+    prompts of 2047 tokens x n=16 made a 306 MB response); the bound's edge passes."""
+    from packserve.api import serving
+
+    monkeypatch.setattr(serving, "MAX_PROMPT_LOGPROB_TOKENS", 600)
+    srv = helpers["InProcessServer"](tiny_model, max_model_len=256)
+    try:
+        def score(prompts, n):
+            return httpx.post(srv.url + "/v1/completions", json={"prompt": prompts, "n": n, "max_tokens": 0,
+                                                                 "echo": True, "logprobs": 2}, timeout=60)
+        ok = score([[5] * 100] * 3, 2)  # 600 scored
+        assert ok.status_code == 200, ok.text
+        assert len(ok.json()["choices"]) == 6 and len(ok.json()["choices"][0]["logprobs"]["tokens"]) == 100
+        err = score([[5] * 100] * 3, 3)  # 900
+        assert err.status_code == 400 and err.json()["error"]["param"] == "logprobs", err.text
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": [[5] * 100] * 3, "n": 3, "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200  # without echo nothing is scored
+    finally:
+        srv.stop()
+

@@ -166,3 +166,33 @@ def test_a_broken_checkpoint_is_one_line_and_exit_2(tiny_model, tmp_path, damage
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_response_nobody_reads_is_reset(tiny_model, tmp_path):
+    """A large non-streamed response whose client never reads: the server's close after the keep-alive wait
+    would hold the unsent bytes (and the connection) until the client reads; they are reset CLOSE_LINGER later.
+    Other clients are served meanwhile."""
+    from packserve.api.server import CLOSE_LINGER
+
+    with ServerProcess(_server_args(tiny_model, "--max-model-len", "1024"), tmp_path) as srv:
+        body = (b'{"prompt": [' + b", ".join([b"[" + b", ".join([b"5"] * 1000) + b"]"] * 4) +
+                b'], "n": 8, "max_tokens": 0, "echo": true, "logprobs": 20}')  # ~20 MB of response
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        time.sleep(20 + CLOSE_LINGER)  # scored and serialized, then keep-alive (5 s), then the linger
+        got, closed = 0, False
+        s.settimeout(20)
+        try:
+            while chunk := s.recv(1 << 16):
+                got += len(chunk)
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            pass
+        assert closed and got < 16 * 2**20, got  # cut off: not delivered once the client finally reads
+        s.close()
